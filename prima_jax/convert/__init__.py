@@ -1,0 +1,1 @@
+"""PyTorch <-> prima_jax weight conversion: declarative name tables per component."""

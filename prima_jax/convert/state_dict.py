@@ -1,0 +1,177 @@
+"""Strict loading of PyTorch state dicts into NNX modules through declarative rule tables.
+
+A component's table is a list of :class:`Rule` (PyTorch key, NNX parameter path, transform).
+Tables are data, so the same table drives import (torch -> NNX) and export (NNX -> torch).
+Loading is strict: every parameter of the module is either loaded or reported as freshly
+initialised, shapes are checked, and missing / unexpected keys are listed by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Path = tuple[str | int, ...]
+
+
+def _t_linear(x: np.ndarray) -> np.ndarray:  # torch Linear [out, in] <-> kernel [in, out]
+  return np.ascontiguousarray(x.T)
+
+
+def _t_conv_to_jax(x: np.ndarray) -> np.ndarray:  # OIHW -> HWIO
+  return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+
+
+def _t_conv_to_torch(x: np.ndarray) -> np.ndarray:  # HWIO -> OIHW
+  return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
+
+
+def _t_conv_transpose_to_jax(x: np.ndarray) -> np.ndarray:
+  # torch ConvTranspose2d weight [I, O, kH, kW] -> [kH, kW, I, O] for lax.conv_transpose with
+  # flipped spatial dims (see models/sam/mask_decoder.py, which applies the flip itself).
+  return np.ascontiguousarray(x.transpose(2, 3, 0, 1))
+
+
+def _t_conv_transpose_to_torch(x: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(x.transpose(2, 3, 0, 1))
+
+
+# name -> (torch -> jax, jax -> torch)
+TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]] = {
+    "identity": (lambda x: x, lambda x: x),
+    "linear": (_t_linear, _t_linear),
+    "conv2d": (_t_conv_to_jax, _t_conv_to_torch),
+    "conv_transpose2d": (_t_conv_transpose_to_jax, _t_conv_transpose_to_torch),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One tensor: ``torch_key`` in the state dict <-> ``path`` in the NNX parameter tree.
+
+  ``torch_shape`` (optional) reshapes after the transform on import and before it on export,
+  e.g. a [1, 1, D] class token held as [D].
+  """
+  torch_key: str
+  path: Path
+  transform: str = "identity"
+  torch_shape: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What :func:`load_state_dict` did. Every parameter path is in exactly one of
+  ``loaded`` or ``initialised``."""
+  loaded: list[str] = dataclasses.field(default_factory=list)
+  initialised: list[str] = dataclasses.field(default_factory=list)
+  missing: list[str] = dataclasses.field(default_factory=list)
+  unexpected: list[str] = dataclasses.field(default_factory=list)
+
+  def summary(self) -> str:
+    return (f"{len(self.loaded)} loaded, {len(self.initialised)} freshly initialised, "
+            f"{len(self.missing)} missing keys, {len(self.unexpected)} unexpected keys")
+
+
+def path_str(path: Path) -> str:
+  return ".".join(str(p) for p in path)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+  """numpy view of a numpy array, jax array or torch tensor (bfloat16 goes through float32)."""
+  if hasattr(x, "detach"):  # torch.Tensor, without importing torch
+    x = x.detach().cpu()
+    if str(x.dtype) == "torch.bfloat16":
+      x = x.float()
+    return x.numpy()
+  return np.asarray(x)
+
+
+def param_paths(module: nnx.Module) -> dict[Path, nnx.Variable]:
+  """Flat {path: Param} of a module."""
+  return {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def prefix_rules(rules: Iterable[Rule], torch_prefix: str = "", path_prefix: Path = ()) -> list[Rule]:
+  """Prepends a key prefix and a path prefix to every rule (to nest a component's table)."""
+  return [dataclasses.replace(r, torch_key=torch_prefix + r.torch_key, path=tuple(path_prefix) + r.path)
+          for r in rules]
+
+
+def load_state_dict(module: nnx.Module, state_dict: Mapping[str, Any], rules: Iterable[Rule], *,
+                    strict: bool = True, ignore_unexpected: Iterable[str] = ()) -> LoadReport:
+  """Copies tensors from ``state_dict`` into ``module`` (in place) following ``rules``.
+
+  Args:
+    state_dict: PyTorch-style {key: tensor}; torch tensors, numpy or jax arrays.
+    rules: the component's table.
+    strict: missing keys (a rule whose key is absent) and unexpected keys (a state-dict key no
+      rule reads, unless its name starts with one of ``ignore_unexpected``) raise ValueError.
+      When False they are reported, and missing ones leave the parameter at its initial value.
+  Returns:
+    a :class:`LoadReport`; parameters no rule covers are listed as ``initialised``.
+  Raises:
+    ValueError naming every offending key, with shapes found and expected; also when a rule
+    points to a path the module does not have (a broken table).
+  """
+  rules = list(rules)
+  params = param_paths(module)
+  report = LoadReport()
+  problems = []
+  covered: set[Path] = set()
+  for rule in rules:
+    if rule.path not in params:
+      raise ValueError(f"table error: rule for {rule.torch_key!r} names path "
+                       f"{path_str(rule.path)!r} that the module does not have")
+    covered.add(rule.path)
+    variable = params[rule.path]
+    expected = tuple(variable[...].shape)
+    if rule.torch_key not in state_dict:
+      report.missing.append(rule.torch_key)
+      continue
+    value = to_numpy(state_dict[rule.torch_key])
+    if rule.torch_shape is not None and tuple(value.shape) != tuple(rule.torch_shape):
+      problems.append(f"{rule.torch_key}: shape {tuple(value.shape)}, expected {rule.torch_shape}")
+      continue
+    value = TRANSFORMS[rule.transform][0](value)
+    if value.size == int(np.prod(expected)) and rule.torch_shape is not None:
+      value = value.reshape(expected)
+    if tuple(value.shape) != expected:
+      problems.append(f"{rule.torch_key}: shape {tuple(value.shape)} after {rule.transform!r} "
+                      f"transform, expected {expected} for {path_str(rule.path)}")
+      continue
+    if not np.issubdtype(value.dtype, np.floating) and np.issubdtype(variable[...].dtype, np.floating):
+      problems.append(f"{rule.torch_key}: dtype {value.dtype}, expected a floating tensor")
+      continue
+    variable[...] = jnp.asarray(value, dtype=variable[...].dtype)
+    report.loaded.append(path_str(rule.path))
+  consumed = {r.torch_key for r in rules}
+  ignore = tuple(ignore_unexpected)
+  report.unexpected = sorted(k for k in state_dict if k not in consumed and not k.startswith(ignore))
+  report.initialised = sorted(path_str(p) for p in params if p not in covered)
+  report.initialised += sorted(path_str(r.path) for r in rules if r.torch_key in report.missing)
+  if problems:
+    raise ValueError("state dict does not fit the model:\n  " + "\n  ".join(problems))
+  if strict and (report.missing or report.unexpected):
+    lines = [f"missing {k}: expected shape {tuple(params[r.path][...].shape)}"
+             for r in rules for k in [r.torch_key] if k in report.missing]
+    lines += [f"unexpected {k}: shape {tuple(to_numpy(state_dict[k]).shape)}" for k in report.unexpected]
+    raise ValueError("strict load failed:\n  " + "\n  ".join(lines))
+  return report
+
+
+def export_state_dict(module: nnx.Module, rules: Iterable[Rule]) -> dict[str, np.ndarray]:
+  """The inverse of :func:`load_state_dict`: {torch key: numpy array in PyTorch layout}."""
+  params = param_paths(module)
+  out = {}
+  for rule in rules:
+    value = np.asarray(params[rule.path][...])
+    value = TRANSFORMS[rule.transform][1](value)
+    if rule.torch_shape is not None:
+      value = value.reshape(rule.torch_shape)
+    out[rule.torch_key] = value
+  return out

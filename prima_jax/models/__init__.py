@@ -1,0 +1,1 @@
+"""Model components of PRIMA (Flax NNX), one module per component."""

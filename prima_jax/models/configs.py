@@ -1,0 +1,91 @@
+"""The model config schema (ml_collections) and its two sizes: full PRIMA and tiny.
+
+One schema: :func:`full_config` builds every field with the published sizes (SPEC §1) and
+:func:`tiny_config` overrides sizes only. Fields marked [?] are details the paper does not give;
+their defaults are our best inference and are documented where they are used.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Vicuna tokenizer ids of the special tokens GLaMM adds, in its order (ids are [I]).
+IM_START_ID, IM_END_ID, BBOX_ID, POINT_ID, SEG_ID, P_START_ID, P_END_ID = range(32000, 32007)
+
+
+def full_config() -> ml_collections.ConfigDict:
+  """Full-size PRIMA: EVA-CLIP ViT-g, BERT-base Q-Former, Vicuna-7B + LoRA, SAM ViT-H."""
+  c = ml_collections.ConfigDict()
+  c.dtype = "float32"          # compute dtype of activations
+  c.param_dtype = "float32"    # storage dtype of parameters
+  c.attention_implementation = ml_collections.FieldReference(None, field_type=str)
+  c.remat = False              # gradient checkpointing of transformer blocks
+
+  c.vision = ml_collections.ConfigDict(dict(
+      image_size=224, patch_size=14, width=1408, depth=39, num_heads=16, mlp_dim=6144,
+      layer_norm_eps=1e-6, qkv_bias=True,
+      ln_vision_eps=1e-5,      # LAVIS blip2 ln_vision = nn.LayerNorm default eps
+  ))
+  c.qformer = ml_collections.ConfigDict(dict(
+      vocab_size=30523,        # bert-base-uncased + [DEC]
+      hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+      cross_attention_freq=2, encoder_width=1408, max_position_embeddings=512,
+      layer_norm_eps=1e-12, num_query_tokens=32, max_text_length=128, pad_token_id=0,
+  ))
+  # SQuARE internals are [?]: one pre-LN cross-attention block + FFN, zero-init output (SPEC §1).
+  c.square = ml_collections.ConfigDict(dict(
+      enabled=True, depth=1, num_heads=12, mlp_dim=3072, layer_norm_eps=1e-6,
+      query_init_std=0.02, zero_init_output=True,
+  ))
+  c.llm = ml_collections.ConfigDict(dict(
+      vocab_size=32007, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+      intermediate_size=11008, rms_norm_eps=1e-5, rope_theta=10000.0,
+      max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0,
+  ))
+  c.lora = ml_collections.ConfigDict(dict(
+      enabled=True, rank=8, alpha=16.0, dropout=0.05, targets=("q_proj", "v_proj"),
+  ))
+  c.sam = ml_collections.ConfigDict(dict(
+      image_size=1024, patch_size=16, width=1280, depth=32, num_heads=16, mlp_dim=5120,
+      window_size=14, global_attn_indexes=(7, 15, 23, 31), out_channels=256,
+      layer_norm_eps=1e-6, use_rel_pos=True, qkv_bias=True,
+      # prompt encoder
+      prompt_embed_dim=256, mask_in_channels=16,
+      # mask decoder (two-way transformer)
+      decoder_depth=2, decoder_num_heads=8, decoder_mlp_dim=2048, attention_downsample_rate=2,
+      num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=256,
+  ))
+  c.prima = ml_collections.ConfigDict(dict(
+      max_images=5,
+      max_masks=16,            # [SEG] slots per example (static shape)
+      image_token_id=0,        # id held by the 32 image slots of each <image> (overwritten)
+      seg_token_id=SEG_ID, im_start_id=IM_START_ID, im_end_id=IM_END_ID,
+      # GLaMM/LISA read the hidden state of the token *before* [SEG] (the one predicting it).
+      seg_hidden_from="previous",   # "previous" | "self"
+      seg_head_hidden=4096,   # text_hidden_fcs: Linear(D, D) -> ReLU -> Linear(D, 256)
+  ))
+  c.loss = ml_collections.ConfigDict(dict(
+      ce_weight=1.0, bce_weight=2.0, dice_weight=0.5,
+      dice_scale=1000.0, dice_eps=1e-6,
+      mask_reduction="per_image",   # "per_image" (multi-image version) | "per_mask" (GLaMM)
+  ))
+  return c
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+  """Same schema, sizes small enough to run forward + backward in seconds on a CPU."""
+  c = full_config()
+  c.vision.update(image_size=28, patch_size=14, width=48, depth=2, num_heads=4, mlp_dim=96)
+  c.qformer.update(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                   encoder_width=48, max_position_embeddings=64, num_query_tokens=4,
+                   max_text_length=16)
+  c.square.update(num_heads=4, mlp_dim=64)
+  c.llm.update(vocab_size=32007, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+               intermediate_size=128, max_position_embeddings=512)
+  c.lora.update(rank=4, alpha=8.0)
+  c.sam.update(image_size=64, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64,
+               window_size=4, global_attn_indexes=(1,), out_channels=16,
+               prompt_embed_dim=16, mask_in_channels=4, decoder_num_heads=2, decoder_mlp_dim=32,
+               iou_head_hidden_dim=16)
+  c.prima.update(max_images=3, max_masks=4, seg_head_hidden=64)
+  return c

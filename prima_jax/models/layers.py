@@ -1,0 +1,108 @@
+"""Parameter-carrying building blocks with logical axis names.
+
+Every parameter made here carries a ``logical_axes`` metadata tuple (one name per array
+dimension). ``prima_jax.sharding`` maps those names to mesh axes through one rules table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+DEFAULT_KERNEL_INIT = nnx.initializers.normal(stddev=0.02)
+
+
+def dtype_of(name: Any) -> jnp.dtype:
+  """Turns a config string ('float32', 'bfloat16') or dtype into a jnp dtype."""
+  if name is None:
+    return None
+  return jnp.dtype(name)
+
+
+def linear(in_features: int, out_features: int, axes: Axes, *, rngs: nnx.Rngs,
+           use_bias: bool = True, dtype: Any = None, param_dtype: Any = jnp.float32,
+           kernel_init=DEFAULT_KERNEL_INIT) -> nnx.Linear:
+  """A dense layer with kernel [in, out] named ``axes`` and bias [out] named ``axes[1]``."""
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=dtype_of(dtype),
+      param_dtype=dtype_of(param_dtype), kernel_init=kernel_init, rngs=rngs,
+      kernel_metadata={"logical_axes": tuple(axes)},
+      bias_metadata={"logical_axes": (axes[1],)})
+
+
+def layer_norm(features: int, *, eps: float, rngs: nnx.Rngs, axis_name: str | None = "norm",
+               dtype: Any = None, param_dtype: Any = jnp.float32) -> nnx.LayerNorm:
+  """LayerNorm over the last axis with an explicit epsilon (Flax and PyTorch defaults differ)."""
+  return nnx.LayerNorm(
+      features, epsilon=eps, dtype=dtype_of(dtype), param_dtype=dtype_of(param_dtype),
+      use_fast_variance=False, rngs=rngs,
+      scale_metadata={"logical_axes": (axis_name,)}, bias_metadata={"logical_axes": (axis_name,)})
+
+
+def conv(in_features: int, out_features: int, kernel_size: Sequence[int], *, rngs: nnx.Rngs,
+         strides: Sequence[int] | int = 1, padding: Any = "VALID", use_bias: bool = True,
+         dtype: Any = None, param_dtype: Any = jnp.float32,
+         axes: Axes = ("conv_height", "conv_width", "conv_in", "conv_out")) -> nnx.Conv:
+  """An NHWC convolution with an HWIO kernel named ``axes``."""
+  return nnx.Conv(
+      in_features, out_features, tuple(kernel_size), strides=strides, padding=padding,
+      use_bias=use_bias, dtype=dtype_of(dtype), param_dtype=dtype_of(param_dtype),
+      kernel_init=DEFAULT_KERNEL_INIT, rngs=rngs,
+      kernel_metadata={"logical_axes": tuple(axes)}, bias_metadata={"logical_axes": (axes[-1],)})
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Axes, *, init=DEFAULT_KERNEL_INIT,
+          param_dtype: Any = jnp.float32) -> nnx.Param:
+  """A free-standing parameter (embeddings, tokens, relative positions) with logical axes."""
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {axes} do not match shape {tuple(shape)}")
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype_of(param_dtype)), logical_axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+  """LLaMA RMSNorm: x / sqrt(mean(x^2) + eps) * weight, computed in float32."""
+
+  def __init__(self, features: int, *, eps: float, rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
+               axis_name: str | None = "norm"):
+    del rngs
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((features,), dtype_of(param_dtype)), logical_axes=(axis_name,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (normed.astype(x.dtype) * self.scale[...].astype(x.dtype))
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, as PyTorch's ``nn.GELU()``."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+class MLP(nnx.Module):
+  """Two-layer feed-forward block: fc2(act(fc1(x))) with [embed, mlp] / [mlp, embed] kernels."""
+
+  def __init__(self, width: int, hidden: int, *, rngs: nnx.Rngs, activation=gelu, dtype: Any = None,
+               param_dtype: Any = jnp.float32, axes: tuple[str, str] = ("embed", "mlp")):
+    self.fc1 = linear(width, hidden, axes, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.fc2 = linear(hidden, width, (axes[1], axes[0]), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.activation = activation
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(self.activation(self.fc1(x)))
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+  """[..., tokens, heads * head_dim] -> [..., tokens, heads, head_dim]."""
+  return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+  """[..., tokens, heads, head_dim] -> [..., tokens, heads * head_dim]."""
+  return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])

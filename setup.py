@@ -1,0 +1,28 @@
+"""prima_jax: PRIMA (multi-image pixel-grounded reasoning) in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="prima_jax",
+    version="0.1.0",
+    description="PRIMA multi-image reasoning segmentation in JAX / Flax NNX",
+    python_requires=">=3.11",
+    packages=find_packages(include=["prima_jax", "prima_jax.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18",
+        "numpy>=2.0",
+        "ml-collections>=1.1.0",
+        "absl-py",
+        "pillow",
+    ],
+    extras_require={
+        # PyTorch export / import and parity references.
+        "torch": ["torch>=2.13.0", "transformers>=5.24.0", "safetensors>=0.8.0"],
+        "test": ["pytest>=9.0", "ruff>=0.14", "pycocotools>=2.0.11"],
+    },
+)
