@@ -58,7 +58,9 @@ def full_config() -> ml_collections.ConfigDict:
   c.prima = ml_collections.ConfigDict(dict(
       max_images=5,
       max_masks=16,            # [SEG] slots per example (static shape)
-      image_token_id=0,        # id held by the 32 image slots of each <image> (overwritten)
+      # id held by the image slots of each <image> in input_ids; not a vocabulary id (LLaVA uses
+      # -200 too), so it can never collide with text or padding. Slots are overwritten by image tokens.
+      image_token_id=-200,
       seg_token_id=SEG_ID, im_start_id=IM_START_ID, im_end_id=IM_END_ID,
       # GLaMM/LISA read the hidden state of the token *before* [SEG] (the one predicting it).
       seg_hidden_from="previous",   # "previous" | "self"
