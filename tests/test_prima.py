@@ -1,0 +1,164 @@
+"""The composed PRIMA model: image slots, [SEG] routing, padding, SQuARE across images."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from prima_jax.models.batch import collate, random_example
+from prima_jax.models.configs import tiny_config
+from prima_jax.models.losses import prima_loss
+from prima_jax.models.prima import Prima
+
+
+def _seed():
+  return int.from_bytes(os.urandom(4), "little")
+
+
+def _model(cfg=None, square_zero_init=False):
+  cfg = cfg or tiny_config()
+  # At init SQuARE adds exactly zero (by design); tests of its effect need a live output layer.
+  cfg.square.zero_init_output = square_zero_init
+  model = Prima(cfg, rngs=nnx.Rngs(_seed()))
+  model.eval()
+  return cfg, model
+
+
+def _examples(cfg, counts, masks=None, rng=None):
+  rng = rng or np.random.default_rng()
+  masks = masks or [min(n + 1, cfg.prima.max_masks) for n in counts]
+  return [random_example(cfg, rng, num_images=n, num_masks=m) for n, m in zip(counts, masks)]
+
+
+def test_forward_shapes_and_loss_finite():
+  cfg, model = _model()
+  batch = collate(_examples(cfg, [1, 3]), cfg, num_images=cfg.prima.max_images,
+                  max_masks=cfg.prima.max_masks)
+  out = model(batch)
+  b, length = batch["input_ids"].shape
+  s, m = cfg.sam.image_size, cfg.prima.max_masks
+  assert out["logits"].shape == (b, length, cfg.llm.vocab_size)
+  assert out["seg_embeddings"].shape == (b, m, cfg.sam.prompt_embed_dim)
+  assert out["mask_logits"].shape == (b, m, s, s)
+  loss, parts = prima_loss(out, batch, cfg.loss)
+  assert np.isfinite(float(loss)) and float(parts["ce"]) > 0 and float(parts["bce"]) > 0
+
+
+@pytest.mark.parametrize("num_images", [1, 2, 3])
+def test_seg_hidden_is_read_at_its_position_after_slot_expansion(num_images):
+  """The [SEG] hidden state comes from exactly the expanded position (LISA#71/#172)."""
+  cfg, model = _model()
+  rng = np.random.default_rng()
+  ex = random_example(cfg, rng, num_images=num_images, num_masks=2, prompt_tokens=3)
+  batch = collate([ex], cfg)
+  out = model(batch)
+  # Independent reference: expand the sequence by hand, image k's tokens after its k-th <im_start>.
+  tokens = np.asarray(model.image_tokens(batch["eva_images"], batch["image_valid"],
+                                         batch["qformer_input_ids"], batch["qformer_attention_mask"]))
+  ids = ex["input_ids"].tolist()
+  table = np.asarray(model.llm.embed(jnp.asarray(np.where(ex["input_ids"] < 0, 0, ex["input_ids"]))))
+  starts = [i for i, t in enumerate(ids) if t == cfg.prima.im_start_id]
+  assert len(starts) == num_images
+  nq = cfg.qformer.num_query_tokens
+  for k, start in enumerate(starts):
+    table[start + 1:start + 1 + nq] = tokens[0, k]
+  _, hidden, _ = model.llm(jnp.asarray(table[None]), attention_mask=jnp.ones((1, len(ids)), bool))
+  for j, pos in enumerate(ex["seg_positions"]):
+    assert ids[pos] == cfg.prima.seg_token_id
+    np.testing.assert_allclose(np.asarray(out["seg_hidden"][0, j]), np.asarray(hidden[0, pos - 1]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_batch_of_four_equals_four_batches_of_one():
+  """Padding (images, tokens, question, [SEG] slots) never leaks into real outputs."""
+  cfg, model = _model()
+  examples = _examples(cfg, [1, 3, 2, 1], masks=[1, 3, 0, 2])
+  batch = collate(examples, cfg, num_images=cfg.prima.max_images, max_masks=cfg.prima.max_masks)
+  out = model(batch)
+  for i, ex in enumerate(examples):
+    single = model(collate([ex], cfg))  # no padding at all: its own image count and length
+    n_tok, n_seg = len(ex["input_ids"]), len(ex["seg_positions"])
+    np.testing.assert_allclose(np.asarray(out["logits"][i, :n_tok]), np.asarray(single["logits"][0]),
+                               rtol=1e-4, atol=1e-4)
+    if n_seg:
+      np.testing.assert_allclose(np.asarray(out["mask_logits"][i, :n_seg]),
+                                 np.asarray(single["mask_logits"][0, :n_seg]), rtol=1e-4, atol=1e-4)
+
+
+def test_masks_are_decoded_against_the_routed_image():
+  cfg, model = _model()
+  ex = random_example(cfg, np.random.default_rng(), num_images=2, num_masks=1)
+  ex["seg_image_index"][:] = 0
+  batch = collate([ex], cfg)
+  base = model(batch)["mask_logits"]
+  # changing image 2's SAM input leaves a mask routed to image 1 untouched ...
+  other = dict(batch, sam_images=batch["sam_images"].copy())
+  other["sam_images"][0, 1] += 5.0
+  np.testing.assert_allclose(np.asarray(model(other)["mask_logits"]), np.asarray(base), atol=1e-5)
+  # ... and routing it to image 2 changes it.
+  rerouted = dict(batch, seg_image_index=batch["seg_image_index"] + 1)
+  assert float(jnp.max(jnp.abs(model(rerouted)["mask_logits"] - base))) > 1e-3
+
+
+def test_square_mixes_images_in_the_full_model():
+  for enabled in (True, False):
+    cfg = tiny_config()
+    cfg.square.enabled = enabled
+    cfg, model = _model(cfg)
+    batch = collate(_examples(cfg, [2]), cfg)
+    args = lambda b: (b["eva_images"], b["image_valid"], b["qformer_input_ids"],
+                      b["qformer_attention_mask"])
+    base = model.image_tokens(*args(batch))
+    changed = dict(batch, eva_images=batch["eva_images"].copy())
+    changed["eva_images"][0, 1] = np.random.default_rng().standard_normal(changed["eva_images"].shape[2:])
+    new = model.image_tokens(*args(changed))
+    moved = float(jnp.max(jnp.abs(new[0, 0] - base[0, 0])))
+    if enabled:
+      assert moved > 1e-4, "with SQuARE, image 2 must influence image 1's query outputs"
+    else:
+      assert moved == 0.0, "without SQuARE, images are encoded independently"
+
+
+def test_padding_image_content_changes_nothing():
+  cfg, model = _model()
+  batch = collate(_examples(cfg, [1, 2]), cfg, num_images=cfg.prima.max_images)
+  base = model(batch)
+  noisy = dict(batch)
+  for key in ("eva_images", "sam_images"):
+    noisy[key] = batch[key].copy()
+    pad = ~batch["image_valid"]
+    noisy[key][pad] = np.random.default_rng().standard_normal(noisy[key][pad].shape) * 10
+  out = model(noisy)
+  for key in ("logits", "mask_logits", "seg_embeddings"):
+    np.testing.assert_allclose(np.asarray(out[key]), np.asarray(base[key]), rtol=1e-5, atol=1e-5)
+
+
+def test_model_rejects_a_bad_batch_before_compiling():
+  cfg, model = _model()
+  batch = collate(_examples(cfg, [2], masks=[1]), cfg)
+  batch["seg_image_index"][0, 0] = 5
+  with pytest.raises(ValueError, match="seg_image_index"):
+    model(batch)
+
+
+def test_gradients_flow_to_every_trainable_component():
+  cfg, model = _model()
+  batch = collate(_examples(cfg, [2, 1]), cfg, max_masks=cfg.prima.max_masks)
+  # LoRA B starts at zero, which would block the gradient of A: make it live for this check.
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if path[-1] == "lora_b":
+      var[...] = jnp.full(var[...].shape, 0.01, var[...].dtype)
+
+  def loss_fn(m):
+    return prima_loss(m(batch), batch, cfg.loss)[0]
+
+  grads = nnx.grad(loss_fn)(model)
+  norms = {}
+  for path, g in nnx.to_flat_state(grads):
+    norms.setdefault(path[0], 0.0)
+    norms[path[0]] += float(jnp.sum(jnp.square(g[...])))
+  for component in ("vision", "square", "qformer", "language_projection", "llm", "seg_head", "sam"):
+    assert norms[component] > 0, f"no gradient reaches {component}"
+    assert np.isfinite(norms[component])
