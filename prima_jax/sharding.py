@@ -106,7 +106,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> n
 
   def one(variable):
     axes = variable.get_metadata().get("logical_axes")
-    shape = variable[...].shape
+    shape = variable.get_value().shape
     if axes is None:
       return NamedSharding(mesh, PartitionSpec())
     if len(axes) != len(shape):

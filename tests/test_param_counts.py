@@ -11,7 +11,7 @@ from prima_jax.models.prima import Prima
 
 
 def _count(tree) -> int:
-  return sum(math.prod(v[...].shape) for _, v in nnx.to_flat_state(tree))
+  return sum(math.prod(v.get_value().shape) for _, v in nnx.to_flat_state(tree))
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def test_parameter_counts_match_published_sizes(abstract_model):
   m = abstract_model
   params = lambda module: nnx.state(module, nnx.Param)
   all_llm = _count(params(m.llm))
-  lora = sum(math.prod(v[...].shape) for p, v in nnx.to_flat_state(params(m.llm))
+  lora = sum(math.prod(v.get_value().shape) for p, v in nnx.to_flat_state(params(m.llm))
              if any(str(k).startswith("lora_") for k in p))
   counts = {
       "EVA ViT-g (+ln_vision)": _count(params(m.vision)),
@@ -59,4 +59,4 @@ def test_every_parameter_has_logical_axes(abstract_model):
   for path, v in nnx.to_flat_state(nnx.state(abstract_model, nnx.Param)):
     axes = v.get_metadata().get("logical_axes")
     assert axes is not None, f"{path} has no logical_axes"
-    assert len(axes) == len(v[...].shape), f"{path}: axes {axes} vs shape {v[...].shape}"
+    assert len(axes) == len(v.get_value().shape), f"{path}: axes {axes} vs shape {v.get_value().shape}"

@@ -1,5 +1,7 @@
 """The tiny PRIMA's forward + backward on 8 fake CPU devices with a (data, fsdp, tensor) mesh."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -42,10 +44,10 @@ def test_sharded_forward_backward_equals_single_device():
   shapes = [(1, 1), (3, 2), (2, 0), (1, 2)]
   examples = [random_example(cfg, rng, num_images=n, num_masks=m) for n, m in shapes]
   batch = collate(examples, cfg, num_images=cfg.prima.max_images, max_masks=cfg.prima.max_masks)
-  graphdef, state = nnx.split(model)
+  graphdef, state, rest = nnx.split(model, nnx.Param, ...)  # rest: RNG streams (LoRA dropout)
 
   def loss_fn(state, batch):
-    return prima_loss(nnx.merge(graphdef, state)(batch), batch, cfg.loss)[0]
+    return prima_loss(nnx.merge(graphdef, state, rest)(batch), batch, cfg.loss)[0]
 
   step = jax.value_and_grad(loss_fn)
   ref_loss, ref_grads = jax.jit(step)(state, batch)
@@ -77,5 +79,19 @@ def test_sharded_forward_backward_equals_single_device():
 
   print(f"loss single-device {float(ref_loss):.6f}, sharded {float(loss):.6f}")
   np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
-  for g, r in zip(g_leaves, jax.tree.leaves(ref_grads)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-3, atol=2e-6)
+  errors = {}
+  flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref_grads))
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    g, r = np.asarray(g), np.asarray(flat_ref[path])
+    name = jax.tree_util.keystr(path)
+    if re.search(r"\['(k_proj|key)'\]\['bias'\]", name):
+      # softmax ignores a constant logit shift: a key bias has zero gradient in exact arithmetic,
+      # so both sides hold only rounding noise
+      assert np.max(np.abs(g)) < 1e-9 and np.max(np.abs(r)) < 1e-9, name
+      continue
+    scale = float(np.max(np.abs(r)))  # relative to each gradient's own scale: many are tiny at init
+    errors[name] = (float(np.max(np.abs(g - r))) / max(scale, 1e-12), scale)
+  worst = max(errors, key=lambda k: errors[k][0])
+  print(f"gradients: worst relative error sharded vs single-device {errors[worst][0]:.2e} at {worst} "
+        f"(gradient scale {errors[worst][1]:.2e})")
+  assert errors[worst][0] < 1e-3

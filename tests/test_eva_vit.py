@@ -1,0 +1,137 @@
+"""EvaViT against transformers' InstructBlipVisionModel, and the vision conversion table."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from prima_jax.convert import instructblip as ib
+from prima_jax.convert import state_dict as sd
+from prima_jax.models import configs, eva_vit
+
+from parity_utils import assert_close
+
+
+def _seed() -> int:
+  return int.from_bytes(os.urandom(4), "little")
+
+
+def _vision_cfg():
+  cfg = configs.tiny_config().vision
+  cfg.ln_vision_eps = cfg.layer_norm_eps  # HF post_layernorm uses the blocks' eps
+  return cfg
+
+
+def _randomise_torch(model: torch.nn.Module) -> None:
+  """Every parameter random: LayerNorm scales around 1, everything else around 0."""
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name.lower() and name.endswith("weight"):
+        torch.nn.init.normal_(p, mean=1.0, std=0.2)
+      elif "embedding" in name:
+        torch.nn.init.normal_(p, std=0.5)
+      else:
+        torch.nn.init.normal_(p, std=0.1)
+
+
+def _zero_k_bias(model: torch.nn.Module, width: int) -> None:
+  """EVA has no k bias; HF's fused qkv.bias holds a (zero in real checkpoints) k slice."""
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("qkv.bias"):
+        p[width:2 * width] = 0.0
+
+
+def _hf_vision(cfg):
+  torch.manual_seed(_seed())
+  model = transformers.InstructBlipVisionModel(ib.hf_vision_config(cfg)).eval()
+  _randomise_torch(model)
+  _zero_k_bias(model, cfg.width)
+  return model
+
+
+def _hf_forward(model, images: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    return model(pixel_values=pixels).last_hidden_state.numpy()
+
+
+def _images(cfg, batch=2) -> np.ndarray:
+  rng = np.random.default_rng(_seed())
+  return rng.normal(size=(batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+
+
+def test_parity_with_hf_instructblip_vision():
+  cfg = _vision_cfg()
+  hf = _hf_vision(cfg)
+  ours = eva_vit.EvaViT(cfg, rngs=nnx.Rngs(_seed()))
+  report = sd.load_state_dict(ours, hf.state_dict(), ib.vision_rules(cfg), strict=True,
+                              ignore_unexpected=ib.VISION_IGNORED_PREFIXES)
+  assert report.initialised == []
+  assert len(report.loaded) == len(sd.param_paths(ours))
+  images = _images(cfg)
+  out = jax.jit(lambda m, x: m(x))(ours, jnp.asarray(images))
+  tokens = 1 + (cfg.image_size // cfg.patch_size) ** 2
+  assert out.shape == (2, tokens, cfg.width)
+  assert_close("eva_vit last_hidden_state", out, _hf_forward(hf, images), rtol=1e-4)
+
+
+def test_export_round_trip_into_hf():
+  """Our random weights (non-zero q/v biases) exported load strictly into HF and give our output."""
+  cfg = _vision_cfg()
+  ours = eva_vit.EvaViT(cfg, rngs=nnx.Rngs(_seed()))
+  rng = np.random.default_rng(_seed())
+  for variable in sd.param_paths(ours).values():
+    variable[...] = variable[...] + jnp.asarray(rng.normal(0, 0.1, variable[...].shape), jnp.float32)
+  exported = ib.export_state_dict(ours, ib.vision_rules(cfg))
+  hf = transformers.InstructBlipVisionModel(ib.hf_vision_config(cfg)).eval()
+  hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in exported.items()}, strict=True)
+  bias = hf.encoder.layers[0].self_attn.qkv.bias.detach().numpy()
+  np.testing.assert_array_equal(bias[cfg.width:2 * cfg.width], 0.0)
+  np.testing.assert_array_equal(bias[:cfg.width], np.asarray(ours.blocks[0].attn.q_bias[...]))
+  images = _images(cfg, batch=1)
+  assert_close("eva_vit export round trip", ours(jnp.asarray(images)), _hf_forward(hf, images), rtol=1e-4)
+
+
+def test_nonzero_k_bias_is_rejected():
+  cfg = _vision_cfg()
+  hf = transformers.InstructBlipVisionModel(ib.hf_vision_config(cfg))
+  state = {k: v.clone() for k, v in hf.state_dict().items()}
+  state["encoder.layers.1.self_attn.qkv.bias"][cfg.width] = 0.5
+  ours = eva_vit.EvaViT(cfg, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="k slice"):
+    sd.load_state_dict(ours, state, ib.vision_rules(cfg))
+
+
+def test_every_param_has_logical_axes():
+  cfg = _vision_cfg()
+  ours = eva_vit.EvaViT(cfg, rngs=nnx.Rngs(0))
+  for path, variable in sd.param_paths(ours).items():
+    axes = variable.get_metadata().get("logical_axes")
+    assert axes is not None and len(axes) == variable[...].ndim, (path, axes)
+
+
+def test_remat_matches_and_differentiates():
+  cfg = _vision_cfg()
+  seed = _seed()
+  plain = eva_vit.EvaViT(cfg, rngs=nnx.Rngs(seed))
+  remat = eva_vit.EvaViT(cfg, remat=True, rngs=nnx.Rngs(seed))
+  images = jnp.asarray(_images(cfg, batch=1))
+
+  def loss(model):
+    return jnp.sum(model(images) ** 2)
+
+  grad = nnx.jit(nnx.value_and_grad(loss))
+  l1, g1 = grad(plain)
+  l2, g2 = grad(remat)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  flat1, flat2 = jax.tree.leaves(g1), jax.tree.leaves(g2)
+  assert len(flat1) == len(flat2) == len(sd.param_paths(plain))
+  for a, b in zip(flat1, flat2):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert float(jnp.max(jnp.abs(g1["blocks"][0]["attn"]["qkv"]["kernel"][...]))) > 0
