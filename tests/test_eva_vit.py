@@ -88,7 +88,7 @@ def test_export_round_trip_into_hf():
   rng = np.random.default_rng(_seed())
   for variable in sd.param_paths(ours).values():
     variable[...] = variable[...] + jnp.asarray(rng.normal(0, 0.1, variable[...].shape), jnp.float32)
-  exported = ib.export_state_dict(ours, ib.vision_rules(cfg))
+  exported = sd.export_state_dict(ours, ib.vision_rules(cfg))
   hf = transformers.InstructBlipVisionModel(ib.hf_vision_config(cfg)).eval()
   hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in exported.items()}, strict=True)
   bias = hf.encoder.layers[0].self_attn.qkv.bias.detach().numpy()

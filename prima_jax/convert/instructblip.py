@@ -6,9 +6,9 @@ they sit under ``vision_model.`` and ``qformer.``, and the query tokens are ``qu
 
 Hugging Face stores EVA's attention bias fused, ``qkv.bias`` = [q_bias; k_bias; v_bias] [3 * width],
 while EVA (and :class:`prima_jax.models.eva_vit.EvaAttention`) has no k bias. Two rules read
-that one key (transforms ``qkv_bias_q`` / ``qkv_bias_v``); import refuses a non-zero k slice
-instead of silently dropping it. Export writes each rule's part zero-padded to [3 * width]:
-use :func:`export_state_dict` here, which adds up the parts of keys that several rules share.
+that one key (transforms ``qkv_bias_q`` / ``qkv_bias_v`` of :mod:`prima_jax.convert.state_dict`);
+import refuses a non-zero k slice instead of silently dropping it, and export adds the two
+zero-padded parts back into one tensor.
 
 Hugging Face's ``post_layernorm`` is LAVIS's ``ln_vision``, but HF builds it with the blocks'
 ``layer_norm_eps`` (1e-6) while LAVIS uses ``nn.LayerNorm``'s default 1e-5 (our ``ln_vision_eps``);
@@ -17,12 +17,9 @@ Hugging Face's ``post_layernorm`` is LAVIS's ``ln_vision``, but HF builds it wit
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from prima_jax.convert import state_dict as sd
 from prima_jax.convert.state_dict import Rule
 
 # Non-parameter buffers that some InstructBLIP checkpoints contain (older transformers saved the
@@ -38,28 +35,6 @@ def ignored_keys(state_dict: Mapping[str, Any]) -> tuple[str, ...]:
   relative ignored key (usable as ``ignore_unexpected``)."""
   relative = QFORMER_IGNORED_PREFIXES + VISION_IGNORED_PREFIXES
   return tuple(k for k in state_dict if k.endswith(HF_IGNORED_SUFFIXES) or k in relative)
-
-
-def _split_fused_bias(x: np.ndarray, part: int) -> np.ndarray:
-  """[3 * width] fused q/k/v bias -> its ``part`` (0 = q, 2 = v); the k slice must be zero."""
-  if x.ndim != 1 or x.shape[0] % 3:
-    raise ValueError(f"fused qkv bias must be [3 * width], got shape {x.shape}")
-  q, k, v = np.split(x, 3)
-  if np.any(k != 0):
-    raise ValueError(f"fused qkv bias has a non-zero k slice (max |k| = {np.max(np.abs(k)):.3e}); "
-                     "EVA attention has no k bias, loading would change the model")
-  return np.ascontiguousarray((q, k, v)[part])
-
-
-def _pad_fused_bias(x: np.ndarray, part: int) -> np.ndarray:
-  """[width] -> [3 * width] with ``x`` in slot ``part`` and zeros elsewhere."""
-  out = np.zeros((3, x.shape[0]), x.dtype)
-  out[part] = x
-  return out.reshape(-1)
-
-
-sd.TRANSFORMS.setdefault("qkv_bias_q", (lambda x: _split_fused_bias(x, 0), lambda x: _pad_fused_bias(x, 0)))
-sd.TRANSFORMS.setdefault("qkv_bias_v", (lambda x: _split_fused_bias(x, 2), lambda x: _pad_fused_bias(x, 2)))
 
 
 def _linear(torch_name: str, path: tuple, bias: bool = True) -> list[Rule]:
@@ -135,25 +110,6 @@ def query_tokens_rule(cfg_qformer) -> Rule:
   """``query_tokens`` [1, nq, hidden] (top level of InstructBLIP) <-> QFormer.query_tokens [nq, hidden]."""
   return Rule("query_tokens", ("query_tokens",),
               torch_shape=(1, cfg_qformer.num_query_tokens, cfg_qformer.hidden_size))
-
-
-def export_state_dict(module, rules: Iterable[Rule]) -> dict[str, np.ndarray]:
-  """:func:`prima_jax.convert.state_dict.export_state_dict` that adds up the zero-padded parts of
-  keys several rules write (the fused qkv bias)."""
-  rules = list(rules)
-  seen: dict[str, int] = {}
-  passes: list[list[Rule]] = []
-  for rule in rules:  # the n-th rule of a key goes into pass n, so no pass repeats a key
-    n = seen.get(rule.torch_key, 0)
-    seen[rule.torch_key] = n + 1
-    if n == len(passes):
-      passes.append([])
-    passes[n].append(rule)
-  out: dict[str, np.ndarray] = {}
-  for group in passes:
-    for key, value in sd.export_state_dict(module, group).items():
-      out[key] = out[key] + value if key in out else value
-  return out
 
 
 def hf_vision_config(cfg_vision):

@@ -32,13 +32,33 @@ def _t_conv_to_torch(x: np.ndarray) -> np.ndarray:  # HWIO -> OIHW
 
 
 def _t_conv_transpose_to_jax(x: np.ndarray) -> np.ndarray:
-  # torch ConvTranspose2d weight [I, O, kH, kW] -> [kH, kW, I, O] for lax.conv_transpose with
-  # flipped spatial dims (see models/sam/mask_decoder.py, which applies the flip itself).
+  # torch ConvTranspose2d weight [I, O, kH, kW] -> [kH, kW, I, O]; with stride == kernel (SAM's
+  # upscaling) out[2i + y, 2j + x] = sum_c in[i, j, c] K[y, x, c, o]: no flip is involved.
   return np.ascontiguousarray(x.transpose(2, 3, 0, 1))
 
 
 def _t_conv_transpose_to_torch(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.transpose(2, 3, 0, 1))
+
+
+def _fused_part(x: np.ndarray, part: int, zero_parts: tuple[int, ...] = ()) -> np.ndarray:
+  """[3 * width] fused q/k/v tensor -> its ``part``; ``zero_parts`` must be zero (e.g. EVA has
+  no k bias: loading a non-zero one would silently change the model)."""
+  if x.ndim != 1 or x.shape[0] % 3:
+    raise ValueError(f"fused qkv tensor must be [3 * width], got shape {x.shape}")
+  parts = np.split(x, 3)
+  for z in zero_parts:
+    if np.any(parts[z] != 0):
+      raise ValueError(f"fused qkv tensor has a non-zero slice {z} (max {np.max(np.abs(parts[z])):.3e}) "
+                       "that the model does not have")
+  return np.ascontiguousarray(parts[part])
+
+
+def _fused_pad(x: np.ndarray, part: int) -> np.ndarray:
+  """[width] -> [3 * width] with ``x`` in slot ``part``, zeros elsewhere (export adds the parts)."""
+  out = np.zeros((3, x.shape[0]), x.dtype)
+  out[part] = x
+  return out.reshape(-1)
 
 
 # name -> (torch -> jax, jax -> torch)
@@ -47,6 +67,9 @@ TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.nda
     "linear": (_t_linear, _t_linear),
     "conv2d": (_t_conv_to_jax, _t_conv_to_torch),
     "conv_transpose2d": (_t_conv_transpose_to_jax, _t_conv_transpose_to_torch),
+    # EVA's fused qkv bias [q; 0; v]: two rules read one key, export adds their padded parts.
+    "qkv_bias_q": (lambda x: _fused_part(x, 0, (1,)), lambda x: _fused_pad(x, 0)),
+    "qkv_bias_v": (lambda x: _fused_part(x, 2, (1,)), lambda x: _fused_pad(x, 2)),
 }
 
 
@@ -165,7 +188,11 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, Any], rules: It
 
 
 def export_state_dict(module: nnx.Module, rules: Iterable[Rule]) -> dict[str, np.ndarray]:
-  """The inverse of :func:`load_state_dict`: {torch key: numpy array in PyTorch layout}."""
+  """The inverse of :func:`load_state_dict`: {torch key: numpy array in PyTorch layout}.
+
+  Rules that share a key (slices of one fused tensor) each export their zero-padded part; the
+  parts are added up.
+  """
   params = param_paths(module)
   out = {}
   for rule in rules:
@@ -173,5 +200,5 @@ def export_state_dict(module: nnx.Module, rules: Iterable[Rule]) -> dict[str, np
     value = TRANSFORMS[rule.transform][1](value)
     if rule.torch_shape is not None:
       value = value.reshape(rule.torch_shape)
-    out[rule.torch_key] = value
+    out[rule.torch_key] = out[rule.torch_key] + value if rule.torch_key in out else value
   return out

@@ -53,6 +53,7 @@ def full_config() -> ml_collections.ConfigDict:
       prompt_embed_dim=256, mask_in_channels=16,
       # mask decoder (two-way transformer)
       decoder_depth=2, decoder_num_heads=8, decoder_mlp_dim=2048, attention_downsample_rate=2,
+      decoder_layer_norm_eps=1e-5,  # original SAM (torch default); transformers uses 1e-6
       num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=256,
   ))
   c.prima = ml_collections.ConfigDict(dict(
