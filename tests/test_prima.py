@@ -12,6 +12,9 @@ from prima_jax.models.configs import tiny_config
 from prima_jax.models.losses import prima_loss
 from prima_jax.models.prima import Prima
 
+# jit: the first eager call of the tiny model costs ~20 s of op-by-op compilation, jit ~4 s.
+_forward = nnx.jit(lambda model, batch: model(batch))
+
 
 def _seed():
   return int.from_bytes(os.urandom(4), "little")
@@ -43,7 +46,7 @@ def test_forward_shapes_and_loss_finite():
   cfg, model = _model()
   batch = collate(_examples(cfg, [1, 3]), cfg, num_images=cfg.prima.max_images,
                   max_masks=cfg.prima.max_masks)
-  out = model(batch)
+  out = _forward(model, batch)
   b, length = batch["input_ids"].shape
   s, m = cfg.sam.image_size, cfg.prima.max_masks
   assert out["logits"].shape == (b, length, cfg.llm.vocab_size)
@@ -60,7 +63,7 @@ def test_seg_hidden_is_read_at_its_position_after_slot_expansion(num_images):
   rng = np.random.default_rng()
   ex = random_example(cfg, rng, num_images=num_images, num_masks=2, prompt_tokens=3)
   batch = collate([ex], cfg)
-  out = model(batch)
+  out = _forward(model, batch)
   # Independent reference: expand the sequence by hand, image k's tokens after its k-th <im_start>.
   tokens = np.asarray(model.image_tokens(batch["eva_images"], batch["image_valid"],
                                          batch["qformer_input_ids"], batch["qformer_attention_mask"]))
@@ -85,9 +88,9 @@ def test_batch_of_four_equals_four_batches_of_one():
   cfg, model = _model()
   examples = _examples(cfg, [1, 3, 2, 1], masks=[1, 3, 0, 2])
   batch = collate(examples, cfg, num_images=cfg.prima.max_images, max_masks=cfg.prima.max_masks)
-  out = model(batch)
+  out = _forward(model, batch)
   for i, ex in enumerate(examples):
-    single = model(collate([ex], cfg))  # no padding at all: its own image count and length
+    single = _forward(model, collate([ex], cfg))  # no padding at all: its own image count and length
     n_tok, n_seg = len(ex["input_ids"]), len(ex["seg_positions"])
     assert _rel(out["logits"][i, :n_tok], single["logits"][0]) < 1e-4
     if n_seg:
@@ -100,14 +103,14 @@ def test_masks_are_decoded_against_the_routed_image():
   ex = random_example(cfg, np.random.default_rng(), num_images=2, num_masks=1)
   ex["seg_image_index"][:] = 0
   batch = collate([ex], cfg)
-  base = model(batch)["mask_logits"]
+  base = _forward(model, batch)["mask_logits"]
   # changing image 2's SAM input leaves a mask routed to image 1 untouched ...
   other = dict(batch, sam_images=batch["sam_images"].copy())
   other["sam_images"][0, 1] += 5.0
-  assert _rel(model(other)["mask_logits"], base) < 1e-5
+  assert _rel(_forward(model, other)["mask_logits"], base) < 1e-5
   # ... and routing it to image 2 changes it.
   rerouted = dict(batch, seg_image_index=batch["seg_image_index"] + 1)
-  assert _rel(model(rerouted)["mask_logits"], base) > 1e-2
+  assert _rel(_forward(model, rerouted)["mask_logits"], base) > 1e-2
 
 
 def test_square_mixes_images_in_the_full_model():
@@ -132,13 +135,13 @@ def test_square_mixes_images_in_the_full_model():
 def test_padding_image_content_changes_nothing():
   cfg, model = _model()
   batch = collate(_examples(cfg, [1, 2]), cfg, num_images=cfg.prima.max_images)
-  base = model(batch)
+  base = _forward(model, batch)
   noisy = dict(batch)
   for key in ("eva_images", "sam_images"):
     noisy[key] = batch[key].copy()
     pad = ~batch["image_valid"]
     noisy[key][pad] = np.random.default_rng().standard_normal(noisy[key][pad].shape) * 10
-  out = model(noisy)
+  out = _forward(model, noisy)
   for key in ("logits", "mask_logits", "seg_embeddings"):
     assert _rel(out[key], base[key]) < 1e-5, key
 
@@ -148,7 +151,12 @@ def test_model_rejects_a_bad_batch_before_compiling():
   batch = collate(_examples(cfg, [2], masks=[1]), cfg)
   batch["seg_image_index"][0, 0] = 5
   with pytest.raises(ValueError, match="seg_image_index"):
-    model(batch)
+    model(batch)  # eagerly: values are checked on the host, before anything runs
+  # inside jit only shapes are known: a shape error still names its field at trace time
+  batch = collate(_examples(cfg, [2], masks=[1]), cfg)
+  batch["sam_images"] = batch["sam_images"][:, :, :-1]
+  with pytest.raises(ValueError, match="sam_images"):
+    _forward(model, batch)
 
 
 def test_gradients_flow_to_every_trainable_component():
@@ -162,7 +170,7 @@ def test_gradients_flow_to_every_trainable_component():
   def loss_fn(m):
     return prima_loss(m(batch), batch, cfg.loss)[0]
 
-  grads = nnx.grad(loss_fn)(model)
+  grads = nnx.jit(nnx.grad(loss_fn))(model)
   norms = {}
   for path, g in nnx.to_flat_state(grads):
     norms.setdefault(path[0], 0.0)
