@@ -49,8 +49,8 @@ def _fused_part(x: np.ndarray, part: int, zero_parts: tuple[int, ...] = ()) -> n
   parts = np.split(x, 3)
   for z in zero_parts:
     if np.any(parts[z] != 0):
-      raise ValueError(f"fused qkv tensor has a non-zero slice {z} (max {np.max(np.abs(parts[z])):.3e}) "
-                       "that the model does not have")
+      raise ValueError(f"fused qkv tensor has a non-zero {'qkv'[z]} slice "
+                       f"(max {np.max(np.abs(parts[z])):.3e}) that the model does not have")
   return np.ascontiguousarray(parts[part])
 
 
