@@ -1,0 +1,1 @@
+"""M⁴Seg data: record format, synthetic benchmark, TFDS builder, tokenisers, Grain pipeline."""
