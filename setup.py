@@ -19,10 +19,14 @@ setup(
         "ml-collections>=1.1.0",
         "absl-py",
         "pillow",
+        "pycocotools>=2.0.11",
+        "pyarrow",
+        "tokenizers",
+        "sentencepiece",
     ],
     extras_require={
         # PyTorch export / import and parity references.
         "torch": ["torch>=2.13.0", "transformers>=5.24.0", "safetensors>=0.8.0"],
-        "test": ["pytest>=9.0", "ruff>=0.14", "pycocotools>=2.0.11"],
+        "test": ["pytest>=9.0", "ruff>=0.14"],
     },
 )
