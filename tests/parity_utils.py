@@ -25,3 +25,18 @@ def assert_close(name: str, ours, reference, *, rtol: float = 1e-4) -> tuple[flo
   print(f"PARITY {name}: max abs err {abs_err:.3e}, max rel err {rel_err:.3e}")
   assert rel_err <= rtol, f"{name}: relative error {rel_err:.3e} > {rtol:.0e}"
   return abs_err, rel_err
+
+
+def randomise_torch(model) -> None:
+  """Every parameter of a torch model random: LayerNorm scales around 1, embeddings N(0, 0.5),
+  everything else N(0, 0.1), so that nothing matches by accident."""
+  import torch  # noqa: PLC0415  (parity tests only)
+
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name.lower() and name.endswith("weight"):
+        torch.nn.init.normal_(p, mean=1.0, std=0.2)
+      elif "embedding" in name:
+        torch.nn.init.normal_(p, std=0.5)
+      else:
+        torch.nn.init.normal_(p, std=0.1)

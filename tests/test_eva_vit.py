@@ -14,7 +14,7 @@ from prima_jax.convert import instructblip as ib
 from prima_jax.convert import state_dict as sd
 from prima_jax.models import configs, eva_vit
 
-from parity_utils import assert_close
+from parity_utils import assert_close, randomise_torch
 
 
 def _seed() -> int:
@@ -25,18 +25,6 @@ def _vision_cfg():
   cfg = configs.tiny_config().vision
   cfg.ln_vision_eps = cfg.layer_norm_eps  # HF post_layernorm uses the blocks' eps
   return cfg
-
-
-def _randomise_torch(model: torch.nn.Module) -> None:
-  """Every parameter random: LayerNorm scales around 1, everything else around 0."""
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name.lower() and name.endswith("weight"):
-        torch.nn.init.normal_(p, mean=1.0, std=0.2)
-      elif "embedding" in name:
-        torch.nn.init.normal_(p, std=0.5)
-      else:
-        torch.nn.init.normal_(p, std=0.1)
 
 
 def _zero_k_bias(model: torch.nn.Module, width: int) -> None:
@@ -50,7 +38,7 @@ def _zero_k_bias(model: torch.nn.Module, width: int) -> None:
 def _hf_vision(cfg):
   torch.manual_seed(_seed())
   model = transformers.InstructBlipVisionModel(ib.hf_vision_config(cfg)).eval()
-  _randomise_torch(model)
+  randomise_torch(model)
   _zero_k_bias(model, cfg.width)
   return model
 

@@ -14,29 +14,17 @@ from prima_jax.convert import instructblip as ib
 from prima_jax.convert import state_dict as sd
 from prima_jax.models import configs, qformer
 
-from parity_utils import assert_close
+from parity_utils import assert_close, randomise_torch
 
 
 def _seed() -> int:
   return int.from_bytes(os.urandom(4), "little")
 
 
-def _randomise_torch(model: torch.nn.Module) -> None:
-  """Every parameter random: LayerNorm scales around 1, everything else around 0."""
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "layernorm" in name.lower() and name.endswith("weight"):
-        torch.nn.init.normal_(p, mean=1.0, std=0.2)
-      elif "embeddings" in name:
-        torch.nn.init.normal_(p, std=0.5)
-      else:
-        torch.nn.init.normal_(p, std=0.1)
-
-
 def _hf_qformer(cfg):
   torch.manual_seed(_seed())
   model = transformers.InstructBlipQFormerModel(ib.hf_qformer_config(cfg)).eval()
-  _randomise_torch(model)
+  randomise_torch(model)
   return model
 
 
