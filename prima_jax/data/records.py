@@ -1,0 +1,601 @@
+"""The M⁴Seg record format (SPEC §4): loading, validation, answer conversion, masks and images.
+
+A record (one element of ``Part_Segm/{prefix}_{split}.json``, or one parquet row with the same
+fields) is::
+
+  {"dataset_name": "paco_lvis" | "ade20k_part234" | "pascal_part" | "synthetic",
+   "img_ids": [id, ...],                      # IMAGE1, IMAGE2, ... (ids of the source's annotation file)
+   "q": "question (tags allowed)",
+   "a": "answer with inline instance tags",
+   "groundings": {"img_1": [{"segmentation": ..., "name": str, "obj_ann_id": int (parts)}, ...], ...},
+   "category": "functional" | "spatial" | "numerical" | "open-ended"}   # optional
+
+Tag grammar and conversion follow the original loader (kanguyen-vn/LISA,
+``dataset/multi_image_datasets/MultiImage_8Q_single_turn_ds.py``):
+
+* A tag is a word ``name_XYY`` (object: X = image 1..9, YY = instance) or ``name_XYYZZ`` (part ZZ of
+  object YY), matched by ``\\b(\\w+)_\\d{3}\\b|\\b(\\w+)_\\d{5}\\b``; ``name`` may itself contain ``_``.
+* In the question every tag is replaced by its bare ``name``.
+* In the answer the first mention of an instance becomes ``<p> phrase </p> [SEG] (IMAGE{X})`` and takes
+  the next unused grounding of ``groundings["img_X"]`` (objects and parts share that per-image list, in
+  order of first mention); a repeated mention becomes ``<p> phrase </p> (IMAGE{X})`` (no ``[SEG]``, no
+  mask), as in the original.
+* Object phrase: ``f"{grounding['name']}_{int(YY)}"`` (``chair_101`` -> ``chair_1``). Part phrase:
+  ``f"{object_name}_{int(YY)}'s {grounding['name']}_{int(ZZ)}"`` (``desk_1's drawer_1``), where the
+  object name is the category of annotation ``obj_ann_id`` in the source's annotation file (original);
+  if that file has no such annotation, the grounding's ``obj_name`` field, else the grounding name of
+  the object tag ``*_XYY`` mentioned in the same answer (our fallbacks, for annotation files without
+  ``annotations``/``categories``).
+
+Deliberate differences from the original loader: its ``f"... {img_tokens})"`` appends a stray ``)``
+after every mention (a bug, not reproduced); a repeated mention there reuses the phrase of whatever
+grounding was loaded last (a bug), here it reuses its own instance's phrase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from prima_jax.data.example import GroundedExample
+
+# The original loader's tag pattern (objects: 3 digits, parts: 5 digits).
+TAG_PATTERN = re.compile(r"\b(\w+)_\d{3}\b|\b(\w+)_\d{5}\b")
+REQUIRED_FIELDS = ("dataset_name", "img_ids", "q", "a", "groundings")
+DEFAULT_MAX_IMAGES = 5
+
+# Skip reasons (SkipExample.reason); the builder counts skipped records by these.
+INVALID_RECORD = "invalid_record"
+TOO_MANY_IMAGES = "too_many_images"
+TAG_WITHOUT_GROUNDING = "tag_without_grounding"
+TAG_IMAGE_OUT_OF_RANGE = "tag_image_out_of_range"
+MALFORMED_SEGMENTATION = "malformed_segmentation"
+UNKNOWN_IMAGE_ID = "unknown_image_id"
+MISSING_IMAGE = "missing_image"
+CORRUPT_IMAGE = "corrupt_image"
+IMAGE_SIZE_MISMATCH = "image_size_mismatch"
+PART_OBJECT_UNKNOWN = "part_object_unknown"
+UNKNOWN_SOURCE = "unknown_source"
+
+
+class SkipExample(Exception):  # noqa: N818 -- a signal, not an error: the record is skipped and counted.
+  """A record that cannot become an example; ``reason`` is one of the constants above."""
+
+  def __init__(self, reason: str, detail: str):
+    super().__init__(f"{reason}: {detail}")
+    self.reason = reason
+    self.detail = detail
+
+  def __reduce__(self):  # Picklable across worker processes (the default would pass only the message).
+    return SkipExample, (self.reason, self.detail)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _maybe_json(value: Any) -> Any:
+  if isinstance(value, str) and value[:1] in ("[", "{"):
+    try:
+      return json.loads(value)
+    except json.JSONDecodeError:
+      return value
+  return value
+
+
+def _drop_nulls(value: Any) -> Any:
+  """Parquet structs fill absent keys with None (e.g. ``obj_ann_id`` of objects): drop them."""
+  if isinstance(value, dict):
+    return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+  if isinstance(value, list):
+    return [_drop_nulls(v) for v in value]
+  return value
+
+
+def _normalise_parquet_row(row: dict[str, Any]) -> dict[str, Any]:
+  row = {k: v for k, v in row.items() if v is not None}
+  for key in ("img_ids", "groundings"):
+    if key in row:
+      row[key] = _maybe_json(row[key])
+  groundings = row.get("groundings")
+  if isinstance(groundings, dict):
+    groundings = _drop_nulls(groundings)
+    for entries in groundings.values():
+      for entry in entries if isinstance(entries, list) else ():
+        if isinstance(entry, dict) and "segmentation" in entry:
+          entry["segmentation"] = _maybe_json(entry["segmentation"])
+    row["groundings"] = groundings
+  return row
+
+
+def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Reads M⁴Seg records from a JSON file (a list of records) or a parquet file (same fields).
+
+  Parquet columns may hold ``img_ids``/``groundings``/``segmentation`` as JSON strings or as nested
+  lists/structs; both are accepted.
+  """
+  path = Path(path)
+  if path.suffix == ".parquet":
+    import pyarrow.parquet as pq  # Imported lazily: only parquet inputs need it.
+    return [_normalise_parquet_row(row) for row in pq.read_table(path).to_pylist()]
+  with open(path) as f:
+    data = json.load(f)
+  if not isinstance(data, list):
+    raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+  return data
+
+
+# --------------------------------------------------------------------------------------------------
+# Segmentations
+
+
+def _rle_string_counts(counts: bytes) -> list[int]:
+  """Decodes COCO's compressed RLE string (the LEB128-like scheme of ``rleFrString``); ValueError if bad."""
+  out: list[int] = []
+  pos = 0
+  while pos < len(counts):
+    value, shift, more = 0, 0, True
+    while more:
+      if pos >= len(counts):
+        raise ValueError("compressed RLE counts end in the middle of a number")
+      c = counts[pos] - 48
+      if not 0 <= c < 64:
+        raise ValueError(f"compressed RLE counts hold an invalid character {chr(counts[pos])!r}")
+      value |= (c & 0x1F) << (5 * shift)
+      more = bool(c & 0x20)
+      pos += 1
+      shift += 1
+      if not more and c & 0x10:
+        value |= -1 << (5 * shift)
+    if len(out) > 2:
+      value += out[-2]
+    out.append(value)
+  return out
+
+
+def _is_number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def segmentation_problem(seg: Any, height: int | None = None, width: int | None = None) -> str | None:
+  """Returns why ``seg`` is not a valid COCO polygon list / RLE (of size height x width), or None."""
+  if isinstance(seg, list):
+    if not seg:
+      return "empty polygon list"
+    for i, poly in enumerate(seg):
+      if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+        return f"polygon {i} is not a list of finite numbers"
+      if len(poly) < 6 or len(poly) % 2:
+        return f"polygon {i} has {len(poly)} coordinates (need an even number >= 6)"
+    return None
+  if not isinstance(seg, dict):
+    return f"expected a polygon list or an RLE dict, got {type(seg).__name__}"
+  if "counts" not in seg or "size" not in seg:
+    return f"RLE needs 'counts' and 'size', got keys {sorted(seg)}"
+  size = seg["size"]
+  if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(v) and v >= 0 for v in size)):
+    return f"RLE size {size!r} is not [height, width]"
+  h, w = int(size[0]), int(size[1])
+  if height is not None and (h, w) != (height, width):
+    return f"RLE size {[h, w]} differs from the image size {[height, width]}"
+  counts = seg["counts"]
+  if isinstance(counts, list):
+    if not all(_is_int(c) and c >= 0 for c in counts):
+      return "uncompressed RLE counts must be non-negative integers"
+  elif isinstance(counts, (str, bytes)):
+    try:
+      counts = _rle_string_counts(counts.encode() if isinstance(counts, str) else counts)
+    except ValueError as e:
+      return str(e)
+    if any(c < 0 for c in counts):
+      return "compressed RLE decodes to a negative run length"
+  else:
+    return f"RLE counts must be a list, str or bytes, got {type(counts).__name__}"
+  if sum(counts) != h * w:
+    return f"RLE runs cover {sum(counts)} pixels, size {[h, w]} has {h * w}"
+  return None
+
+
+def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
+  """Decodes a COCO polygon list, uncompressed RLE or compressed RLE to a bool [height, width] mask.
+
+  Raises:
+    ValueError: ``seg`` is malformed (bad polygon, RLE of another size, runs not covering the image).
+  """
+  problem = segmentation_problem(seg, height, width)
+  if problem is not None:
+    raise ValueError(f"malformed segmentation: {problem}")
+  if isinstance(seg, list):
+    rle = mask_utils.merge(mask_utils.frPyObjects([[float(v) for v in p] for p in seg], height, width))
+  elif isinstance(seg["counts"], list):
+    rle = mask_utils.frPyObjects({"counts": [int(c) for c in seg["counts"]], "size": [height, width]},
+                                 height, width)
+  else:
+    counts = seg["counts"]
+    rle = {"counts": counts.encode() if isinstance(counts, str) else counts, "size": [height, width]}
+  return mask_utils.decode(rle).astype(bool)
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+  """bool [height, width] -> COCO compressed RLE counts (bytes)."""
+  return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"]
+
+
+def decode_mask(counts: bytes, height: int, width: int) -> np.ndarray:
+  """COCO compressed RLE counts -> bool [height, width]."""
+  return mask_utils.decode({"counts": counts, "size": [height, width]}).astype(bool)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _problems(record: Any, max_images: int) -> list[tuple[str, str, str]]:
+  """(reason, field, message) for every structural problem of ``record`` (no files are read)."""
+  out: list[tuple[str, str, str]] = []
+  if not isinstance(record, dict):
+    return [(INVALID_RECORD, "", f"expected an object, got {type(record).__name__}")]
+  for field in REQUIRED_FIELDS:
+    if field not in record:
+      out.append((INVALID_RECORD, field, "missing"))
+  for field in ("dataset_name", "q", "a"):
+    if field in record and not isinstance(record[field], str):
+      out.append((INVALID_RECORD, field, f"expected a string, got {type(record[field]).__name__}"))
+  if "category" in record and not isinstance(record["category"], str):
+    out.append((INVALID_RECORD, "category", f"expected a string, got {type(record['category']).__name__}"))
+  ids = record.get("img_ids")
+  n = 0
+  if "img_ids" in record:
+    if not isinstance(ids, list) or not ids:
+      out.append((INVALID_RECORD, "img_ids", "expected a non-empty list of image ids"))
+    elif not all(_is_int(i) or isinstance(i, str) for i in ids):
+      out.append((INVALID_RECORD, "img_ids", "image ids must be integers or strings"))
+    else:
+      n = len(ids)
+      if n > max_images:
+        out.append((TOO_MANY_IMAGES, "img_ids", f"{n} images, more than max_images={max_images}"))
+  groundings = record.get("groundings")
+  if "groundings" in record:
+    if not isinstance(groundings, dict):
+      out.append((INVALID_RECORD, "groundings", f"expected an object, got {type(groundings).__name__}"))
+      groundings = None
+    else:
+      for key, entries in groundings.items():
+        where = f"groundings.{key}"
+        m = re.fullmatch(r"img_(\d+)", str(key))
+        if m is None or (n and not 1 <= int(m.group(1)) <= n):
+          out.append((INVALID_RECORD, where, f"key must be img_1 .. img_{n or 'N'}"))
+        if not isinstance(entries, list):
+          out.append((INVALID_RECORD, where, "expected a list of groundings"))
+          continue
+        for j, entry in enumerate(entries):
+          field = f"{where}[{j}]"
+          if not isinstance(entry, dict):
+            out.append((INVALID_RECORD, field, "expected an object"))
+            continue
+          if not isinstance(entry.get("name"), str):
+            out.append((INVALID_RECORD, f"{field}.name", "missing or not a string"))
+          if "obj_ann_id" in entry and not (_is_int(entry["obj_ann_id"])
+                                            or str(entry["obj_ann_id"]).isdigit()):
+            out.append((INVALID_RECORD, f"{field}.obj_ann_id", "not an integer"))
+          if "segmentation" not in entry:
+            out.append((INVALID_RECORD, f"{field}.segmentation", "missing"))
+          else:
+            problem = segmentation_problem(entry["segmentation"])
+            if problem is not None:
+              out.append((MALFORMED_SEGMENTATION, f"{field}.segmentation", problem))
+  if isinstance(record.get("a"), str) and n and groundings is not None:
+    used = [0] * (n + 1)
+    seen: set[str] = set()
+    for match in TAG_PATTERN.finditer(record["a"]):
+      tag = match.group()
+      if tag in seen:
+        continue
+      seen.add(tag)
+      image = int(tag.rsplit("_", 1)[1][0])
+      if not 1 <= image <= n:
+        out.append((TAG_IMAGE_OUT_OF_RANGE, "a", f"tag {tag!r} names IMAGE{image} of {n}"))
+        continue
+      used[image] += 1
+      available = groundings.get(f"img_{image}")
+      if not isinstance(available, list) or used[image] > len(available):
+        out.append((TAG_WITHOUT_GROUNDING, "a",
+                    f"tag {tag!r} is mention {used[image]} in IMAGE{image}, "
+                    f"groundings.img_{image} has {len(available) if isinstance(available, list) else 0}"))
+  return out
+
+
+def validate_record(record: Any, index: int, *, max_images: int = DEFAULT_MAX_IMAGES) -> list[str]:
+  """Every structural problem of ``record`` as ``"record {index}: field '{field}': {message}"``.
+
+  Checks fields and types, the image count against ``max_images``, grounding entries and their
+  segmentation structure, and that every answer tag names an image of the record and has a grounding.
+  Images and annotation files are not read (``record_to_example`` does that).
+  """
+  return [f"record {index}: field {field!r}: {message}" if field else f"record {index}: {message}"
+          for _, field, message in _problems(record, max_images)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Answer conversion
+
+
+@dataclasses.dataclass
+class Mention:
+  """One ``[SEG]`` of a converted answer: its phrase, 0-based image and grounding segmentation."""
+  phrase: str
+  image: int
+  segmentation: Any
+
+
+def convert_question(question: str) -> str:
+  """Replaces every instance tag by its bare name, as the original loader does."""
+  return TAG_PATTERN.sub(lambda m: m.group(1) or m.group(2), question)
+
+
+def convert_answer(answer: str, groundings: Mapping[str, Sequence[Mapping[str, Any]]], num_images: int,
+                   object_name: Callable[[int], str | None] | None = None) -> tuple[str, list[Mention]]:
+  """Turns inline tags into ``<p> phrase </p> [SEG] (IMAGE{X})`` and collects one mention per ``[SEG]``.
+
+  Args:
+    answer: the record's ``a``.
+    groundings: the record's ``groundings``.
+    num_images: number of images of the record.
+    object_name: maps a part's ``obj_ann_id`` to its object's category name (None if unknown).
+
+  Returns:
+    The converted answer and the mentions in ``[SEG]`` order.
+
+  Raises:
+    SkipExample: a tag names an image outside 1..num_images, has no grounding left, or is a part whose
+      object name cannot be found.
+  """
+  tags = [(m.group(), m.group(1) or m.group(2), m.start(), m.end()) for m in TAG_PATTERN.finditer(answer)]
+  used = [0] * (num_images + 1)
+  grounding_of: dict[str, Mapping[str, Any]] = {}
+  for tag, _, _, _ in tags:  # First pass: assign groundings in order of first mention.
+    if tag in grounding_of:
+      continue
+    image = int(tag.rsplit("_", 1)[1][0])
+    if not 1 <= image <= num_images:
+      raise SkipExample(TAG_IMAGE_OUT_OF_RANGE, f"tag {tag!r} names IMAGE{image} of {num_images}")
+    entries = groundings.get(f"img_{image}") or []
+    if used[image] >= len(entries):
+      raise SkipExample(TAG_WITHOUT_GROUNDING, f"tag {tag!r} has no grounding left in groundings.img_{image} "
+                                               f"({len(entries)} entries)")
+    grounding_of[tag] = entries[used[image]]
+    used[image] += 1
+
+  def phrase_of(tag: str, name: str) -> str:
+    grounding = grounding_of[tag]
+    code = tag.rsplit("_", 1)[1]
+    if len(code) == 3:
+      return f"{grounding.get('name', name)}_{int(code[1:])}"
+    obj = None
+    if object_name is not None and "obj_ann_id" in grounding:
+      obj = object_name(int(grounding["obj_ann_id"]))
+    if obj is None:
+      obj = grounding.get("obj_name")
+    if obj is None:  # The object tag of the same image and instance, mentioned in this answer.
+      parent = next((t for t in grounding_of if t.rsplit("_", 1)[1] == code[:3]), None)
+      obj = grounding_of[parent].get("name") if parent is not None else None
+    if obj is None:
+      raise SkipExample(PART_OBJECT_UNKNOWN, f"part tag {tag!r}: no object name (obj_ann_id "
+                                             f"{grounding.get('obj_ann_id')!r} not in the annotation file, "
+                                             f"no obj_name, no object tag *_{code[:3]} in the answer)")
+    return f"{obj}_{int(code[1:3])}'s {grounding.get('name', name)}_{int(code[3:])}"
+
+  pieces, mentions, seen, last = [], [], set(), 0
+  for tag, name, start, end in tags:
+    image = int(tag.rsplit("_", 1)[1][0])
+    phrase = phrase_of(tag, name)
+    if tag in seen:
+      pieces.append(f"{answer[last:start]}<p> {phrase} </p> (IMAGE{image})")
+    else:
+      seen.add(tag)
+      pieces.append(f"{answer[last:start]}<p> {phrase} </p> [SEG] (IMAGE{image})")
+      mentions.append(Mention(phrase, image - 1, grounding_of[tag]["segmentation"]))
+    last = end
+  pieces.append(answer[last:])
+  return "".join(pieces), mentions
+
+
+# --------------------------------------------------------------------------------------------------
+# Image index and source layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+  file_name: str
+  height: int
+  width: int
+
+
+class ImageIndex:
+  """Image ids of a COCO-style annotation JSON -> file name and size, plus annotation -> object name.
+
+  Ids are matched as strings, so a record's ``"123"`` and an annotation file's ``123`` agree.
+  """
+
+  def __init__(self, images: Mapping[str, ImageInfo], object_names: Mapping[int, str] | None = None,
+               path: str = "<memory>"):
+    self.images = dict(images)
+    self.object_names = dict(object_names or {})
+    self.path = path
+
+  @classmethod
+  def from_file(cls, path: str | os.PathLike) -> ImageIndex:
+    """Reads ``images[]`` (id, file_name, height, width) and, if present, annotations + categories."""
+    path = Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"annotation file {path} does not exist")
+    with open(path) as f:
+      data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+      raise ValueError(f"{path}: expected a COCO-style object with an 'images' list")
+    images = {}
+    for i, img in enumerate(data["images"]):
+      try:
+        images[str(img["id"])] = ImageInfo(str(img["file_name"]), int(img["height"]), int(img["width"]))
+      except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: images[{i}] needs id, file_name, height, width ({e!r})") from e
+    categories = {c["id"]: c["name"] for c in data.get("categories", []) if "id" in c and "name" in c}
+    object_names = {int(a["id"]): categories[a["category_id"]] for a in data.get("annotations", [])
+                    if "id" in a and a.get("category_id") in categories}
+    return cls(images, object_names, str(path))
+
+  def __contains__(self, image_id: Any) -> bool:
+    return str(image_id) in self.images
+
+  def info(self, image_id: Any) -> ImageInfo:
+    """Raises SkipExample(unknown_image_id) for an id the annotation file does not list."""
+    try:
+      return self.images[str(image_id)]
+    except KeyError:
+      raise SkipExample(UNKNOWN_IMAGE_ID, f"image id {image_id!r} is not in {self.path}") from None
+
+  def resolve(self, image_id: Any, image_root: str | os.PathLike) -> Path:
+    return Path(image_root) / self.info(image_id).file_name
+
+  def object_name(self, ann_id: int) -> str | None:
+    return self.object_names.get(int(ann_id))
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceLayout:
+  """Where a source's annotation file and images live, relative to its root directory.
+
+  ``annotations`` and ``images`` are templates with ``{split}`` (after ``split_alias``) and
+  ``{image_split}`` (``image_split[split]``, default the split itself).
+  """
+  annotations: str
+  images: str
+  split_alias: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  image_split: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+  def paths(self, root: str | os.PathLike, split: str) -> tuple[Path, Path]:
+    """(annotation file, image directory) of ``split`` under ``root``; absolute templates stay as-is."""
+    names = {"split": self.split_alias.get(split, split), "image_split": self.image_split.get(split, split)}
+    root = Path(root)
+    return tuple(Path(os.path.normpath(root / t.format(**names))) for t in (self.annotations, self.images))
+
+
+# Roots are the source folders of the original layout: Part_Segm/paco_lvis (COCO images in
+# ../../coco_2017), Part_Segm/ADE20KPart234, Part_Segm/PASCAL-Part, and DIR/synthetic for the
+# synthetic benchmark.
+SOURCES: dict[str, SourceLayout] = {
+    "paco_lvis": SourceLayout("annotations/paco_lvis_v1_{split}.json", "../../coco_2017"),
+    "ade20k_part234": SourceLayout(
+        "ade20k_instance_{split}_mixed_parts.json", "images/{image_split}", split_alias={"test": "val"},
+        image_split={"train": "training", "val": "validation", "test": "validation"}),
+    "pascal_part": SourceLayout("{split}.json", "VOCdevkit/VOC2010/JPEGImages"),
+    "synthetic": SourceLayout("annotations/synthetic_{split}.json", "images"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Record -> example
+
+
+def read_image(path: Path, info: ImageInfo) -> tuple[np.ndarray, bytes]:
+  """Reads and decodes an image file -> (uint8 [height, width, 3] RGB, the file's bytes).
+
+  Raises:
+    SkipExample: missing_image, corrupt_image, or image_size_mismatch (size differs from the
+      annotation file's, so masks would not align).
+  """
+  try:
+    data = path.read_bytes()
+  except OSError as e:
+    raise SkipExample(MISSING_IMAGE, f"{path}: {e.strerror or e}") from None
+  array = decode_image(data, str(path))
+  if array.shape[:2] != (info.height, info.width):
+    raise SkipExample(IMAGE_SIZE_MISMATCH, f"{path} is {array.shape[1]}x{array.shape[0]}, the annotation "
+                                           f"file says {info.width}x{info.height}")
+  return array, data
+
+
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+  """Encoded image bytes -> uint8 [height, width, 3] RGB; SkipExample(corrupt_image) if undecodable."""
+  try:
+    with Image.open(io.BytesIO(data)) as img:
+      img.load()
+      return np.asarray(img.convert("RGB"), dtype=np.uint8)
+  except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...).
+    raise SkipExample(CORRUPT_IMAGE, f"{name}: {type(e).__name__}: {e}") from None
+
+
+def convert_record(record: Any, index: int, *, image_index: ImageIndex, image_root: str | os.PathLike,
+                   max_images: int = DEFAULT_MAX_IMAGES,
+                   split: str = "") -> tuple[GroundedExample, list[bytes]]:
+  """``record_to_example`` that also returns each image file's original bytes (for the builder)."""
+  problems = _problems(record, max_images)
+  if problems:
+    reason, field, message = problems[0]
+    raise SkipExample(reason, f"field {field!r}: {message}" if field else message)
+  source = record["dataset_name"]
+  ids = record["img_ids"]
+  infos = [image_index.info(i) for i in ids]
+  images, encoded = [], []
+  for image_id, info in zip(ids, infos):
+    array, data = read_image(image_index.resolve(image_id, image_root), info)
+    images.append(array)
+    encoded.append(data)
+  answer, mentions = convert_answer(record["a"], record["groundings"], len(ids), image_index.object_name)
+  masks = []
+  for i, mention in enumerate(mentions):
+    info = infos[mention.image]
+    try:
+      masks.append(decode_segmentation(mention.segmentation, info.height, info.width))
+    except ValueError as e:
+      raise SkipExample(MALFORMED_SEGMENTATION, f"[SEG] {i} ({mention.phrase!r}, "
+                                                f"IMAGE{mention.image + 1}): {e}") from None
+  example = GroundedExample(
+      example_id="/".join(p for p in (source, split, str(index)) if p),
+      source=source,
+      category=record.get("category", ""),
+      images=images,
+      image_ids=[str(i) for i in ids],
+      question=convert_question(record["q"]),
+      answer=answer,
+      phrases=[m.phrase for m in mentions],
+      mask_image=[m.image for m in mentions],
+      masks=masks)
+  example.check()
+  return example, encoded
+
+
+def record_to_example(record: Any, index: int, *, image_index: ImageIndex, image_root: str | os.PathLike,
+                      max_images: int = DEFAULT_MAX_IMAGES, split: str = "") -> GroundedExample:
+  """Decodes one record into a ``GroundedExample`` (images uint8 [H_k, W_k, 3], masks bool [H_k, W_k]).
+
+  Args:
+    record: one M⁴Seg record.
+    index: its position in its split (used in the example id ``source/split/index`` and messages).
+    image_index: the annotation index of the record's source and split.
+    image_root: the directory that the annotation file's ``file_name`` entries are relative to.
+    max_images: records with more images are skipped.
+    split: the split name, part of the example id.
+
+  Raises:
+    SkipExample: with reason invalid_record, too_many_images, malformed_segmentation,
+      tag_without_grounding, tag_image_out_of_range, unknown_image_id, missing_image, corrupt_image,
+      image_size_mismatch or part_object_unknown.
+  """
+  return convert_record(record, index, image_index=image_index, image_root=image_root,
+                        max_images=max_images, split=split)[0]
