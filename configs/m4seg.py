@@ -1,17 +1,41 @@
-"""PRIMA on M⁴Seg: the full-size model (SPEC §1).
+"""PRIMA on M⁴Seg as SPEC §3 trains it: the full-size model (SPEC §1).
 
-``--config=configs/m4seg.py`` gives the published sizes; ``--config=configs/m4seg.py:tiny`` the
-same schema at test size. Fields are overridable from flags (``--config.model.lora.rank=16``).
+  python -m prima_jax.train --config=configs/m4seg.py --workdir=gs://bucket/run \\
+      --config.data.data_dir=DATA --config.data.llm_tokenizer=.../tokenizer.model \\
+      --config.data.bert_vocab=.../vocab.txt
+
+Frozen: EVA ViT-g, the Q-Former, the LLM base weights and SAM's image encoder (stored in bfloat16).
+Trainable (float32 master weights, bfloat16 compute): SQuARE, the Q-Former -> LLM projection, the LoRA
+adapters, the [SEG] head and SAM's mask decoder. AdamW 3e-4, β 0.9/0.95, no weight
+decay, 100 warmup steps then linear decay, gradient clipping 1.0, gradient checkpointing, gradient
+accumulation. ``:tiny`` gives the same recipe at test size. Fields are overridable from flags
+(``--config.model.lora.rank=16``).
 """
 
 import ml_collections
 
 from prima_jax.models.configs import full_config, tiny_config
+from prima_jax.training.defaults import TRAINABLE_PRIMA, base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in (None, "", "full", "tiny"):
     raise ValueError(f"configs/m4seg.py: unknown variant {arg!r}; use 'full' or 'tiny'")
-  config = ml_collections.ConfigDict()
-  config.model = tiny_config() if arg == "tiny" else full_config()
-  return config
+  model = tiny_config() if arg == "tiny" else full_config()
+  model.update(dtype="bfloat16", param_dtype="float32", remat=True)
+  c = base_config(model)
+  c.data.update(kind="tfds", tokenizer="files", max_length=512, max_question_length=32, worker_count=8,
+                read_threads=4)
+  c.mesh.update(data=-1, fsdp=1, tensor=1)
+  c.optimizer.update(learning_rate=3e-4, b1=0.9, b2=0.95, weight_decay=0.0, warmup_steps=100,
+                     schedule="linear", end_factor=0.0, grad_clip_norm=1.0)
+  c.train.update(batch_size=80, grad_accum_steps=10, num_steps=5000, trainable=TRAINABLE_PRIMA,
+                 frozen_dtype="bfloat16", log_every=10)
+  c.eval.update(every=500, batch_size=16, num_batches=0)
+  c.checkpoint.update(every=250, keep=3)
+  if arg == "tiny":
+    c.data.update(worker_count=0, read_threads=2)
+    c.train.update(batch_size=8, grad_accum_steps=2, num_steps=20)
+    c.eval.update(every=10, batch_size=8)
+    c.checkpoint.update(every=10)
+  return c.lock()

@@ -1,0 +1,112 @@
+"""Lower and compile the train step of a config on abstract inputs (no weights in memory) and print the
+compiled per-device memory: ``python -m prima_jax.training.aot --config=configs/m4seg.py --mesh=1,8,1``.
+
+With ``--fake_devices=N`` the CPU pretends to have N devices (set before JAX starts), so the full-size
+model's footprint on an N-device (data, fsdp, tensor) mesh can be read on any machine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _early_fake_devices(argv: list[str]) -> None:
+  for arg in argv:
+    if arg.startswith("--fake_devices="):
+      n = int(arg.split("=", 1)[1])
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                 + f" --xla_force_host_platform_device_count={n}").strip()
+      os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+_early_fake_devices(sys.argv)
+
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from prima_jax.models.prima import Prima  # noqa: E402
+from prima_jax.training import steps  # noqa: E402
+from prima_jax.training.optimizer import make_optimizer  # noqa: E402
+from prima_jax.training.partition import ModelParts, pure_shardings, replicated  # noqa: E402
+from prima_jax.training.validate import build_mesh, check_batch  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+_MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor (overrides config.mesh)")
+flags.DEFINE_integer("fake_devices", 0, "Pretend the CPU has this many devices.")
+
+
+def abstract_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  m = config.model
+  n, s, v, mm = m.prima.max_images, m.sam.image_size, m.vision.image_size, m.prima.max_masks
+  length, t = config.data.max_length, config.data.max_question_length
+  f32, i32 = jnp.float32, jnp.int32
+  shapes = dict(eva_images=((n, v, v, 3), f32), sam_images=((n, s, s, 3), f32), image_valid=((n,), bool),
+                sam_sizes=((n, 2), i32), input_ids=((length,), i32), attention_mask=((length,), bool),
+                labels=((length,), i32), qformer_input_ids=((t,), i32), qformer_attention_mask=((t,), bool),
+                seg_positions=((mm,), i32), seg_image_index=((mm,), i32), seg_valid=((mm,), bool),
+                gt_masks=((mm, s, s), f32))
+  return {k: jax.ShapeDtypeStruct((batch_size, *shape), dtype) for k, (shape, dtype) in shapes.items()}
+
+
+def compile_train_step(config, mesh):
+  """The compiled train step on abstract state and batch; returns (compiled, seconds)."""
+  t = config.train
+  abstract = nnx.eval_shape(lambda: Prima(config.model, rngs=nnx.Rngs(0)))
+  parts = ModelParts.split(abstract, t.trainable)
+  param_sh, frozen_sh = pure_shardings(parts.trainable, mesh), pure_shardings(parts.frozen, mesh)
+  frozen_dtype = jnp.dtype(t.frozen_dtype) if t.frozen_dtype else None
+
+  def sds(x, s, dtype=None):
+    dtype = dtype if (dtype is not None and jnp.issubdtype(x.dtype, jnp.floating)) else x.dtype
+    return jax.ShapeDtypeStruct(x.shape, dtype, sharding=s)
+
+  params = jax.tree.map(sds, parts.trainable.to_pure_dict(), param_sh)
+  frozen = jax.tree.map(lambda x, s: sds(x, s, frozen_dtype), parts.frozen.to_pure_dict(), frozen_sh)
+  rep = replicated(mesh)
+  parts.rest = jax.tree.map(lambda x: x, parts.rest)
+  tx, schedule = make_optimizer(config.optimizer, t.num_steps)
+  opt_abstract = jax.eval_shape(tx.init, params)
+  opt_sh = steps.opt_state_shardings(tx, opt_abstract, param_sh, mesh)
+  state = dict(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=params,
+               opt_state=jax.tree.map(sds, opt_abstract, opt_sh),
+               rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
+  batch = abstract_batch(config, t.batch_size)
+  batch_sh = steps.batch_shardings(mesh, batch)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch.items()}
+  fn = steps.jit_train_step(steps.make_train_step(parts, tx, schedule, config.model.loss,
+                                                  grad_accum_steps=t.grad_accum_steps, mesh=mesh),
+                            steps.state_shardings(param_sh, opt_sh, mesh), frozen_sh, batch_sh, mesh)
+  start = time.time()
+  compiled = fn.lower(state, frozen, batch).compile()
+  return compiled, time.time() - start
+
+
+def main(argv) -> None:
+  del argv
+  config = _CONFIG.value
+  if _MESH.value:
+    data, fsdp, tensor = (int(x) for x in _MESH.value.split(","))
+    config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+  mesh = build_mesh(config)
+  check_batch(config, mesh)
+  compiled, seconds = compile_train_step(config, mesh)
+  m = compiled.memory_analysis()
+  gib = lambda b: b / 2 ** 30  # noqa: E731
+  peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+  print(f"mesh {dict(mesh.shape)} on {jax.device_count()} x {jax.devices()[0].device_kind}; global batch "
+        f"{config.train.batch_size} in {config.train.grad_accum_steps} micro-batches; "
+        f"compiled in {seconds:.0f} s")
+  print(f"per device: arguments {gib(m.argument_size_in_bytes):.2f} GiB, "
+        f"outputs {gib(m.output_size_in_bytes):.2f} GiB (aliased {gib(m.alias_size_in_bytes):.2f}), "
+        f"temporaries {gib(m.temp_size_in_bytes):.2f} GiB, peak estimate {gib(peak):.2f} GiB")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

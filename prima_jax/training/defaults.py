@@ -1,0 +1,87 @@
+"""Every field ``prima_jax.train`` reads, with defaults: the shared base of ``configs/*.py``.
+
+A training config is a locked ``ml_collections.ConfigDict``: ``model`` (the model schema of
+``prima_jax.models.configs``), ``data``, ``mesh``, ``optimizer``, ``train``, ``eval``, ``checkpoint``,
+``logging``. ``--config.x=y`` can only set fields that exist (a typo is an error), and
+:func:`prima_jax.training.validate.check_config` rejects a config that adds keys the base lacks.
+"""
+import ml_collections
+
+# Parameter path patterns (substrings of "/"-joined paths; see prima_jax.training.partition).
+TRAINABLE_ALL = ("",)
+# SPEC §3: frozen EVA, Q-Former, LLM base and SAM image encoder; trainable SQuARE, the Q-Former -> LLM
+# projection, LoRA adapters, the [SEG] head and the SAM mask decoder.
+TRAINABLE_PRIMA = ("square/", "language_projection/", "/lora_a", "/lora_b", "seg_head/",
+                   "sam/mask_decoder/")
+
+
+def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """All training fields with defaults, around ``model``; returns an unlocked config."""
+  c = ml_collections.ConfigDict()
+  c.model = model
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict(dict(
+      # "tfds": an M⁴Seg TFDS ArrayRecord directory (prima_jax.data.build); "synthetic": the synthetic
+      # benchmark, generated into data_dir (default WORKDIR/data) when absent.
+      kind="tfds",
+      data_dir="",
+      train_split="train",
+      eval_split="val",
+      # Tokenisers: "synthetic" (built into data_dir/tokenizers for the synthetic benchmark) or paths.
+      tokenizer="synthetic",
+      llm_tokenizer="",          # LLaMA tokenizer.model / tokenizer.json
+      bert_vocab="",             # BERT vocab.txt (Q-Former)
+      max_length=512,            # LLM tokens (after image-slot expansion)
+      max_question_length=32,    # Q-Former tokens
+      worker_count=0,            # Grain worker processes (0: threads in the training process)
+      read_threads=2,
+      # synthetic benchmark sizes (kind="synthetic")
+      synthetic_sizes=ml_collections.ConfigDict(dict(train=2400, val=300, test=0)),
+      synthetic_image_size=96,
+      synthetic_seed=0,
+  ))
+
+  # (data, fsdp, tensor); one size may be -1 = the remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
+      warmup_steps=100,
+      schedule="linear",         # after warmup: "linear" decay to end_factor * lr | "cosine" | "constant"
+      end_factor=0.0,
+      grad_clip_norm=1.0,        # 0 disables clipping
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=16,             # global batch (all hosts), examples per optimizer step
+      grad_accum_steps=1,        # micro-batches per step (batch_size / grad_accum_steps each)
+      num_steps=1000,
+      # Parameters whose "/"-joined path contains one of these substrings are trained; the others are
+      # frozen (no gradient, no optimizer state). ("",) = everything.
+      trainable=TRAINABLE_ALL,
+      frozen_dtype="",           # storage dtype of frozen parameters ("" = model.param_dtype), e.g. bfloat16
+      log_every=10,
+      stop_on_nonfinite=True,
+  ))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      every=200,                 # steps; 0 disables periodic evaluation
+      at_start=True,             # evaluate the starting point (step 0) of a fresh run
+      batch_size=16,             # global
+      num_batches=0,             # 0: the whole eval split (one pass)
+      prediction_examples=2,     # examples of the first eval batch drawn to WORKDIR/predictions/step_N
+  ))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every=500,                 # steps between saves (the last step is always saved)
+      keep=3,                    # keep the last K
+      async_save=True,
+      resume=True,               # restore from the latest checkpoint in WORKDIR/checkpoints
+  ))
+
+  c.logging = ml_collections.ConfigDict(dict(
+      tensorboard=True,          # event files in WORKDIR/tensorboard (written without TensorFlow)
+      console=True,
+  ))
+  return c

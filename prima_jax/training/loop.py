@@ -1,0 +1,314 @@
+"""The training loop behind ``python -m prima_jax.train``: validate, prepare data, build the sharded
+state, resume, train with periodic eval and checkpoints, stop cleanly on SIGTERM or a non-finite loss."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prima_jax.data.pipeline import drop_counter, to_global_batch
+from prima_jax.models.configs import full_config
+from prima_jax.models.prima import Prima
+from prima_jax.training import checkpoint as ckpt_lib
+from prima_jax.training import data as data_lib
+from prima_jax.training import defaults, steps
+from prima_jax.training.metrics import MetricWriter, peak_flops, progress_line
+from prima_jax.training.optimizer import make_optimizer
+from prima_jax.training.partition import (
+  ModelParts,
+  cast_state,
+  count,
+  pure_shardings,
+  replicated,
+  unmatched_patterns,
+)
+from prima_jax.training.validate import ConfigError, build_mesh, check_batch, check_keys, check_schedule
+from prima_jax.training.visualize import write_predictions
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+  """Training produced a NaN/inf loss or gradient norm; the last good checkpoint is kept."""
+
+
+def schema():
+  """The reference config every training config must be a subset of (keys only)."""
+  return defaults.base_config(full_config())
+
+
+class _StopFlag:
+  """Set by SIGTERM (and SIGINT when asked): the loop finishes the step, checkpoints and returns."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def install(self, signals=(signal.SIGTERM,)):
+    for sig in signals:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+
+  def _handle(self, signum, frame):
+    del frame
+    log.warning("received signal %d: finishing the current step, checkpointing, exiting", signum)
+    self.requested = True
+
+  def uninstall(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _host(tree) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def _memory_report(compiled) -> dict[str, float]:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 -- not every backend implements it
+    return {}
+  if m is None:
+    return {}
+  names = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+           "generated_code_size_in_bytes")
+  out = {n.replace("_size_in_bytes", "_gib"): getattr(m, n, 0) / 2 ** 30 for n in names}
+  out["peak_estimate_gib"] = out["argument_gib"] + out["output_gib"] - out["alias_gib"] + out["temp_gib"]
+  return out
+
+
+def _flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001
+    return None
+  if isinstance(cost, list):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def evaluate(eval_fn, params, frozen, eval_ds, num_batches: int, mesh) -> tuple[dict[str, float], dict]:
+  """Metrics over ``num_batches`` of ``eval_ds``, and the first (host-local) batch."""
+  totals: dict[str, float] = {}
+  it = iter(eval_ds)
+  first = None
+  for _ in range(num_batches):
+    batch = next(it)
+    first = batch if first is None else first
+    sums = _host(eval_fn(params, frozen, to_global_batch(batch, mesh)))
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + v
+  return steps.summarize_eval(totals), first
+
+
+def _eval_line(step: int, m: dict[str, float]) -> str:
+  return (f"eval @ step {step}: loss {m['loss']:.4f} "
+          f"(ce {m['ce']:.3f} bce {m['bce']:.3f} dice {m['dice']:.3f})"
+          f" | mIoU {m['miou']:.3f} cIoU {m['ciou']:.3f} | token acc {m['token_accuracy']:.3f}"
+          f" | [SEG] acc {m['seg_token_accuracy']:.3f} | {int(m['masks'])} masks")
+
+
+def train_and_evaluate(config, workdir: str, *,
+                       on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+  """Trains as ``config`` says, writing logs and checkpoints under ``workdir``.
+
+  Returns a summary: ``start_step``, ``final_step``, ``evals`` [(step, metrics)], ``steps_per_s``,
+  ``wall_s``, ``stopped`` (True when a signal ended the run early), ``memory`` (compiled per-device).
+  Raises ConfigError / IncompatibleCheckpoint before compiling, NonFiniteLoss on a NaN/inf loss.
+  """
+  t_start = time.time()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+
+  # --- validation before anything heavy -------------------------------------------------------
+  check_keys(config, schema())
+  check_schedule(config)
+  mesh = build_mesh(config)
+  check_batch(config, mesh)
+  t = config.train
+
+  # --- data, tokenisers, and the model config they fix ------------------------------------------
+  ddir = data_lib.data_dir(config, workdir)
+  if config.data.kind == "synthetic":
+    data_lib.prepare_synthetic(config, ddir)
+  elif config.data.kind != "tfds":
+    raise ConfigError(f"data.kind must be 'tfds' or 'synthetic', got {config.data.kind!r}")
+  tokenizers = data_lib.load_tokenizers(config, ddir)
+  bert_size = tokenizers[1].vocab_size
+  if config.model.qformer.vocab_size != bert_size:
+    if config.data.tokenizer != "synthetic":
+      raise ConfigError(f"model.qformer.vocab_size={config.model.qformer.vocab_size} but the BERT tokenizer "
+                        f"{config.data.bert_vocab} has {bert_size} ids")
+    if is_main:
+      print(f"model.qformer.vocab_size := {bert_size} (the synthetic BERT tokenizer's size)", flush=True)
+    config.model.qformer.vocab_size = bert_size
+  if tokenizers[0].vocab_size > config.model.llm.vocab_size:
+    raise ConfigError(f"the LLM tokenizer has {tokenizers[0].vocab_size} ids, model.llm.vocab_size is "
+                      f"{config.model.llm.vocab_size}")
+  model_cfg = config.model
+  if config.checkpoint.resume:
+    ckpt_lib.check_compatible(workdir, config)
+  ckpt_lib.write_config_record(workdir, config)
+
+  # --- abstract model -> shardings -> sharded initialisation ------------------------------------
+  def create() -> Prima:
+    return Prima(model_cfg, rngs=nnx.Rngs(config.seed))
+
+  abstract = nnx.eval_shape(create)
+  unmatched = unmatched_patterns(abstract, t.trainable)
+  if unmatched:
+    raise ConfigError(f"train.trainable patterns {unmatched} match no parameter")
+  parts = ModelParts.split(abstract, t.trainable)
+  param_sh = pure_shardings(parts.trainable, mesh)
+  frozen_sh = pure_shardings(parts.frozen, mesh)
+  rep = replicated(mesh)
+
+  def init():
+    p = ModelParts.split(create(), t.trainable)
+    cast_state(p.frozen, t.frozen_dtype)
+    return p.trainable.to_pure_dict(), p.frozen.to_pure_dict(), p.rest
+
+  with jax.set_mesh(mesh):
+    params, frozen, rest = jax.jit(init, out_shardings=(param_sh, frozen_sh, rep))()
+  parts.rest = rest
+  n_train, n_frozen = count(params), count(frozen)
+  tx, schedule = make_optimizer(config.optimizer, t.num_steps)
+  opt_sh = steps.opt_state_shardings(tx, jax.eval_shape(tx.init, params), param_sh, mesh)
+  state_sh = steps.state_shardings(param_sh, opt_sh, mesh)
+  opt_state = jax.jit(tx.init, in_shardings=(param_sh,), out_shardings=opt_sh)(params)
+  rng = jax.random.key_data(jax.random.key(config.seed))
+  state = dict(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state,
+               rng=jax.device_put(rng, rep))
+
+  writer = MetricWriter(workdir, tensorboard=config.logging.tensorboard, console=config.logging.console,
+                        is_main=is_main)
+  writer.print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} over {jax.process_count()} "
+               f"process(es); mesh {dict(mesh.shape)}; params: {n_train:,} trainable, {n_frozen:,} frozen")
+
+  # --- data iterators and resume ---------------------------------------------------------------
+  train_iter = iter(data_lib.train_dataset(config, model_cfg, tokenizers, ddir))
+  eval_ds, n_eval = data_lib.eval_dataset(config, model_cfg, tokenizers, ddir)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+  start_step = 0
+  latest = checkpointer.latest_step() if config.checkpoint.resume else None
+  if latest is not None:
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+    del state
+    state, meta = checkpointer.restore(latest, target, train_iter)
+    start_step = int(jax.device_get(state["step"]))
+    writer.print(f"resumed from {checkpointer.directory}/{latest} "
+                 f"(step {start_step}; saved {meta.get('time', '?')})")
+
+  # --- compile ---------------------------------------------------------------------------------
+  first = to_global_batch(next(train_iter), mesh) if start_step < t.num_steps else None
+  summary: dict[str, Any] = dict(start_step=start_step, final_step=start_step, evals=[], stopped=False,
+                                 params_trainable=n_train, params_frozen=n_frozen, memory={})
+  eval_sh = steps.batch_shardings(mesh, first if first is not None else next(iter(eval_ds)))
+  eval_fn = steps.jit_eval_step(steps.make_eval_step(parts, model_cfg.loss, model_cfg.prima.seg_token_id),
+                                param_sh, frozen_sh, eval_sh, mesh)
+  predict_fn = jax.jit(steps.make_predict_step(parts), in_shardings=(param_sh, frozen_sh, eval_sh),
+                       out_shardings=rep)
+  stop = _StopFlag()
+  stop.install()
+  try:
+    if first is not None:
+      batch_sh = steps.batch_shardings(mesh, first)
+      train_fn = steps.jit_train_step(
+          steps.make_train_step(parts, tx, schedule, model_cfg.loss, grad_accum_steps=t.grad_accum_steps,
+                                mesh=mesh), state_sh, frozen_sh, batch_sh, mesh)
+      tc = time.time()
+      compiled = train_fn.lower(state, frozen, first).compile()
+      summary["memory"] = _memory_report(compiled)
+      flops = _flops(compiled)
+      if flops is not None:
+        flops *= t.grad_accum_steps  # cost analysis counts a scan body once
+      peak = peak_flops(jax.devices()[0].device_kind)
+      writer.print(f"compiled the train step in {time.time() - tc:.1f} s; per device: "
+                   + ", ".join(f"{k} {v:.3f} GiB" for k, v in summary["memory"].items())
+                   + (f"; {flops / 1e9:.1f} GFLOP/step" if flops else ""))
+
+    def run_eval(step: int) -> None:
+      m, first_eval = evaluate(eval_fn, state["params"], frozen, eval_ds, n_eval, mesh)
+      summary["evals"].append((step, m))
+      writer.write(step, "eval", m)
+      writer.print(_eval_line(step, m))
+      if config.eval.prediction_examples:
+        logits = np.asarray(jax.device_get(predict_fn(state["params"], frozen,
+                                                      to_global_batch(first_eval, mesh))))
+        if is_main:
+          write_predictions(os.path.join(workdir, "predictions", f"step_{step}"), first_eval,
+                            logits[:len(first_eval["seg_valid"])], config.eval.prediction_examples)
+
+    if start_step == 0 and config.eval.at_start and config.eval.every:
+      run_eval(0)
+
+    last_saved = start_step
+    last_good = latest
+    step = start_step
+    batch = first
+    t_log, steps_since_log, t_loop = time.time(), 0, time.time()
+    while step < t.num_steps:
+      if batch is None:
+        batch = to_global_batch(next(train_iter), mesh)
+      state, metrics = compiled(state, frozen, batch)
+      batch = None
+      step += 1
+      steps_since_log += 1
+      if on_step is not None:
+        on_step(step)
+      is_last = step == t.num_steps
+      save = step % config.checkpoint.every == 0 or is_last or stop.requested
+      if step % t.log_every == 0 or save or step == start_step + 1:
+        m = _host(metrics)
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])) and t.stop_on_nonfinite:
+          checkpointer.wait()
+          raise NonFiniteLoss(
+              f"non-finite loss/gradient at step {step} (loss {m['loss']}, grad norm {m['grad_norm']}); "
+              f"stopped without saving it. Last good checkpoint: "
+              + (f"{checkpointer.directory}/{last_good}" if last_good is not None else "none"))
+        dt = (time.time() - t_log) / steps_since_log
+        t_log, steps_since_log = time.time(), 0
+        global_batch = t.batch_size
+        m.update(step_time=dt, examples_per_s=global_batch / dt, tokens_per_s=m.pop("tokens") / dt,
+                 dropped_examples=drop_counter(train_iter).total)
+        if flops:
+          m["tflops_per_device"] = flops / dt / 1e12
+          if peak:
+            m["mfu"] = flops / dt / peak
+        writer.write(step, "train", m)
+        writer.print(progress_line(step, t.num_steps, m, eta_s=dt * (t.num_steps - step)))
+      if save and step != last_saved:
+        checkpointer.save(step, state, train_iter, dict(step=step, time=time.strftime("%Y-%m-%d %H:%M:%S")))
+        last_saved = last_good = step
+      if config.eval.every and (step % config.eval.every == 0 or is_last):
+        run_eval(step)
+      if stop.requested:
+        summary["stopped"] = True
+        break
+    checkpointer.wait()
+    summary["final_step"] = step
+    elapsed = time.time() - t_loop
+    summary["steps_per_s"] = (step - start_step) / elapsed if elapsed > 0 and step > start_step else None
+    summary["drops"] = drop_counter(train_iter).counts
+  finally:
+    stop.uninstall()
+    checkpointer.close()
+    writer.close()
+  summary["wall_s"] = time.time() - t_start
+  summary["state"] = state
+  summary["frozen"] = frozen
+  return summary

@@ -1,0 +1,185 @@
+"""The jitted train and eval steps (explicit in/out shardings, donated train state).
+
+Train state (a pytree of arrays, checkpointed as a whole)::
+
+  {"step": int32 [], "params": trainable params (pure dict, float32 master copy),
+   "opt_state": optax state of the trainable params only, "rng": uint32 [2] raw key data}
+
+Frozen parameters are a separate, non-donated argument: no gradient is taken with respect to them
+and they have no optimizer state. Dropout keys are re-derived from ``fold_in(rng, step)`` each step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from prima_jax.models.batch import IGNORE_LABEL
+from prima_jax.models.losses import frame_region, prima_loss
+from prima_jax.sharding import activation_sharding
+from prima_jax.training.partition import ModelParts, replicated
+
+PyTree = Any
+BATCH_AXES = ("data", "fsdp")
+LOSS_PARTS = ("loss", "ce", "bce", "dice")
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Dim 0 over (data, fsdp), the rest replicated (as ``pipeline.to_global_batch`` lays it out)."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+  return {k: batch_sharding(mesh, len(v.shape)) for k, v in batch.items()}
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: PyTree, param_shardings: PyTree,
+                        mesh: Mesh) -> PyTree:
+  """Optimizer-state leaves that mirror parameters get their parameter's sharding; others are replicated."""
+  return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_shardings,
+                               transform_non_params=lambda _: replicated(mesh))
+
+
+def state_shardings(param_shardings: PyTree, opt_shardings: PyTree, mesh: Mesh) -> dict[str, Any]:
+  rep = replicated(mesh)
+  return {"step": rep, "params": param_shardings, "opt_state": opt_shardings, "rng": rep}
+
+
+def _split_micro(batch: Mapping[str, jax.Array], accum: int, mesh: Mesh) -> dict[str, jax.Array]:
+  """[B, ...] -> [accum, B / accum, ...]; micro-batch a takes rows a, a + accum, ... so every micro-batch
+  is spread over all data shards."""
+  def one(x):
+    x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+    spec = PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return {k: one(v) for k, v in batch.items()}
+
+
+def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    loss_cfg: Any, *, grad_accum_steps: int, mesh: Mesh) -> Callable:
+  """(state, frozen, batch) -> (state, metrics); not jitted (see :func:`jit_train_step`)."""
+
+  def micro_loss(params, frozen, batch, key):
+    model = parts.merge(params, frozen, parts.reseeded_rest(key), train=True)
+    loss, aux = prima_loss(model(batch), batch, loss_cfg)
+    aux = {k: aux[k].astype(jnp.float32) for k in aux}
+    aux["tokens"] = batch["attention_mask"].sum().astype(jnp.float32)
+    return loss, aux
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def train_step(state, frozen, batch):
+    step = state["step"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    params = state["params"]
+    if grad_accum_steps == 1:
+      (_, aux), grads = grad_fn(params, frozen, batch, key)
+    else:
+      micro = _split_micro(batch, grad_accum_steps, mesh)
+
+      def body(carry, xs):
+        grads_sum, aux_sum = carry
+        mb, i = xs
+        (_, aux), grads = grad_fn(params, frozen, mb, jax.random.fold_in(key, i))
+        return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, aux_sum, aux)), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      aux0 = {k: jnp.zeros((), jnp.float32) for k in (*LOSS_PARTS, "num_tokens", "num_masks", "tokens")}
+      (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), (micro, jnp.arange(grad_accum_steps)))
+      grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+      aux = {k: v / grad_accum_steps if k in LOSS_PARTS else v for k, v in aux.items()}
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    metrics = dict(aux, grad_norm=grad_norm, param_norm=optax.global_norm(params),
+                   lr=jnp.asarray(schedule(step), jnp.float32))
+    return dict(step=step + 1, params=params, opt_state=opt_state, rng=state["rng"]), metrics
+
+  return train_step
+
+
+def jit_train_step(train_step: Callable, state_sh: PyTree, frozen_sh: PyTree, batch_sh: PyTree, mesh: Mesh):
+  def traced(state, frozen, batch):
+    with activation_sharding(mesh):
+      return train_step(state, frozen, batch)
+  return jax.jit(traced, in_shardings=(state_sh, frozen_sh, batch_sh),
+                 out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
+
+
+def eval_metrics(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], loss_cfg: Any,
+                 seg_token_id: int) -> dict[str, jax.Array]:
+  """Sums over one batch (teacher forced): loss parts (batch means), mask IoU terms, token accuracy.
+
+  Mask IoU: prediction = mask logits > 0, both masks restricted to the valid region of the routed
+  image in the SAM frame; an empty union counts as IoU 1. Token accuracy: argmax of the logits at t-1
+  against the label at t over answer tokens (labels != -100); ``seg_*``: the same at [SEG] targets.
+  """
+  _, parts = prima_loss(outputs, batch, loss_cfg)
+  frame = outputs["mask_logits"].shape[-1]
+  sizes = jnp.take_along_axis(batch["sam_sizes"], batch["seg_image_index"][..., None], axis=1)
+  region = frame_region(sizes, frame)
+  pred = (outputs["mask_logits"] > 0) & region
+  gt = (batch["gt_masks"] > 0.5) & region
+  inter = (pred & gt).sum((-2, -1)).astype(jnp.float32)
+  union = (pred | gt).sum((-2, -1)).astype(jnp.float32)
+  valid = batch["seg_valid"].astype(jnp.float32)
+  iou = jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
+  targets = batch["labels"][:, 1:]
+  predicted = jnp.argmax(outputs["logits"][:, :-1], axis=-1)
+  is_target = targets != IGNORE_LABEL
+  correct = (predicted == targets) & is_target
+  is_seg = targets == seg_token_id
+  out = {k: parts[k].astype(jnp.float32) for k in LOSS_PARTS}
+  out.update(
+      batches=jnp.ones((), jnp.float32),
+      iou_sum=(iou * valid).sum(), masks=valid.sum(),
+      intersection=(inter * valid).sum(), union=(union * valid).sum(),
+      correct_tokens=correct.sum().astype(jnp.float32), target_tokens=is_target.sum().astype(jnp.float32),
+      seg_correct=(correct & is_seg).sum().astype(jnp.float32), seg_targets=is_seg.sum().astype(jnp.float32),
+  )
+  return out
+
+
+def make_eval_step(parts: ModelParts, loss_cfg: Any, seg_token_id: int) -> Callable:
+  """(params, frozen, batch) -> sums of :func:`eval_metrics`."""
+
+  def eval_step(params, frozen, batch):
+    model = parts.merge(params, frozen, train=False)
+    return eval_metrics(model(batch), batch, loss_cfg, seg_token_id)
+
+  return eval_step
+
+
+def jit_eval_step(eval_step: Callable, param_sh: PyTree, frozen_sh: PyTree, batch_sh: PyTree, mesh: Mesh):
+  def traced(params, frozen, batch):
+    with activation_sharding(mesh):
+      return eval_step(params, frozen, batch)
+  return jax.jit(traced, in_shardings=(param_sh, frozen_sh, batch_sh), out_shardings=replicated(mesh))
+
+
+def summarize_eval(totals: Mapping[str, float]) -> dict[str, float]:
+  """Accumulated :func:`eval_metrics` sums -> final metrics (means, mIoU, cIoU, accuracies)."""
+  n = max(totals.get("batches", 0.0), 1.0)
+  out = {k: totals[k] / n for k in LOSS_PARTS if k in totals}
+  out["miou"] = totals["iou_sum"] / max(totals["masks"], 1.0)
+  out["ciou"] = totals["intersection"] / max(totals["union"], 1.0)
+  out["token_accuracy"] = totals["correct_tokens"] / max(totals["target_tokens"], 1.0)
+  out["seg_token_accuracy"] = totals["seg_correct"] / max(totals["seg_targets"], 1.0)
+  out["masks"] = totals["masks"]
+  out["batches"] = totals.get("batches", 0.0)
+  return out
+
+
+def make_predict_step(parts: ModelParts) -> Callable:
+  """(params, frozen, batch) -> mask logits [b, m, S, S] (eval mode)."""
+
+  def predict_step(params, frozen, batch):
+    return parts.merge(params, frozen, train=False)(batch)["mask_logits"]
+
+  return predict_step

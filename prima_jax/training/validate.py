@@ -1,0 +1,84 @@
+"""Checks of a training config before anything is compiled; each failure is a :class:`ConfigError`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import ml_collections
+
+from prima_jax.sharding import MESH_AXES, make_mesh
+
+
+class ConfigError(ValueError):
+  """The training config cannot run as given."""
+
+
+def unknown_keys(config: Mapping, reference: Mapping, prefix: str = "") -> list[str]:
+  """Dotted keys of ``config`` that ``reference`` lacks (recursively through dict-like values)."""
+  out = []
+  for key in config:
+    name = f"{prefix}{key}"
+    if key not in reference:
+      out.append(name)
+    elif isinstance(config[key], (Mapping, ml_collections.ConfigDict)) and \
+        isinstance(reference[key], (Mapping, ml_collections.ConfigDict)):
+      out += unknown_keys(config[key], reference[key], name + ".")
+  return out
+
+
+def check_keys(config, reference) -> None:
+  extra = unknown_keys(config, reference)
+  if extra:
+    raise ConfigError(f"unknown config keys: {', '.join(extra)} (see prima_jax/training/defaults.py "
+                      "and prima_jax/models/configs.py for the schema)")
+
+
+def build_mesh(config, devices=None):
+  """The (data, fsdp, tensor) mesh of ``config.mesh``; ConfigError if it does not fit the devices."""
+  devices = jax.devices() if devices is None else devices
+  shape = {a: int(config.mesh[a]) for a in MESH_AXES}
+  if any(s == 0 or s < -1 for s in shape.values()):
+    raise ConfigError(f"mesh sizes must be positive or -1, got {shape}")
+  try:
+    return make_mesh(shape, devices)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh {shape} does not fit the {len(devices)} devices "
+                      f"({devices[0].platform}): {e}") from e
+
+
+def check_batch(config, mesh, process_count: int | None = None) -> None:
+  """Batch sizes must split evenly over processes, micro-batches and data shards."""
+  process_count = jax.process_count() if process_count is None else process_count
+  shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+  t = config.train
+  if t.batch_size < 1 or t.grad_accum_steps < 1:
+    raise ConfigError(f"train.batch_size ({t.batch_size}) and train.grad_accum_steps ({t.grad_accum_steps}) "
+                      "must be >= 1")
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
+                      f"train.grad_accum_steps={t.grad_accum_steps}")
+  micro = t.batch_size // t.grad_accum_steps
+  if micro % shards:
+    raise ConfigError(f"the micro-batch ({micro} = train.batch_size {t.batch_size} / grad_accum_steps "
+                      f"{t.grad_accum_steps}) is not divisible by the {shards} data shards "
+                      f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")
+  for name, b in (("train.batch_size", t.batch_size), ("eval.batch_size", config.eval.batch_size)):
+    if b % process_count:
+      raise ConfigError(f"{name}={b} is not divisible by the {process_count} processes")
+  if config.eval.batch_size % shards:
+    raise ConfigError(f"eval.batch_size={config.eval.batch_size} is not divisible by the {shards} "
+                      "data shards")
+
+
+def check_schedule(config) -> None:
+  t = config.train
+  if t.num_steps < 1:
+    raise ConfigError(f"train.num_steps must be >= 1, got {t.num_steps}")
+  for name, v in (("train.log_every", t.log_every), ("checkpoint.every", config.checkpoint.every),
+                  ("checkpoint.keep", config.checkpoint.keep)):
+    if v < 1:
+      raise ConfigError(f"{name} must be >= 1, got {v}")
+  if config.eval.every < 0:
+    raise ConfigError(f"eval.every must be >= 0, got {config.eval.every}")

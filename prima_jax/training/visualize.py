@@ -1,0 +1,53 @@
+"""Prediction images: each [SEG]'s predicted mask over the image it is routed to, next to the truth."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+from PIL import Image
+
+from prima_jax.data.preprocess import SAM_MEAN, SAM_STD
+
+PRED_COLOR = np.asarray((255, 40, 40), np.float32)
+GT_COLOR = np.asarray((40, 220, 60), np.float32)
+
+
+def sam_to_uint8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """SAM-normalised [S, S, 3] float -> uint8 [h, w, 3], the resized image without the padding."""
+  pixels = image * np.asarray(SAM_STD, np.float32) + np.asarray(SAM_MEAN, np.float32)
+  return np.clip(pixels[:size[0], :size[1]], 0, 255).round().astype(np.uint8)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+  """uint8 [h, w, 3] with bool [h, w] blended in ``color``."""
+  out = image.astype(np.float32)
+  out[mask] = (1 - alpha) * out[mask] + alpha * color
+  return out.round().astype(np.uint8)
+
+
+def example_panels(batch: Mapping[str, np.ndarray], mask_logits: np.ndarray, b: int) -> list[np.ndarray]:
+  """One panel per valid [SEG] of example ``b``: [h, 2w + 2, 3] = prediction | ground truth."""
+  panels = []
+  for j in np.flatnonzero(batch["seg_valid"][b]):
+    k = int(batch["seg_image_index"][b, j])
+    h, w = (int(v) for v in batch["sam_sizes"][b, k])
+    image = sam_to_uint8(batch["sam_images"][b, k], (h, w))
+    pred = overlay(image, mask_logits[b, j, :h, :w] > 0, PRED_COLOR)
+    gt = overlay(image, batch["gt_masks"][b, j, :h, :w] > 0.5, GT_COLOR)
+    panels.append(np.concatenate([pred, np.full((h, 2, 3), 255, np.uint8), gt], axis=1))
+  return panels
+
+
+def write_predictions(directory: str, batch: Mapping[str, np.ndarray], mask_logits: np.ndarray,
+                      max_examples: int) -> list[str]:
+  """Writes ``directory/example{b}_seg{j}.png`` (prediction in red | truth in green); returns the paths."""
+  os.makedirs(directory, exist_ok=True)
+  paths = []
+  for b in range(min(max_examples, len(batch["seg_valid"]))):
+    for j, panel in enumerate(example_panels(batch, mask_logits, b)):
+      path = os.path.join(directory, f"example{b}_seg{j}.png")
+      Image.fromarray(panel).save(path)
+      paths.append(path)
+  return paths
