@@ -14,7 +14,7 @@ from prima_jax.convert import instructblip as ib
 from prima_jax.convert import state_dict as sd
 from prima_jax.models import configs, eva_vit
 
-from parity_utils import assert_close, randomise_torch
+from parity_utils import assert_close, assert_same_loss_and_grads, randomise_torch
 
 
 def _seed() -> int:
@@ -114,12 +114,5 @@ def test_remat_matches_and_differentiates():
   def loss(model):
     return jnp.sum(model(images) ** 2)
 
-  grad = nnx.jit(nnx.value_and_grad(loss))
-  l1, g1 = grad(plain)
-  l2, g2 = grad(remat)
-  np.testing.assert_allclose(l1, l2, rtol=1e-6)
-  flat1, flat2 = jax.tree.leaves(g1), jax.tree.leaves(g2)
-  assert len(flat1) == len(flat2) == len(sd.param_paths(plain))
-  for a, b in zip(flat1, flat2):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  g1 = assert_same_loss_and_grads(plain, remat, loss, atol=1e-6)
   assert float(jnp.max(jnp.abs(g1["blocks"][0]["attn"]["qkv"]["kernel"][...]))) > 0
