@@ -58,8 +58,8 @@ class _StopFlag:
     for sig in signals:
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread
-        pass
+      except ValueError:  # only the main thread may install handlers
+        log.info("not in the main thread: no handler for signal %d", sig)
 
   def _handle(self, signum, frame):
     del frame
