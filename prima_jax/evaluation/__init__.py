@@ -1,0 +1,1 @@
+"""Evaluation of grounded answers: mask and text metrics (metrics.py), text similarity models, mask RLE."""
