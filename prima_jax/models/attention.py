@@ -2,13 +2,32 @@
 
 Every attention in prima_jax (EVA ViT, Q-Former, SQuARE, LLaMA, SAM) calls
 :func:`dot_product_attention`. ``implementation`` selects the code path: ``"xla"`` is the
-reference written here; kernels (e.g. the Pallas cross-image attention) register themselves
-with :func:`register_implementation` and are then selectable by name. ``None`` picks the
-best registered implementation for the current backend, falling back to ``"xla"``.
+reference written here; kernels register themselves with :func:`register_implementation` and are
+then selectable by name. The Pallas cross-image attention kernels ``"pallas_tpu"`` and
+``"pallas_gpu"`` (:mod:`prima_jax.kernels.cross_image_attention`) are registered on the first
+call that asks for anything but ``"xla"``; no import is needed.
+
+A kernel implements one *form* of attention (for the cross-image kernels: no bias, as many key
+as query heads, mask None or a key-padding mask broadcastable to [batch, 1, 1, kv_len]). The rule:
+
+* ``implementation=None``: the backend's preferred kernel (TPU: ``"pallas_tpu"``, GPU:
+  ``"pallas_gpu"``; none on the CPU) where it applies and supports the shapes; everything else
+  runs the XLA reference, and the reason is logged once.
+* ``implementation=<kernel name>``: the named kernel runs every attention of its form, also off
+  its backend (the Pallas kernels then run in interpret mode, e.g. on the CPU for tests); a call
+  of its form that it cannot run (head dim, dtype) raises ``ValueError``, so an explicit request
+  is never silently ignored. Attentions of another form (causal or general masks, biases,
+  grouped KV) run the XLA reference, logged once. This is what makes the model-wide config field
+  ``attention_implementation`` usable: it means "this kernel wherever it applies" (SQuARE and the
+  Q-Former's attentions, EVA's unmasked self-attention), while LLaMA's causal attention and SAM's
+  relative-position attention keep the reference.
+* ``implementation="xla"``: always the reference.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import logging
 from collections.abc import Callable
 
@@ -18,21 +37,58 @@ import jax.numpy as jnp
 # Large finite negative value: fully masked rows give a uniform (not NaN) softmax.
 _MASK_VALUE = -1e30
 
-_IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {}
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Implementation:
+  fn: Callable[..., jax.Array | str | None]
+  applies: Callable[..., str | None] | None
+
+
+_IMPLEMENTATIONS: dict[str, _Implementation] = {}
 # backend name ("cpu", "gpu", "tpu") -> implementation name tried first when implementation=None.
 _PREFERRED: dict[str, str] = {}
 _logged_fallbacks: set[str] = set()
+# Modules whose import registers kernels; imported on the first non-"xla" call.
+_KERNEL_MODULES = ("prima_jax.kernels.cross_image_attention",)
+_kernels_loaded = False
 
 
-def register_implementation(name: str, fn: Callable[..., jax.Array], *,
-                            preferred_on: tuple[str, ...] = ()) -> None:
+def register_implementation(name: str, fn: Callable[..., jax.Array | str | None], *,
+                            preferred_on: tuple[str, ...] = (),
+                            applies: Callable[..., str | None] | None = None) -> None:
   """Registers ``fn`` (same signature as :func:`xla_attention`) under ``name``.
 
-  ``fn`` may return ``None`` to decline a call (unsupported shape); the reference then runs.
+  Args:
+    fn: returns the attention output, or declines a call it cannot run (shapes, dtypes) by
+      returning a string saying why (or None).
+    preferred_on: backends on which ``implementation=None`` picks this implementation.
+    applies: ``applies(query, key, value, mask=, bias=)`` -> None when the attention has the
+      form ``fn`` implements, else a string saying why not (see the module docstring).
   """
-  _IMPLEMENTATIONS[name] = fn
+  _IMPLEMENTATIONS[name] = _Implementation(fn, applies)
   for backend in preferred_on:
     _PREFERRED[backend] = name
+
+
+def _load_kernels() -> None:
+  """Imports the kernel modules once (they register themselves); a failure is logged."""
+  global _kernels_loaded
+  if _kernels_loaded:
+    return
+  _kernels_loaded = True
+  for module in _KERNEL_MODULES:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:  # e.g. a JAX without Pallas: the reference still works
+      logger.warning("attention: kernels in %s unavailable (%s)", module, e)
+
+
+def _log_once(message: str) -> None:
+  if message not in _logged_fallbacks:
+    _logged_fallbacks.add(message)
+    logger.info("attention: %s", message)
 
 
 def xla_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
@@ -78,25 +134,34 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
 
   Args:
     implementation: ``"xla"``, a registered kernel name, or ``None`` for the backend's
-      preferred kernel with fallback to ``"xla"`` (logged once per reason).
+      preferred kernel; the fallback rule is in the module docstring.
+  Raises:
+    ValueError: unknown ``implementation``, or an explicitly named kernel cannot run an
+      attention of the form it implements at these shapes/dtypes.
   """
-  if implementation is None:
+  if implementation != "xla":
+    _load_kernels()
+  name = implementation
+  if name is None:
     backend = jax.default_backend()
-    name = _PREFERRED.get(backend, "xla")
-  else:
-    name = implementation
+    name = _PREFERRED.get(backend)
+    if name is None:
+      _log_once(f"no attention kernel for backend {backend!r}; using the XLA reference")
+      name = "xla"
   if name not in _IMPLEMENTATIONS:
     raise ValueError(f"unknown attention implementation {name!r}; "
                      f"registered: {sorted(_IMPLEMENTATIONS)}")
   if name != "xla":
-    out = _IMPLEMENTATIONS[name](query, key, value, mask=mask, bias=bias, scale=scale)
-    if out is not None:
-      return out
-    if implementation is not None:
-      raise ValueError(f"attention implementation {name!r} does not support q{query.shape} "
-                       f"k{key.shape} v{value.shape}")
-    reason = f"{name} declined q{query.shape} k{key.shape}"
-    if reason not in _logged_fallbacks:
-      _logged_fallbacks.add(reason)
-      logging.info("attention: %s; using the XLA reference", reason)
+    impl = _IMPLEMENTATIONS[name]
+    shapes = f"q{tuple(query.shape)} k{tuple(key.shape)}"
+    reason = impl.applies(query, key, value, mask=mask, bias=bias) if impl.applies else None
+    if reason is None:
+      out = impl.fn(query, key, value, mask=mask, bias=bias, scale=scale)
+      if out is not None and not isinstance(out, str):
+        return out
+      reason = out or "declined"
+      if implementation is not None:
+        raise ValueError(f"attention implementation {name!r} cannot run {shapes} "
+                         f"v{tuple(value.shape)} {query.dtype}: {reason}")
+    _log_once(f"{name} not used for {shapes} ({reason}); using the XLA reference")
   return xla_attention(query, key, value, mask=mask, bias=bias, scale=scale)

@@ -1,0 +1,199 @@
+"""Selecting attention kernels through dot_product_attention, and the model with the kernels.
+
+The rule under test (prima_jax/models/attention.py docstring): ``None`` picks the backend's kernel
+(none on the CPU: XLA, logged once); an explicit kernel name runs every attention of the
+kernel's form (key-padding or no mask, no bias, no grouped KV), in interpret mode off its
+backend, and raises ValueError where it cannot run such an attention; attentions of other forms
+fall back to the XLA reference, logged once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from prima_jax.kernels import cross_image_attention
+from prima_jax.models import attention
+from prima_jax.models.configs import tiny_config
+from prima_jax.models.qformer import QFormer
+from prima_jax.models.square import Square
+from tests.parity_utils import assert_close
+
+_HAS_GPU_KERNEL = importlib.util.find_spec("prima_jax.kernels.pallas_gpu") is not None
+KERNELS = ["pallas_tpu"] + (["pallas_gpu"] if _HAS_GPU_KERNEL else [])
+
+
+def _qkv(rng, batch=2, q_len=8, kv_len=40, heads=2, dim=64, kv_heads=None):
+  normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+  return (normal(batch, q_len, heads, dim), normal(batch, kv_len, kv_heads or heads, dim),
+          normal(batch, kv_len, kv_heads or heads, dim))
+
+
+@pytest.fixture
+def attention_log(caplog, monkeypatch):
+  """Captures the attention module's log with its once-per-reason memory cleared."""
+  monkeypatch.setattr(attention, "_logged_fallbacks", set())
+  caplog.set_level(logging.INFO, logger=attention.__name__)
+  return lambda: [r.getMessage() for r in caplog.records if r.name == attention.__name__]
+
+
+def _uses_pallas(fn, *args) -> bool:
+  return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_none_on_cpu_uses_xla_and_logs_once(attention_log):
+  q, k, v = _qkv(np.random.default_rng())
+  mask = jnp.asarray(np.random.default_rng().random((2, 1, 1, 40)) > 0.3)
+  run = lambda q, k, v: attention.dot_product_attention(q, k, v, mask=mask)  # noqa: E731
+  out = run(q, k, v)
+  run(q, k, v)
+  assert not _uses_pallas(run, q, k, v)
+  np.testing.assert_array_equal(out, attention.xla_attention(q, k, v, mask=mask))
+  messages = attention_log()
+  assert messages == ["attention: no attention kernel for backend 'cpu'; using the XLA reference"]
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_explicit_kernel_runs_in_interpret_mode(name, attention_log):
+  rng = np.random.default_rng()
+  q, k, v = _qkv(rng, q_len=12, kv_len=50)
+  mask = jnp.asarray(rng.random((2, 1, 1, 50)) > 0.5)
+  run = lambda q, k, v: attention.dot_product_attention(q, k, v, mask=mask, implementation=name)  # noqa: E731
+  assert _uses_pallas(run, q, k, v)
+  assert_close(f"dispatch {name}", run(q, k, v), attention.xla_attention(q, k, v, mask=mask), rtol=1e-5)
+  assert attention_log() == []
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_explicit_kernel_with_unsupported_shape_raises(name):
+  q, k, v = _qkv(np.random.default_rng(), dim=320)
+  with pytest.raises(ValueError, match=f"attention implementation '{name}' cannot run .*head dim"):
+    attention.dot_product_attention(q, k, v, implementation=name)
+
+
+def test_unknown_implementation_raises():
+  q, k, v = _qkv(np.random.default_rng())
+  with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+    attention.dot_product_attention(q, k, v, implementation="flash")
+
+
+@pytest.mark.parametrize("form", ["causal", "bias", "grouped_kv"])
+def test_other_forms_fall_back_to_xla_and_log_once(form, attention_log):
+  rng = np.random.default_rng()
+  q, k, v = _qkv(rng, q_len=8, kv_len=8, kv_heads=1 if form == "grouped_kv" else None)
+  kw = {"mask": jnp.tril(jnp.ones((8, 8), bool))[None, None]} if form == "causal" else {}
+  if form == "bias":
+    kw["bias"] = jnp.asarray(rng.standard_normal((1, 2, 8, 8)), jnp.float32)
+  run = lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="pallas_tpu", **kw)  # noqa: E731
+  out = run(q, k, v)
+  run(q, k, v)
+  assert not _uses_pallas(run, q, k, v)
+  np.testing.assert_array_equal(out, attention.xla_attention(q, k, v, **kw))
+  messages = attention_log()
+  assert len(messages) == 1 and "pallas_tpu not used" in messages[0], messages
+  reason = {"causal": "not a key-padding mask", "bias": "additive bias", "grouped_kv": "grouped KV"}
+  assert reason[form] in messages[0]
+
+
+def test_key_padding_mask_analysis():
+  valid = np.random.default_rng().random((3, 7)) > 0.5
+  analyse = cross_image_attention.key_padding_mask
+  for mask in (valid[:, None, None, :], valid[:, None, None, :].astype(np.int32)):
+    key_valid, reason = analyse(jnp.asarray(mask), 3, 7)
+    assert reason is None
+    np.testing.assert_array_equal(key_valid, valid)
+  key_valid, _ = analyse(jnp.asarray(valid[:1]), 3, 7)  # [kv] row broadcast over the batch
+  np.testing.assert_array_equal(key_valid, np.broadcast_to(valid[:1], (3, 7)))
+  assert analyse(None, 3, 7) == (None, None)
+  for bad in ((3, 1, 5, 7), (3, 2, 1, 7), (2, 1, 1, 7), (1, 1, 1, 1, 7)):
+    key_valid, reason = analyse(jnp.ones(bad, bool), 3, 7)
+    assert key_valid is None and reason
+
+
+# --------------------------------------------------------------------------- model level
+
+
+def _model_config(name):
+  """tiny_config with SQuARE/Q-Former head dim 64 (native for every kernel), one Q-Former layer
+  (self- and cross-attention) and a live SQuARE output."""
+  cfg = tiny_config()
+  cfg.qformer.update(hidden_size=128, num_heads=2, num_layers=1)
+  cfg.square.update(num_heads=2, zero_init_output=False)
+  cfg.attention_implementation = name
+  return cfg
+
+
+class _ImageSide(nnx.Module):
+  """SQuARE over all images, then the Q-Former per image, as Prima.image_tokens wires them."""
+
+  def __init__(self, cfg, *, rngs):
+    q = cfg.qformer
+    self.square = Square(cfg.square, num_queries=q.num_query_tokens, width=q.hidden_size,
+                         kv_width=q.encoder_width, attention_implementation=cfg.attention_implementation,
+                         rngs=rngs)
+    self.qformer = QFormer(q, attention_implementation=cfg.attention_implementation, rngs=rngs)
+
+  def __call__(self, features, image_valid, text_ids, text_mask):
+    """features [b, n, tokens, E], image_valid [b, n], text [b * n, t] -> [b * n, nq + t, D]."""
+    n = features.shape[1]
+    queries = self.qformer.query_tokens[...][None] + self.square(features, image_valid)
+    return self.qformer(jnp.repeat(queries, n, axis=0), text_ids, text_mask,
+                        features.reshape(-1, *features.shape[2:]))
+
+
+def _loss_and_grads(name, inputs, cotangent, seed):
+  model = _ImageSide(_model_config(name), rngs=nnx.Rngs(seed))
+  loss = lambda model: jnp.sum(model(*inputs) * cotangent)  # noqa: E731
+  value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+  return value, dict(nnx.to_flat_state(grads))
+
+
+@pytest.fixture(scope="module")
+def image_side_reference():
+  """Fresh random inputs for the SQuARE + Q-Former check and the XLA loss and gradients."""
+  seed = int.from_bytes(os.urandom(4), "little")
+  rng = np.random.default_rng(seed)
+  cfg = _model_config("xla")
+  batch, images, tokens, text = 2, 3, 5, 6
+  features = jnp.asarray(rng.standard_normal((batch, images, tokens, cfg.qformer.encoder_width)),
+                         jnp.float32)
+  image_valid = jnp.asarray([[True, False, False], [True, True, True]])
+  text_ids = jnp.asarray(rng.integers(3, cfg.qformer.vocab_size, (batch * images, text)))
+  text_mask = jnp.asarray(np.arange(text)[None] < rng.integers(1, text + 1, (batch * images, 1)))
+  inputs = (features, image_valid, text_ids, text_mask)
+  cotangent = jnp.asarray(rng.standard_normal(
+      (batch * images, cfg.qformer.num_query_tokens + text, cfg.qformer.hidden_size)), jnp.float32)
+  return seed, inputs, cotangent, _loss_and_grads("xla", inputs, cotangent, seed)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_square_and_qformer_match_xla(name, image_side_reference):
+  """cfg.attention_implementation = kernel: SQuARE (key padding over a padding image) and the
+  Q-Former (self-attention with text padding, cross-attention without mask) give the XLA
+  forward and gradients w.r.t. every parameter."""
+  seed, inputs, cotangent, (ref_loss, ref_grads) = image_side_reference
+  kernel_model = _ImageSide(_model_config(name), rngs=nnx.Rngs(0))
+  assert "pallas_call" in str(jax.make_jaxpr(lambda x: nnx.merge(*nnx.split(kernel_model))(*x))(inputs))
+  loss, grads = _loss_and_grads(name, inputs, cotangent, seed)
+  assert_close(f"square+qformer {name} loss", loss, ref_loss, rtol=1e-5)
+  assert set(grads) == set(ref_grads)
+  scale = max(float(np.max(np.abs(g[...]))) for g in ref_grads.values())
+  worst = (0.0, None)
+  for path, ref in ref_grads.items():
+    ours, ref = np.asarray(grads[path][...]), np.asarray(ref[...])
+    if path[-2:] in (("key", "bias"), ("k_proj", "bias")):
+      # A bias added to every key shifts all logits of a row equally: its gradient is zero up
+      # to rounding in both implementations.
+      assert np.max(np.abs(ours)) <= 1e-5 * scale and np.max(np.abs(ref)) <= 1e-5 * scale, path
+      continue
+    err = float(np.max(np.abs(ours - ref))) / float(np.max(np.abs(ref)))
+    worst = max(worst, (err, "/".join(map(str, path))), key=lambda t: t[0])
+  print(f"PARITY square+qformer {name} grads: worst max rel err {worst[0]:.3e} at {worst[1]}")
+  assert worst[0] <= 1e-5, worst
