@@ -24,7 +24,8 @@ from prima_jax.models import attention
 from prima_jax.models.configs import tiny_config
 from prima_jax.models.qformer import QFormer
 from prima_jax.models.square import Square
-from tests.parity_utils import assert_close
+
+from parity_utils import assert_close
 
 _HAS_GPU_KERNEL = importlib.util.find_spec("prima_jax.kernels.pallas_gpu") is not None
 KERNELS = ["pallas_tpu"] + (["pallas_gpu"] if _HAS_GPU_KERNEL else [])

@@ -17,7 +17,8 @@ from jax import export
 
 from prima_jax.kernels import pallas_gpu
 from prima_jax.models.attention import xla_attention
-from tests.parity_utils import assert_close
+
+from parity_utils import assert_close
 
 TOKENS = 33     # visual tokens per image: not a multiple of any block
 MAX_IMAGES = 5

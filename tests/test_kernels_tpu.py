@@ -22,11 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 from jax.experimental.pallas import tpu as pltpu
 
 from prima_jax.kernels import pallas_tpu
 from prima_jax.models.attention import xla_attention
-from tests.parity_utils import assert_close
+
+from parity_utils import assert_close
 
 _INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan")
 _TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -162,3 +164,16 @@ def test_unsupported_shapes_raise():
   assert "float16" in pallas_tpu.unsupported_reason(q16, q16, q16)
   k = jnp.zeros((1, 8, 1, 64))
   assert "grouped KV" in pallas_tpu.unsupported_reason(jnp.zeros((1, 8, 2, 64)), k, k)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_mosaic_lowering(dtype):
+  """Forward, dq and dk/dv lower to Mosaic TPU custom calls (jax.export for TPU; no TPU needed)."""
+  def loss(q, k, v, key_valid):
+    return pallas_tpu.cross_attention(q, k, v, key_valid, interpret=False).astype(jnp.float32).sum()
+
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+  exported = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["tpu"])(
+      spec(2, 56, 4, 96), spec(2, 5 * 257, 4, 96), spec(2, 5 * 257, 4, 96),
+      jax.ShapeDtypeStruct((2, 5 * 257), bool))
+  assert exported.mlir_module().count("tpu_custom_call") == 3, "expected forward, dq and dk/dv kernels"

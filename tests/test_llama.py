@@ -13,7 +13,8 @@ from flax import nnx
 from prima_jax.convert import llama as convert_llama
 from prima_jax.convert import state_dict as sd
 from prima_jax.models import configs, llama, lora
-from tests.parity_utils import assert_close
+
+from parity_utils import assert_close
 
 
 def _seed() -> int:

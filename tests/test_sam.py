@@ -15,7 +15,8 @@ from prima_jax.convert.state_dict import export_state_dict, load_state_dict, par
 from prima_jax.models.configs import tiny_config
 from prima_jax.models.sam import Sam, postprocess_masks, upscale_masks
 from prima_jax.sharding import LOGICAL_AXIS_RULES
-from tests.parity_utils import assert_close
+
+from parity_utils import assert_close
 
 _CACHE = {}
 
