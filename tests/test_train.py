@@ -14,9 +14,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from prima_jax.data import preprocess
+from prima_jax.models.prima import Prima
 from prima_jax.training import checkpoint as ckpt_lib
 from prima_jax.training import metrics as metrics_lib
 from prima_jax.training import visualize
@@ -102,6 +104,19 @@ def test_few_steps_end_to_end_frozen_unchanged(tmp_path, data_dir):
   assert n_opt == 2 * first["params_trainable"]
   assert not np.array_equal(flat(first["state"]["params"])["['seg_head']['fc1']['kernel']"],
                             flat(init["state"]["params"])["['seg_head']['fc1']['kernel']"])
+
+  # The workdir is self-contained: a model built with another seed gets every parameter back.
+  run_config = ckpt_lib.load_run_config(str(tmp_path / "w"))
+  assert run_config.model.qformer.vocab_size == c.model.qformer.vocab_size
+  model = Prima(c.model, rngs=nnx.Rngs(c.seed + 1))
+  assert ckpt_lib.restore_params(str(tmp_path / "w"), model) == 3
+  restored = flat(nnx.state(model, nnx.Param).to_pure_dict())
+  saved = {**flat(first["state"]["params"]), **flat(first["frozen"])}
+  assert restored.keys() == saved.keys()
+  for k in saved:
+    np.testing.assert_array_equal(restored[k], saved[k], err_msg=k)
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    ckpt_lib.restore_params(str(tmp_path), model)
 
 
 def test_sigterm_then_resume_is_exact(tmp_path, data_dir):

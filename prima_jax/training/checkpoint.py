@@ -117,3 +117,145 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+# --- loading a trained model outside the training loop -------------------------------------------
+
+FROZEN_DIR = "frozen"
+
+
+def save_frozen(workdir: str, frozen: Any) -> None:
+  """Writes the frozen parameters once per run to ``WORKDIR/frozen`` (they never change).
+
+  Step checkpoints hold only what training updates; this directory makes a workdir
+  self-contained for :func:`restore_params` (prediction, evaluation, export). A no-op when the
+  directory exists or nothing is frozen.
+  """
+  path = os.path.join(os.path.abspath(workdir), FROZEN_DIR)
+  if not jax.tree.leaves(frozen) or os.path.exists(path):
+    return
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, frozen)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+
+
+def load_run_config(workdir: str):
+  """The config a training workdir was started with (``WORKDIR/config.json``), as a ConfigDict."""
+  import ml_collections  # noqa: PLC0415 (kept local: only the entry points need it)
+
+  path = os.path.join(workdir, CONFIG_RECORD)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a prima_jax training workdir "
+                            f"(pass --config as well)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def resolve_checkpoint(path: str) -> tuple[str, str, int]:
+  """``WORKDIR``, ``WORKDIR/checkpoints`` or ``WORKDIR/checkpoints/<step>`` -> (workdir, step dir, step).
+
+  The first two pick the latest step.
+  """
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "state")):
+    step_dir = path
+  else:
+    ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    steps = sorted(int(d) for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
+                   if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, "state")))
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint under {path}: expected WORKDIR, WORKDIR/checkpoints or "
+                              f"WORKDIR/checkpoints/<step> holding a 'state' directory")
+    step_dir = os.path.join(ckpt_dir, str(steps[-1]))
+  step = int(os.path.basename(step_dir)) if os.path.basename(step_dir).isdigit() else -1
+  workdir = os.path.dirname(os.path.dirname(step_dir))
+  return workdir, step_dir, step
+
+
+def _flat_dict(tree: Mapping[str, Any], prefix: tuple = ()) -> dict[tuple, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flat_dict(v, (*prefix, k)))
+    else:
+      out[(*prefix, k)] = v
+  return out
+
+
+def _nest(flat: Mapping[tuple, Any]) -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for path, v in flat.items():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return out
+
+
+def _restore_subset(directory: str, item_key: str | None, wanted: Mapping[tuple, Any]) -> dict[tuple, Any]:
+  """Restores the arrays of ``wanted`` (path -> model array) found in an Orbax pytree at ``directory``.
+
+  ``item_key`` selects a subtree of the saved tree (``"params"`` of the train state). Arrays come
+  back with the model array's dtype and sharding. Shape mismatches raise, naming the parameter.
+  """
+  checkpointer = ocp.PyTreeCheckpointer()
+  saved = checkpointer.metadata(directory)
+  saved = getattr(saved, "item_metadata", saved)
+  saved = getattr(saved, "tree", saved)
+  saved_tree = saved[item_key] if item_key else saved
+  saved_flat = {tuple(str(p) for p in k): v for k, v in _flat_dict(saved_tree).items()}
+  found = {p: a for p, a in wanted.items() if p in saved_flat}
+  bad = [f"{'/'.join(p)}: checkpoint {tuple(saved_flat[p].shape)} vs model {tuple(a.shape)}"
+         for p, a in found.items() if tuple(saved_flat[p].shape) != tuple(a.shape)]
+  if bad:
+    raise IncompatibleCheckpoint(f"{directory}: parameter shapes differ from the model:\n  "
+                                 + "\n  ".join(bad[:20]))
+  if not found:
+    return {}
+
+  def target(a):
+    sharding = getattr(a, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+
+  tree = _nest({p: target(a) for p, a in found.items()})
+  item = {item_key: tree} if item_key else tree
+  restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+  restored = restored[item_key] if item_key else restored
+  return {tuple(str(k) for k in p): v for p, v in _flat_dict(restored).items()}
+
+
+def restore_params(path: str, model) -> int:
+  """Fills ``model``'s parameters (an nnx module, in place) from a training checkpoint; returns its step.
+
+  ``path`` is ``WORKDIR``, ``WORKDIR/checkpoints`` or a step directory. Trained parameters come from
+  the step's train state, frozen ones from ``WORKDIR/frozen``. Runs from before ``WORKDIR/frozen``
+  existed re-created their frozen parameters from ``config.seed`` at start-up exactly as the model
+  passed here must have been (same config and seed); they are kept and logged. A parameter found in
+  neither place is an error.
+  """
+  from flax import nnx  # noqa: PLC0415
+
+  workdir, step_dir, step = resolve_checkpoint(path)
+  params = nnx.state(model, nnx.Param)
+  original_paths = {}
+  wanted = {}
+  for p, v in _flat_dict(params.to_pure_dict()).items():
+    key = tuple(str(k) for k in p)
+    original_paths[key], wanted[key] = p, v
+  loaded = _restore_subset(os.path.join(step_dir, "state"), "params", wanted)
+  rest = {p: a for p, a in wanted.items() if p not in loaded}
+  frozen_dir = os.path.join(workdir, FROZEN_DIR)
+  if rest and os.path.isdir(frozen_dir):
+    loaded.update(_restore_subset(frozen_dir, None, rest))
+    rest = {p: a for p, a in wanted.items() if p not in loaded}
+  if rest:
+    if os.path.isdir(frozen_dir):
+      raise IncompatibleCheckpoint(f"{step_dir} and {frozen_dir} lack {len(rest)} parameter(s) of the model: "
+                                   + ", ".join("/".join(p) for p in list(rest)[:10]))
+    log.warning("%s: %d parameter(s) not in the checkpoint and no %s: keeping the model's values (the "
+                "seeded initialisation training started from)", step_dir, len(rest), frozen_dir)
+  nnx.replace_by_pure_dict(params, _nest({original_paths[p]: v for p, v in loaded.items()}))
+  nnx.update(model, params)
+  return step

@@ -184,6 +184,7 @@ def train_and_evaluate(config, workdir: str, *,
   with jax.set_mesh(mesh):
     params, frozen, rest = jax.jit(init, out_shardings=(param_sh, frozen_sh, rep))()
   parts.rest = rest
+  ckpt_lib.save_frozen(workdir, frozen)
   n_train, n_frozen = count(params), count(frozen)
   tx, schedule = make_optimizer(config.optimizer, t.num_steps)
   opt_sh = steps.opt_state_shardings(tx, jax.eval_shape(tx.init, params), param_sh, mesh)
