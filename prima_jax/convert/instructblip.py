@@ -136,3 +136,14 @@ def hf_qformer_config(cfg_qformer):
       layer_norm_eps=cfg_qformer.layer_norm_eps, pad_token_id=cfg_qformer.get("pad_token_id", 0),
       cross_attention_frequency=cfg_qformer.cross_attention_freq,
       encoder_hidden_size=cfg_qformer.encoder_width)
+
+
+def hf_instructblip_config(cfg):
+  """A ``transformers.InstructBlipConfig`` for a whole PRIMA config ``cfg`` (vision, Q-Former, LLM)."""
+  from transformers import InstructBlipConfig  # pylint: disable=import-outside-toplevel
+
+  from prima_jax.convert.llama import hf_llama_config  # pylint: disable=import-outside-toplevel
+  return InstructBlipConfig(vision_config=hf_vision_config(cfg.vision).to_dict(),
+                            qformer_config=hf_qformer_config(cfg.qformer).to_dict(),
+                            text_config=hf_llama_config(cfg.llm).to_dict(),
+                            num_query_tokens=cfg.qformer.num_query_tokens)

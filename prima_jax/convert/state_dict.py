@@ -9,7 +9,7 @@ initialised, shapes are checked, and missing / unexpected keys are listed by nam
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -99,6 +99,22 @@ class LoadReport:
     return (f"{len(self.loaded)} loaded, {len(self.initialised)} freshly initialised, "
             f"{len(self.missing)} missing keys, {len(self.unexpected)} unexpected keys")
 
+  def merge(self, other: LoadReport, prefix: str = "") -> None:
+    """Adds ``other``'s lists to this report (``prefix`` in front of its missing/unexpected keys)."""
+    self.loaded += other.loaded
+    self.missing += [prefix + k for k in other.missing]
+    self.unexpected += [prefix + k for k in other.unexpected]
+
+  def details(self, limit: int = 20) -> str:
+    """The summary plus the (first ``limit``) names in each non-empty list but ``loaded``."""
+    lines = [self.summary()]
+    for name in ("initialised", "missing", "unexpected"):
+      items = getattr(self, name)
+      if items:
+        more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+        lines.append(f"  {name}: " + ", ".join(items[:limit]) + more)
+    return "\n".join(lines)
+
 
 def path_str(path: Path) -> str:
   return ".".join(str(p) for p in path)
@@ -125,6 +141,102 @@ def prefix_rules(rules: Iterable[Rule], torch_prefix: str = "", path_prefix: Pat
           for r in rules]
 
 
+def is_floating(dtype: Any) -> bool:
+  """True for numpy floating dtypes and ml_dtypes' bfloat16 / float8 types."""
+  dtype = np.dtype(dtype)
+  return np.issubdtype(dtype, np.floating) or dtype.name.startswith(("bfloat16", "float8"))
+
+
+def _shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
+  """(shape, dtype) of an array-like, a jax.ShapeDtypeStruct or an nnx Variable."""
+  if isinstance(x, nnx.Variable):
+    x = x.get_value()
+  return tuple(x.shape), np.dtype(x.dtype)
+
+
+def convert_state_dict(targets: Mapping[Path, Any], state_dict: Mapping[str, Any], rules: Iterable[Rule],
+                       put: Callable[[Path, np.ndarray], None], *, strict: bool = True,
+                       ignore_unexpected: Iterable[str] = (), optional: Iterable[str] = (),
+                       allow_unexpected: bool = False) -> LoadReport:
+  """The engine of :func:`load_state_dict`, for any destination.
+
+  Reads each rule's tensor from ``state_dict`` (one at a time: a lazy mapping keeps memory at one
+  tensor), checks and transforms it, and hands it to ``put(path, array)`` in the torch tensor's
+  dtype (the caller casts).
+
+  Args:
+    targets: {path: anything with .shape and .dtype} -- every parameter of the destination
+      (arrays, ``jax.ShapeDtypeStruct`` or nnx Variables).
+    optional: torch keys whose absence is not an error even when ``strict``: their parameters are
+      listed as ``initialised``.
+    allow_unexpected: with ``strict``, unexpected keys are only reported (missing keys still raise).
+  Returns:
+    a :class:`LoadReport` (``missing`` includes absent optional keys).
+  Raises:
+    ValueError listing every offending key with the shape/dtype found and expected: shape or dtype
+    mismatches always; missing (non-optional) and unexpected keys when ``strict``. Also for a rule
+    naming a path ``targets`` lacks (a broken table).
+  """
+  rules = list(rules)
+  optional = set(optional)
+  report = LoadReport()
+  problems = []
+  covered: set[Path] = set()
+  for rule in rules:
+    if rule.path not in targets:
+      raise ValueError(f"table error: rule for {rule.torch_key!r} names path "
+                       f"{path_str(rule.path)!r} that the module does not have")
+    covered.add(rule.path)
+    expected, expected_dtype = _shape_dtype(targets[rule.path])
+    if rule.torch_key not in state_dict:
+      report.missing.append(rule.torch_key)
+      continue
+    value = to_numpy(state_dict[rule.torch_key])
+    if rule.torch_shape is not None and tuple(value.shape) != tuple(rule.torch_shape):
+      problems.append(f"{rule.torch_key}: shape {tuple(value.shape)}, expected {rule.torch_shape}")
+      continue
+    if not is_floating(value.dtype) and is_floating(expected_dtype):
+      problems.append(f"{rule.torch_key}: dtype {value.dtype} (shape {tuple(value.shape)}), expected a "
+                      f"floating tensor ({expected_dtype}) for {path_str(rule.path)}")
+      continue
+    try:
+      value = TRANSFORMS[rule.transform][0](value)
+    except ValueError as e:
+      problems.append(f"{rule.torch_key}: {e}")
+      continue
+    if value.size == int(np.prod(expected)) and rule.torch_shape is not None:
+      value = value.reshape(expected)
+    if tuple(value.shape) != expected:
+      problems.append(f"{rule.torch_key}: shape {tuple(value.shape)} after {rule.transform!r} "
+                      f"transform, expected {expected} for {path_str(rule.path)}")
+      continue
+    put(rule.path, value)
+    report.loaded.append(path_str(rule.path))
+  consumed = {r.torch_key for r in rules}
+  ignore = tuple(ignore_unexpected)
+  report.unexpected = sorted(k for k in state_dict if k not in consumed and not k.startswith(ignore))
+  report.initialised = sorted(path_str(p) for p in targets if p not in covered)
+  report.initialised += sorted(path_str(r.path) for r in rules if r.torch_key in report.missing)
+  lines = []
+  if strict:
+    lines += [f"missing {r.torch_key}: expected shape {_shape_dtype(targets[r.path])[0]} "
+              f"for {path_str(r.path)}"
+              for r in rules if r.torch_key in report.missing and r.torch_key not in optional]
+    if not allow_unexpected:
+      lines += [f"unexpected {k}: shape {tuple(_key_shape(state_dict, k))}" for k in report.unexpected]
+  if problems:
+    raise ValueError("state dict does not fit the model:\n  " + "\n  ".join(problems + lines))
+  if lines:
+    raise ValueError("strict load failed:\n  " + "\n  ".join(lines))
+  return report
+
+
+def _key_shape(state_dict: Mapping[str, Any], key: str) -> tuple[int, ...]:
+  """Shape of ``state_dict[key]``, without reading it when the mapping can say (``shape_of``)."""
+  shape_of = getattr(state_dict, "shape_of", None)
+  return tuple(shape_of(key)) if shape_of is not None else tuple(to_numpy(state_dict[key]).shape)
+
+
 def load_state_dict(module: nnx.Module, state_dict: Mapping[str, Any], rules: Iterable[Rule], *,
                     strict: bool = True, ignore_unexpected: Iterable[str] = ()) -> LoadReport:
   """Copies tensors from ``state_dict`` into ``module`` (in place) following ``rules``.
@@ -141,64 +253,37 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, Any], rules: It
     ValueError naming every offending key, with shapes found and expected; also when a rule
     points to a path the module does not have (a broken table).
   """
-  rules = list(rules)
   params = param_paths(module)
-  report = LoadReport()
-  problems = []
-  covered: set[Path] = set()
-  for rule in rules:
-    if rule.path not in params:
-      raise ValueError(f"table error: rule for {rule.torch_key!r} names path "
-                       f"{path_str(rule.path)!r} that the module does not have")
-    covered.add(rule.path)
-    variable = params[rule.path]
-    expected = tuple(variable[...].shape)
-    if rule.torch_key not in state_dict:
-      report.missing.append(rule.torch_key)
-      continue
-    value = to_numpy(state_dict[rule.torch_key])
-    if rule.torch_shape is not None and tuple(value.shape) != tuple(rule.torch_shape):
-      problems.append(f"{rule.torch_key}: shape {tuple(value.shape)}, expected {rule.torch_shape}")
-      continue
-    value = TRANSFORMS[rule.transform][0](value)
-    if value.size == int(np.prod(expected)) and rule.torch_shape is not None:
-      value = value.reshape(expected)
-    if tuple(value.shape) != expected:
-      problems.append(f"{rule.torch_key}: shape {tuple(value.shape)} after {rule.transform!r} "
-                      f"transform, expected {expected} for {path_str(rule.path)}")
-      continue
-    if not np.issubdtype(value.dtype, np.floating) and np.issubdtype(variable[...].dtype, np.floating):
-      problems.append(f"{rule.torch_key}: dtype {value.dtype}, expected a floating tensor")
-      continue
+
+  def put(path: Path, value: np.ndarray) -> None:
+    variable = params[path]
     variable[...] = jnp.asarray(value, dtype=variable[...].dtype)
-    report.loaded.append(path_str(rule.path))
-  consumed = {r.torch_key for r in rules}
-  ignore = tuple(ignore_unexpected)
-  report.unexpected = sorted(k for k in state_dict if k not in consumed and not k.startswith(ignore))
-  report.initialised = sorted(path_str(p) for p in params if p not in covered)
-  report.initialised += sorted(path_str(r.path) for r in rules if r.torch_key in report.missing)
-  if problems:
-    raise ValueError("state dict does not fit the model:\n  " + "\n  ".join(problems))
-  if strict and (report.missing or report.unexpected):
-    lines = [f"missing {k}: expected shape {tuple(params[r.path][...].shape)}"
-             for r in rules for k in [r.torch_key] if k in report.missing]
-    lines += [f"unexpected {k}: shape {tuple(to_numpy(state_dict[k]).shape)}" for k in report.unexpected]
-    raise ValueError("strict load failed:\n  " + "\n  ".join(lines))
-  return report
+
+  return convert_state_dict(params, state_dict, rules, put, strict=strict,
+                            ignore_unexpected=ignore_unexpected)
+
+
+def export_tensors(rules: Iterable[Rule], read: Callable[[Path], Any]) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (torch key, numpy array in PyTorch layout) per key of ``rules``, in table order.
+
+  ``read(path)`` returns one parameter's value (called once per rule, so a lazy reader keeps memory
+  at one tensor). Rules that share a key (slices of one fused tensor) each export their zero-padded
+  part; the parts are added up.
+  """
+  by_key: dict[str, list[Rule]] = {}
+  for rule in rules:
+    by_key.setdefault(rule.torch_key, []).append(rule)
+  for key, group in by_key.items():
+    value = None
+    for rule in group:
+      part = TRANSFORMS[rule.transform][1](np.asarray(read(rule.path)))
+      if rule.torch_shape is not None:
+        part = part.reshape(rule.torch_shape)
+      value = part if value is None else value + part
+    yield key, value
 
 
 def export_state_dict(module: nnx.Module, rules: Iterable[Rule]) -> dict[str, np.ndarray]:
-  """The inverse of :func:`load_state_dict`: {torch key: numpy array in PyTorch layout}.
-
-  Rules that share a key (slices of one fused tensor) each export their zero-padded part; the
-  parts are added up.
-  """
+  """The inverse of :func:`load_state_dict`: {torch key: numpy array in PyTorch layout}."""
   params = param_paths(module)
-  out = {}
-  for rule in rules:
-    value = np.asarray(params[rule.path][...])
-    value = TRANSFORMS[rule.transform][1](value)
-    if rule.torch_shape is not None:
-      value = value.reshape(rule.torch_shape)
-    out[rule.torch_key] = out[rule.torch_key] + value if rule.torch_key in out else value
-  return out
+  return dict(export_tensors(rules, lambda path: params[path][...]))

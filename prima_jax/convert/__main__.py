@@ -1,0 +1,177 @@
+r"""Checkpoint interop with PyTorch.
+
+  python -m prima_jax.convert to-torch --checkpoint WORKDIR --out DIR [--config CFG] [--layout prima|hf]
+      [--merge-lora] [--dtype float32|bfloat16|float16] [--max-shard-size 5GB] [--read-size 512MB]
+      [--step N]
+      [--overwrite] [--strict]
+  python -m prima_jax.convert from-torch --config CFG --out DIR [--prima PATH] [--instructblip DIR]
+      [--sam DIR] [--llama DIR] [--extra DIR] [--hf DIR] [--overwrite] [--strict]
+
+``--config`` is a config file as ``prima_jax.train`` takes it (``configs/demo.py``,
+``configs/m4seg.py:tiny``) or a ``config.json`` record of a training workdir. ``to-torch`` may omit it
+when ``--checkpoint`` is a workdir: its ``config.json`` (the config the run started with, including
+start-up adjustments such as the synthetic Q-Former vocabulary) is used.
+
+Output is built in a temporary directory next to ``--out`` and renamed when complete; an existing
+``--out`` is replaced only with ``--overwrite``. Exit status: 0 ok, 2 bad input (the message lists
+every offending key with the shapes found and expected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+
+def load_config(spec: str):
+  """A training config from ``path.py[:arg]`` (``get_config(arg)``) or a ``config.json`` record."""
+  import ml_collections  # noqa: PLC0415
+
+  path, _, arg = spec.partition(":")
+  if path.endswith(".json"):
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path} does not exist")
+  module_spec = importlib.util.spec_from_file_location("prima_convert_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  if "model" not in config:
+    raise ValueError(f"{spec} is not a training config (it has no 'model' section)")
+  return config
+
+
+def _workdir_record(step_dir: str) -> str | None:
+  """``WORKDIR/config.json`` for ``WORKDIR/checkpoints/<step>``."""
+  from prima_jax.training.checkpoint import CONFIG_RECORD  # noqa: PLC0415
+
+  for up in (os.path.dirname(os.path.dirname(step_dir)), os.path.dirname(step_dir), step_dir):
+    candidate = os.path.join(up, CONFIG_RECORD)
+    if os.path.exists(candidate):
+      return candidate
+  return None
+
+
+def to_torch(args) -> int:
+  from prima_jax.convert import torch_io  # noqa: PLC0415
+
+  step_dir = torch_io.find_step_dir(args.checkpoint, args.step)
+  config_spec = args.config or _workdir_record(step_dir)
+  if config_spec is None:
+    raise ValueError(f"no --config and no config.json record next to {step_dir}")
+  config = load_config(config_spec)
+  t0 = time.time()
+  source = torch_io.CheckpointParams(step_dir)
+  size = sum(int(s[1].itemsize) * int(__import__("numpy").prod(s[0])) for s in source.shapes.values())
+  print(f"reading {step_dir} ({len(source.shapes)} parameters, {size / 2 ** 20:.1f} MiB) with config "
+        f"{config_spec}", flush=True)
+  with torch_io.atomic_output(args.out, overwrite=args.overwrite) as tmp:
+    written = torch_io.export_params(config.model, source, tmp, layout=args.layout,
+                                     merge_lora=args.merge_lora, dtype=args.dtype,
+                                     max_shard_bytes=torch_io.parse_size(args.max_shard_size),
+                                     group_bytes=torch_io.parse_size(args.read_size),
+                                     log=lambda s: print(s, flush=True))
+  for sub, files in written.items():
+    print(f"wrote {os.path.join(os.path.abspath(args.out), sub)}: {len(files)} files")
+  print(f"done in {time.time() - t0:.1f} s", flush=True)
+  return 0
+
+
+def from_torch(args) -> int:
+  from prima_jax.convert import layouts, torch_io  # noqa: PLC0415
+
+  config = load_config(args.config)
+  cfg = config.model
+  sources = []
+
+  def add(label: str, directory: str, files) -> None:
+    for tf in files:
+      found = torch_io.safetensors_files(directory, tf.name) if os.path.isdir(directory) else None
+      if tf.name == layouts.ADAPTER_FILE and found is None:
+        continue  # no adapters: they are initialised (LoRA B = 0, i.e. the base model)
+      state = torch_io.open_state_dict(directory, tf.name)
+      sources.append((f"{label}:{tf.name}", tf, state))
+
+  if args.prima:
+    sources.append(("prima", layouts.prima_layout(cfg)[0], torch_io.open_state_dict(args.prima)))
+  if args.llama:
+    add("llama", args.llama, layouts.llama_files(cfg))
+  if args.hf:
+    for sub in layouts.HF_DIRS:
+      if not os.path.isdir(os.path.join(args.hf, sub)):
+        raise FileNotFoundError(f"--hf {args.hf} has no {sub}/ directory")
+  instructblip = args.instructblip or (os.path.join(args.hf, "instructblip") if args.hf else None)
+  sam = args.sam or (os.path.join(args.hf, "sam") if args.hf else None)
+  extra = args.extra or (os.path.join(args.hf, "prima_extra") if args.hf else None)
+  if instructblip:
+    add("instructblip", instructblip, layouts.instructblip_files(cfg))
+  if sam:
+    add("sam", sam, [layouts.sam_file(cfg)])
+  if extra:
+    add("prima_extra", extra, [layouts.extra_file(cfg)])
+  if not sources:
+    raise ValueError("from-torch needs at least one of --prima, --instructblip, --sam, --llama, --extra, "
+                     "--hf")
+  t0 = time.time()
+  with torch_io.atomic_output(args.out, overwrite=args.overwrite) as tmp:
+    report = torch_io.import_params(config, sources, tmp, strict=args.strict,
+                                    source_note=", ".join(label for label, _, _ in sources))
+  print(f"wrote {os.path.abspath(args.out)}/checkpoints/0 in {time.time() - t0:.1f} s")
+  print(f"{len(report.loaded)} parameters loaded from {', '.join(label for label, _, _ in sources)}")
+  print(f"freshly initialised ({len(report.initialised)}): " + (", ".join(report.initialised) or "none"))
+  if report.missing:
+    print(f"absent optional keys ({len(report.missing)}): " + ", ".join(report.missing[:20])
+          + (" ..." if len(report.missing) > 20 else ""))
+  print(f"unexpected keys, ignored ({len(report.unexpected)}): " + (", ".join(report.unexpected) or "none"))
+  return 0
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m prima_jax.convert", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+  t = sub.add_parser("to-torch", help="Orbax checkpoint -> PyTorch safetensors")
+  t.add_argument("--checkpoint", required=True, help="WORKDIR, WORKDIR/checkpoints or a step directory")
+  t.add_argument("--step", type=int, default=None, help="step to export (default: the latest)")
+  t.add_argument("--layout", choices=("prima", "hf"), default="prima")
+  t.add_argument("--merge-lora", action="store_true", help="fold LoRA into the base weights")
+  t.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                 help="cast floating tensors (default: keep the stored dtypes, bit-exact)")
+  t.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (5GB, 500MB, ...)")
+  t.add_argument("--read-size", default="512MB",
+                 help="checkpoint bytes restored at a time (peak memory: a few times this plus the "
+                      "largest tensor)")
+  f = sub.add_parser("from-torch", help="PyTorch weights -> Orbax training checkpoint")
+  f.add_argument("--prima", help="prima-layout state dict: .safetensors, index .json, directory, .bin/.pth")
+  f.add_argument("--instructblip", help="InstructBlipForConditionalGeneration directory (+ PEFT adapters)")
+  f.add_argument("--sam", help="SamModel directory")
+  f.add_argument("--llama", help="LlamaForCausalLM directory (+ PEFT adapters); overrides InstructBLIP's LLM")
+  f.add_argument("--extra", help="prima_extra directory (SQuARE, [SEG] head)")
+  f.add_argument("--hf", help="an hf-layout export (instructblip/, sam/, prima_extra/)")
+  for s in (t, f):
+    s.add_argument("--config", required=s is f, help="config file (path.py[:arg]) or config.json record")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    s.add_argument("--strict", action="store_true", help="unexpected keys are an error (default: reported)")
+  return p
+
+
+def main(argv=None) -> int:
+  args = parser().parse_args(argv)
+  from prima_jax.convert.torch_io import limit_malloc_arenas  # noqa: PLC0415
+
+  limit_malloc_arenas()
+  try:
+    return to_torch(args) if args.command == "to-torch" else from_torch(args)
+  except (ValueError, FileExistsError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
