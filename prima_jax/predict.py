@@ -1,0 +1,152 @@
+r"""Answer a question about 1..max_images images with grounded masks.
+
+  python -m prima_jax.predict --checkpoint=/tmp/prima_demo \
+      --image=a.png --image=b.png --question="Which shapes are red?" --out=/tmp/pred
+
+``--checkpoint`` is a training workdir (or its ``checkpoints`` dir, or one step dir): the model config
+comes from the run's record. ``--config`` alone runs the config's seeded (random) initialisation.
+Prints the answer and the masks; writes ``OUT/prediction.json`` and ``OUT/image{k}_overlay.png``
+(k = 1-based image index, the ``(IMAGEk)`` of the answer) with every mask of that image drawn in its
+own colour and labelled with its phrase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from PIL import Image, ImageDraw
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]); default: the "
+                                          "checkpoint's run record.", lock_config=False)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, its checkpoints dir or a step dir.")
+_IMAGES = flags.DEFINE_multi_string("image", [], "Image file (repeat for IMAGE1, IMAGE2, ...).")
+_QUESTION = flags.DEFINE_string("question", "", "The question.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory holding tokenizers/ (default: the run's data).")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "Generation budget in tokens.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_ANSWER_PREFIX = flags.DEFINE_string("answer_prefix", None, "Force the answer to start with this text.")
+
+# Distinct overlay colours (RGB), cycled.
+PALETTE = np.asarray([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+                      (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)],
+                     np.float32)
+
+
+def read_image(path: str) -> np.ndarray:
+  """uint8 [H, W, 3] RGB; InputError naming the path when it cannot be read."""
+  from prima_jax.inference.engine import InputError  # noqa: PLC0415
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB"))
+  except (OSError, ValueError) as e:
+    raise InputError(f"cannot read image {path}: {e}") from e
+
+
+def draw_overlay(image: np.ndarray, masks: Sequence[np.ndarray], labels: Sequence[str],
+                 colours: Sequence[np.ndarray]) -> Image.Image:
+  """The image with each mask blended in its colour and its label written at the mask's centre."""
+  from prima_jax.training.visualize import overlay  # noqa: PLC0415
+  out = image
+  for mask, colour in zip(masks, colours):
+    out = overlay(out, mask, colour)
+  pil = Image.fromarray(out)
+  draw = ImageDraw.Draw(pil)
+  for mask, label, colour in zip(masks, labels, colours):
+    ys, xs = np.nonzero(mask)
+    if len(ys):
+      draw.text((float(xs.mean()), float(ys.mean())), label, fill=tuple(int(c) for c in colour),
+                stroke_width=1, stroke_fill=(0, 0, 0))
+  return pil
+
+
+def write_outputs(out_dir: str, prediction, images: Sequence[np.ndarray], image_paths: Sequence[str],
+                  question: str, meta: dict) -> dict:
+  """Writes prediction.json and one overlay PNG per image; returns the JSON dict."""
+  os.makedirs(out_dir, exist_ok=True)
+  record = dict(question=question, images=list(image_paths), image_index_base=1, **prediction.to_json(),
+                **meta)
+  with open(os.path.join(out_dir, "prediction.json"), "w") as f:
+    json.dump(record, f, indent=1)
+  for k, image in enumerate(images):
+    segs = [(j, s) for j, s in enumerate(prediction.segs) if s.image_index == k]
+    pil = draw_overlay(image, [s.mask for _, s in segs], [f"{j + 1}: {s.phrase}" for j, s in segs],
+                       [PALETTE[j % len(PALETTE)] for j, _ in segs])
+    pil.save(os.path.join(out_dir, f"image{k + 1}_overlay.png"))
+  return record
+
+
+def run(*, config=None, checkpoint: str | None = None, image_paths: Sequence[str], question: str,
+        out_dir: str, data_dir: str | None = None, max_new_tokens: int = 128, temperature: float = 0.0,
+        top_p: float = 1.0, seed: int = 0, answer_prefix: str | None = None) -> dict:
+  """Reads the images, predicts, writes ``out_dir``; returns the prediction record.
+
+  Raises InputError (bad image path or content, image count, empty question) before loading the model.
+  """
+  from prima_jax.inference.engine import InputError, Predictor  # noqa: PLC0415
+  from prima_jax.inference.generate import SamplingConfig  # noqa: PLC0415
+  from prima_jax.inference.loading import load, resolve_config  # noqa: PLC0415
+
+  if not question or not question.strip():
+    raise InputError("the question is empty (--question)")
+  if not image_paths:
+    raise InputError("no image given (--image PATH, repeatable)")
+  max_images = resolve_config(config, checkpoint).model.prima.max_images
+  if len(image_paths) > max_images:
+    raise InputError(f"{len(image_paths)} images given; the model takes at most {max_images}")
+  images = [read_image(p) for p in image_paths]
+  sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
+  loaded = load(config, checkpoint, data_dir=data_dir, tokenizer_fallback_dir=out_dir)
+  predictor = Predictor(loaded.model, loaded.tokenizers, max_new_tokens=max_new_tokens,
+                        max_question_length=loaded.config.data.max_question_length)
+  example = predictor.prepare(images, question, forced_answer=answer_prefix, forced_eos=False, seed=seed)
+  t0 = time.time()
+  prediction = predictor.predict([example], sampling)[0]
+  seconds = time.time() - t0
+  meta = dict(checkpoint=os.path.abspath(checkpoint) if checkpoint else None, step=loaded.step,
+              seconds=round(seconds, 3), sampling=dict(temperature=temperature, top_p=top_p, seed=seed),
+              max_new_tokens=max_new_tokens)
+  return write_outputs(out_dir, prediction, images, image_paths, question, meta)
+
+
+def format_record(record: dict) -> str:
+  lines = [f"answer: {record['answer']}"]
+  for j, s in enumerate(record["segs"]):
+    lines.append(f"  [SEG] {j + 1}: {s['phrase']!r} -> IMAGE{s['image']}  area {s['area']} px  "
+                 f"score {s['score']:.3f}")
+  for d in record["dropped"]:
+    lines.append(f"  [SEG] without mask ({d['reason']}): {d['phrase']!r}")
+  return "\n".join(lines)
+
+
+def main(argv) -> int:
+  del argv
+  from prima_jax.inference.engine import InputError  # noqa: PLC0415
+  if _OUT.value is None:
+    print("error: --out is required", file=sys.stderr)
+    return 2
+  try:
+    record = run(config=_CONFIG.value, checkpoint=_CHECKPOINT.value, image_paths=_IMAGES.value,
+                 question=_QUESTION.value, out_dir=_OUT.value, data_dir=_DATA_DIR.value,
+                 max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
+                 seed=_SEED.value, answer_prefix=_ANSWER_PREFIX.value)
+  except (InputError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  print(format_record(record))
+  print(f"wrote {os.path.join(_OUT.value, 'prediction.json')} and {len(_IMAGES.value)} overlay PNG(s) "
+        f"({record['seconds']:.2f} s including compilation)", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
