@@ -45,7 +45,8 @@ def work(tmp_path_factory):
       values[n] *= 0.5
   root = tmp_path_factory.mktemp("convert")
   workdir = str(root / "work")
-  torch_io.write_checkpoint(config, values, workdir, meta={"step": 0})
+  # 128 KiB groups: the ~1 MiB checkpoint is written in several partial saves per item.
+  torch_io.write_checkpoint(config, values, workdir, meta={"step": 0}, group_bytes=128 << 10)
   return config, values, workdir, root
 
 
@@ -156,10 +157,11 @@ def test_round_trip_is_bit_exact_and_complete(work, layout, capsys):
   source = ["--prima", exported] if layout == "prima" else ["--hf", exported]
   capsys.readouterr()
   assert _run("from-torch", "--config", os.path.join(workdir, "config.json"), "--out", back, *source,
-              "--strict") == 0
+              "--strict", "--write-size", "200KB") == 0
   printed = capsys.readouterr().out
   assert "freshly initialised (0): none" in printed and "unexpected keys, ignored (0): none" in printed
   assert "absent optional keys" not in printed
+  assert sorted(os.listdir(back)) == ["checkpoints", "config.json", "frozen"]  # no parts left behind
   got = _checkpoint_values(back)
   assert set(got) == set(values)
   for name, value in values.items():

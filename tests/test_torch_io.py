@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import ml_dtypes
@@ -223,3 +224,40 @@ def test_parse_size():
   assert torch_io.parse_size("5GB") == 5 * 10 ** 9 and torch_io.parse_size("300MiB") == 300 << 20
   with pytest.raises(ValueError, match="cannot parse size"):
     torch_io.parse_size("lots")
+
+
+def test_checkpoint_writer_streams_groups_casts_frozen_and_checks_completeness(tmp_path):
+  """Written 64 KiB at a time: every value comes back (frozen ones in ``frozen_dtype``), the model
+  fills from it, and an incomplete or failed write leaves no checkpoint parts."""
+  config = base_config(_cfg())
+  config.train.trainable = ("seg_head/", "sam/mask_decoder/")
+  config.train.frozen_dtype = "bfloat16"
+  names = torch_io.abstract_params(config.model)
+  rng = np.random.default_rng(3)
+  values = {n: rng.normal(0, 0.1, v.get_value().shape).astype(np.float32) for n, v in names.items()}
+  out = str(tmp_path / "w")
+  step_dir = torch_io.write_checkpoint(config, values, out, meta={"step": 0}, group_bytes=64 << 10)
+  source = torch_io.CheckpointParams(step_dir)
+  got = source.read(list(source.shapes))
+  assert set(got) == set(values)
+  for name, value in values.items():
+    trainable = name.startswith(("seg_head.", "sam.mask_decoder."))
+    assert got[name].dtype == (np.float32 if trainable else ml_dtypes.bfloat16), name
+    np.testing.assert_array_equal(got[name], value.astype(got[name].dtype), err_msg=name)
+  model = nnx.eval_shape(lambda: Prima(config.model, rngs=nnx.Rngs(0)))
+  torch_io.load_params(out, model)
+  np.testing.assert_array_equal(np.asarray(model.seg_head.fc1.kernel[...]), values["seg_head.fc1.kernel"])
+  assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "frozen"]
+
+  writer = torch_io.CheckpointWriter(config, str(tmp_path / "partial"), group_bytes=64 << 10)
+  *first, last = values
+  for name in first:
+    writer.add(name, values[name])
+  with pytest.raises(ValueError, match=r"no value for 1 parameter\(s\): " + last):
+    writer.close(meta={})
+  with pytest.raises(ValueError, match=re.escape(f"{last}: shape (3, 1, 7), expected")):
+    writer.add(last, np.zeros((3, 1, 7), np.float32))
+  with pytest.raises(ValueError, match=f"parameter {first[0]} was already written"):
+    writer.add(first[0], values[first[0]])
+  writer.abort()
+  assert os.listdir(tmp_path / "partial") == ["config.json"]

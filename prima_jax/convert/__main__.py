@@ -5,7 +5,7 @@ r"""Checkpoint interop with PyTorch.
       [--step N]
       [--overwrite] [--strict]
   python -m prima_jax.convert from-torch --config CFG --out DIR [--prima PATH] [--instructblip DIR]
-      [--sam DIR] [--llama DIR] [--extra DIR] [--hf DIR] [--overwrite] [--strict]
+      [--sam DIR] [--llama DIR] [--extra DIR] [--hf DIR] [--write-size 512MB] [--overwrite] [--strict]
 
 ``--config`` is a config file as ``prima_jax.train`` takes it (``configs/demo.py``,
 ``configs/m4seg.py:tiny``) or a ``config.json`` record of a training workdir. ``to-torch`` may omit it
@@ -120,7 +120,8 @@ def from_torch(args) -> int:
   t0 = time.time()
   with torch_io.atomic_output(args.out, overwrite=args.overwrite) as tmp:
     report = torch_io.import_params(config, sources, tmp, strict=args.strict,
-                                    source_note=", ".join(label for label, _, _ in sources))
+                                    source_note=", ".join(label for label, _, _ in sources),
+                                    group_bytes=torch_io.parse_size(args.write_size))
   print(f"wrote {os.path.abspath(args.out)}/checkpoints/0 in {time.time() - t0:.1f} s")
   print(f"{len(report.loaded)} parameters loaded from {', '.join(label for label, _, _ in sources)}")
   print(f"freshly initialised ({len(report.initialised)}): " + (", ".join(report.initialised) or "none"))
@@ -153,6 +154,8 @@ def parser() -> argparse.ArgumentParser:
   f.add_argument("--llama", help="LlamaForCausalLM directory (+ PEFT adapters); overrides InstructBLIP's LLM")
   f.add_argument("--extra", help="prima_extra directory (SQuARE, [SEG] head)")
   f.add_argument("--hf", help="an hf-layout export (instructblip/, sam/, prima_extra/)")
+  f.add_argument("--write-size", default="512MB",
+                 help="parameter bytes written at a time (peak memory: a few times this)")
   for s in (t, f):
     s.add_argument("--config", required=s is f, help="config file (path.py[:arg]) or config.json record")
     s.add_argument("--out", required=True, help="output directory")

@@ -2,7 +2,7 @@
 
 Builds a PRIMA config whose parameters take about ``--size-mb`` MB (the tiny config with a wider,
 deeper LLM), writes a training checkpoint of random values, then runs, each in its own process,
-``to-torch`` in both layouts and ``from-torch`` back, and prints each process's peak resident memory
+``to-torch`` in both layouts and ``from-torch`` back from each, and prints each process's peak resident memory
 (``VmHWM``) next to its resident memory after imports (the baseline) and the checkpoint size.
 """
 
@@ -74,6 +74,7 @@ def main() -> None:
   p.add_argument("--size-mb", type=float, default=300.0)
   p.add_argument("--max-shard-size", default="50MB")
   p.add_argument("--read-size", default="32MB", help="to-torch --read-size")
+  p.add_argument("--write-size", default="32MB", help="from-torch --write-size")
   p.add_argument("--dir", default=None, help="scratch directory (default: a temporary one, deleted)")
   args = p.parse_args()
 
@@ -107,7 +108,9 @@ def main() -> None:
          ["to-torch", "--checkpoint", workdir, "--out", os.path.join(root, "prima_bf16"), "--merge-lora",
           "--dtype", "bfloat16", "--max-shard-size", args.max_shard_size, *read]),
         ("from-torch --prima", ["from-torch", "--config", record, "--out", os.path.join(root, "back"),
-                                "--prima", os.path.join(root, "prima")]),
+                                "--prima", os.path.join(root, "prima"), "--write-size", args.write_size]),
+        ("from-torch --hf", ["from-torch", "--config", record, "--out", os.path.join(root, "back_hf"),
+                             "--hf", os.path.join(root, "hf"), "--write-size", args.write_size]),
     ]
     print(f"{'conversion':55s} {'baseline MiB':>12s} {'peak MiB':>9s} {'peak-base':>9s} {'vs ckpt':>8s} "
           f"{'time s':>7s}")

@@ -4,7 +4,9 @@ Export (:func:`export_params`) reads a training checkpoint a group of leaves at 
 partial restore into numpy, on the host) and writes each tensor straight into the current
 safetensors shard file: peak memory is one read group (``group_bytes``) plus the largest tensor,
 whatever the checkpoint size. Import (:func:`import_params`) reads safetensors lazily
-(``safe_open``, one tensor at a time) and writes a checkpoint in the training layout.
+(``safe_open``, one tensor at a time) and writes a checkpoint in the training layout a group of
+parameters at a time (:class:`CheckpointWriter`, Orbax partial saves): peak memory is a few groups,
+not the checkpoint.
 
 Checkpoint layout written by import (the training layout, :mod:`prima_jax.training.checkpoint`)::
 
@@ -607,57 +609,175 @@ def init_params(cfg, names: Sequence[str], seed: int) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in jax.jit(create)().items()}
 
 
-def write_checkpoint(config, values: Mapping[str, np.ndarray], out_dir: str, *,
-                     meta: Mapping[str, Any]) -> str:
-  """Writes ``values`` ({parameter path string: array}) as a training checkpoint under ``out_dir``
-  (layout in the module docstring). Returns the step directory."""
-  import jax  # noqa: PLC0415
-  import orbax.checkpoint as ocp  # noqa: PLC0415
+class CheckpointWriter:
+  """Writes a training checkpoint (layout in the module docstring) one parameter at a time.
 
-  from prima_jax.training.checkpoint import Checkpointer, save_frozen, write_config_record  # noqa: PLC0415
-  from prima_jax.training.optimizer import make_optimizer  # noqa: PLC0415
-  from prima_jax.training.partition import trainable_filter  # noqa: PLC0415
+  Each parameter is cast to its stored dtype as it arrives (trainable ones keep the model's dtype,
+  frozen floating ones take ``train.frozen_dtype``) and buffered for its item: trainable ones for
+  ``<step>/state`` (``params``), frozen ones for ``WORKDIR/frozen``. A buffer holding
+  ``group_bytes`` is written with an Orbax partial save and freed, so peak memory is about twice
+  ``group_bytes`` plus the fresh optimizer state of the trainable parameters, whatever the
+  checkpoint size. :meth:`close` writes the optimizer state, step and RNG, and finalizes both items;
+  until then nothing under ``out_dir`` is a checkpoint (:meth:`abort` removes the parts).
+  """
 
-  variables = abstract_params(config.model)
-  is_trainable = trainable_filter(config.train.trainable)
-  frozen_dtype = np_dtype(config.train.get("frozen_dtype", ""))
-  trainable, frozen = {}, {}
-  for name, var in variables.items():
-    path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
-    value = values[name]
-    if is_trainable(path, var):
-      trainable[path] = np.asarray(value, dtype=var.get_value().dtype)
+  def __init__(self, config, out_dir: str, *, group_bytes: int = 512 * MB):
+    from prima_jax.training.checkpoint import write_config_record  # noqa: PLC0415
+    from prima_jax.training.partition import trainable_filter  # noqa: PLC0415
+
+    self.config, self.out_dir, self.group_bytes = config, out_dir, group_bytes
+    is_trainable = trainable_filter(config.train.trainable)
+    frozen_dtype = np_dtype(config.train.get("frozen_dtype", ""))
+    # name -> (tree path, shape, stored dtype, trainable)
+    self._targets: dict[str, tuple[tuple, tuple[int, ...], np.dtype, bool]] = {}
+    for name, var in abstract_params(config.model).items():
+      path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
+      dtype = np.dtype(var.get_value().dtype)
+      trainable = bool(is_trainable(path, var))
+      if not trainable and frozen_dtype is not None and is_floating(dtype):
+        dtype = frozen_dtype
+      self._targets[name] = (path, tuple(var.get_value().shape), dtype, trainable)
+    self._buffers: dict[bool, dict[tuple, np.ndarray]] = {True: {}, False: {}}
+    self._sizes = {True: 0, False: 0}
+    self._written: set[str] = set()
+    self._step_dir = os.path.join(out_dir, "checkpoints", "0")
+    self._frozen_parts = os.path.join(out_dir, "frozen.parts")  # not hidden: Orbax globs for its parts
+    os.makedirs(os.path.dirname(self._step_dir), exist_ok=True)
+    write_config_record(out_dir, config)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._written
+
+  def add(self, name: str, value: np.ndarray) -> None:
+    """Casts ``value`` to the parameter's stored dtype and queues it; writes a full buffer."""
+    if name not in self._targets:
+      raise KeyError(f"{name} is not a parameter of the config's model")
+    if name in self._written:
+      raise ValueError(f"parameter {name} was already written")
+    path, shape, dtype, trainable = self._targets[name]
+    array = np.asarray(value, dtype=dtype)
+    if array.shape != shape:
+      raise ValueError(f"{name}: shape {array.shape}, expected {shape}")
+    self._buffers[trainable][path] = array
+    self._sizes[trainable] += array.nbytes
+    self._written.add(name)
+    if self._sizes[trainable] >= self.group_bytes:
+      self._flush(trainable)
+
+  def _flush(self, trainable: bool) -> None:
+    if not self._buffers[trainable]:
+      return
+    from orbax.checkpoint.experimental.v1 import partial  # noqa: PLC0415
+
+    tree = _nest(self._buffers[trainable])
+    if trainable:
+      partial.save(self._step_dir, {"params": tree})
     else:
-      dt = frozen_dtype if frozen_dtype is not None and is_floating(value.dtype) else var.get_value().dtype
-      frozen[path] = np.asarray(value, dtype=dt)
-  params = _nest(trainable)
-  tx, _ = make_optimizer(config.optimizer, config.train.num_steps)
-  # AdamW-style optax states start at zero (moments and counts); built from shapes, not values.
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  opt_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(tx.init, abstract))
-  rng = np.asarray(jax.random.key_data(jax.random.key(config.seed)))
-  state = dict(step=np.zeros((), np.int32), params=params, opt_state=opt_state, rng=rng)
-  os.makedirs(out_dir, exist_ok=True)
-  write_config_record(out_dir, config)
-  ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=1, async_save=False)
-  ckpt.manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                meta=ocp.args.JsonSave(dict(meta))), force=True)
-  ckpt.close()
-  save_frozen(out_dir, _nest(frozen))
-  return os.path.join(out_dir, "checkpoints", "0")
+      partial.save(self._frozen_parts, tree)
+    self._buffers[trainable], self._sizes[trainable] = {}, 0
+    del tree
+    release_memory()
+
+  def close(self, meta: Mapping[str, Any]) -> str:
+    """Writes what is queued, the fresh optimizer state, step 0, the RNG and ``meta``; returns the
+    step directory.
+
+    Raises:
+      ValueError naming the parameters never added.
+    """
+    import jax  # noqa: PLC0415
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+    from etils import epath  # noqa: PLC0415
+    from orbax.checkpoint.experimental.v1 import partial  # noqa: PLC0415
+
+    from prima_jax.training.checkpoint import FROZEN_DIR  # noqa: PLC0415
+    from prima_jax.training.optimizer import make_optimizer  # noqa: PLC0415
+
+    missing = sorted(set(self._targets) - self._written)
+    if missing:
+      raise ValueError(f"no value for {len(missing)} parameter(s): " + ", ".join(missing[:20]))
+    self._flush(True)
+    self._flush(False)
+    abstract = _nest({path: jax.ShapeDtypeStruct(shape, dtype)
+                      for path, shape, dtype, trainable in self._targets.values() if trainable})
+    tx, _ = make_optimizer(self.config.optimizer, self.config.train.num_steps)
+    # AdamW-style optax states start at zero (moments and counts); built from shapes, not values.
+    opt_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(tx.init, abstract))
+    rest = dict(step=np.zeros((), np.int32), opt_state=opt_state,
+                rng=np.asarray(jax.random.key_data(jax.random.key(self.config.seed))))
+    if not abstract:
+      rest["params"] = {}
+    partial.save(self._step_dir, rest)
+    del opt_state, rest
+    partial.finalize(self._step_dir)
+    os.makedirs(os.path.join(self._step_dir, "meta"))
+    ocp.JsonCheckpointHandler().save(epath.Path(self._step_dir) / "meta", args=ocp.args.JsonSave(dict(meta)))
+    if any(not t for *_, t in self._targets.values()):
+      partial.finalize(self._frozen_parts)
+      # The partial save's item directory is the pytree save_frozen writes: WORKDIR/frozen.
+      os.rename(os.path.join(self._frozen_parts, "state"), os.path.join(self.out_dir, FROZEN_DIR))
+      shutil.rmtree(self._frozen_parts)
+    return self._step_dir
+
+  def abort(self) -> None:
+    """Removes everything written so far (the parts of both items)."""
+    for path in (self._step_dir, self._frozen_parts):
+      for p in (path, path + ".partial_save"):
+        shutil.rmtree(p, ignore_errors=True)
+    with contextlib.suppress(OSError):
+      os.rmdir(os.path.dirname(self._step_dir))  # checkpoints/, when empty
+
+
+def write_checkpoint(config, values: Mapping[str, np.ndarray], out_dir: str, *,
+                     meta: Mapping[str, Any], group_bytes: int = 512 * MB) -> str:
+  """Writes ``values`` ({parameter path string: array}) as a training checkpoint under ``out_dir``
+  (layout in the module docstring) with :class:`CheckpointWriter`. Returns the step directory."""
+  writer = CheckpointWriter(config, out_dir, group_bytes=group_bytes)
+  for name in abstract_params(config.model):
+    writer.add(name, values[name])
+  return writer.close(meta)
+
+
+def _chunks(cfg, names: Sequence[str], group_bytes: int) -> Iterator[list[str]]:
+  """``names`` in runs of at most ``group_bytes`` (by the model's shapes and dtypes)."""
+  variables = abstract_params(cfg)
+  chunk, size = [], 0
+  for name in names:
+    value = variables[name].get_value()
+    nbytes = int(np.prod(value.shape)) * np.dtype(value.dtype).itemsize
+    if chunk and size + nbytes > group_bytes:
+      yield chunk
+      chunk, size = [], 0
+    chunk.append(name)
+    size += nbytes
+  if chunk:
+    yield chunk
 
 
 def import_params(config, sources: Sequence[tuple[str, layouts.TensorFile, Mapping[str, Any]]], out_dir: str,
-                  *, strict: bool = False, source_note: str = "") -> LoadReport:
+                  *, strict: bool = False, source_note: str = "", group_bytes: int = 512 * MB) -> LoadReport:
   """Builds a training checkpoint in ``out_dir`` from ``sources`` (see :func:`import_sources`);
   parameters no source supplies are freshly initialised (seed ``config.seed``) and listed in the
-  returned report's ``initialised``."""
-  values: dict[str, np.ndarray] = {}
-  report = import_sources(config.model, sources, strict=strict, put=values.__setitem__)
-  values.update(init_params(config.model, report.initialised, int(config.seed)))
-  write_checkpoint(config, values, out_dir, meta=dict(step=0, source=source_note, report=dict(
-      loaded=len(report.loaded), initialised=report.initialised, missing=report.missing,
-      unexpected=report.unexpected)))
+  returned report's ``initialised``.
+
+  Streams: each tensor goes from the lazy state dict to a :class:`CheckpointWriter`, which writes
+  ``group_bytes`` at a time, so peak memory is a few times ``group_bytes`` (plus the optimizer state
+  of the trainable parameters), not the checkpoint size. On error the parts written are removed.
+  """
+  writer = CheckpointWriter(config, out_dir, group_bytes=group_bytes)
+  try:
+    # After a source's error the later ones may offer a parameter again; the error is raised anyway.
+    report = import_sources(config.model, sources, strict=strict,
+                            put=lambda name, value: None if name in writer else writer.add(name, value))
+    for chunk in _chunks(config.model, report.initialised, group_bytes):
+      for name, value in init_params(config.model, chunk, int(config.seed)).items():
+        writer.add(name, value)
+    writer.close(meta=dict(step=0, source=source_note, report=dict(
+        loaded=len(report.loaded), initialised=report.initialised, missing=report.missing,
+        unexpected=report.unexpected)))
+  except BaseException:
+    writer.abort()
+    raise
   return report
 
 
