@@ -28,24 +28,6 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]); default: the "
-                                          "checkpoint's run record.", lock_config=False)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, its checkpoints dir or a step dir.")
-_SPLIT = flags.DEFINE_string("split", None, "Split of the configured dataset (default: data.eval_split).")
-_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate the first N examples of the split only.")
-_SIMILARITY = flags.DEFINE_string("similarity", "default", "Text similarity: 'default' (lexical, no model) "
-                                  "or a directory with a transformers encoder (e.g. bert-base-uncased).")
-_OUT = flags.DEFINE_string("out", None, "Write the results JSON here.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset directory (default: config / WORKDIR/data).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch (default: eval.batch_size; rounded "
-                                   "up to a multiple of the device count).")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Generation budget in tokens.")
-_TEACHER_FORCED = flags.DEFINE_bool("teacher_forced", False, "Force the reference answers (mask quality "
-                                    "given the text).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-
 
 def local_indices(total: int, shard_index: int, shard_count: int) -> list[int | None]:
   """Example indices of this shard (i % count == index), padded with None to the longest shard's length
@@ -217,4 +199,22 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so that importing the module defines none.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]); default: the "
+                                            "checkpoint's run record.", lock_config=False)
+  _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints dir or step dir.")
+  _SPLIT = flags.DEFINE_string("split", None, "Split of the configured dataset (default: data.eval_split).")
+  _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate the first N examples of the split only.")
+  _SIMILARITY = flags.DEFINE_string("similarity", "default", "Text similarity: 'default' (lexical, no model) "
+                                    "or a directory with a transformers encoder (e.g. bert-base-uncased).")
+  _OUT = flags.DEFINE_string("out", None, "Write the results JSON here.")
+  _DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset directory (default: config / WORKDIR/data).")
+  _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch (default: eval.batch_size; rounded "
+                                     "up to a multiple of the device count).")
+  _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Generation budget in tokens.")
+  _TEACHER_FORCED = flags.DEFINE_bool("teacher_forced", False, "Force the reference answers (mask quality "
+                                      "given the text).")
+  _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+  _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+  _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
   app.run(main)

@@ -23,19 +23,6 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]); default: the "
-                                          "checkpoint's run record.", lock_config=False)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, its checkpoints dir or a step dir.")
-_IMAGES = flags.DEFINE_multi_string("image", [], "Image file (repeat for IMAGE1, IMAGE2, ...).")
-_QUESTION = flags.DEFINE_string("question", "", "The question.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory holding tokenizers/ (default: the run's data).")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "Generation budget in tokens.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_ANSWER_PREFIX = flags.DEFINE_string("answer_prefix", None, "Force the answer to start with this text.")
-
 # Distinct overlay colours (RGB), cycled.
 PALETTE = np.asarray([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
                       (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)],
@@ -149,4 +136,17 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so that importing the module defines none.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]); default: the "
+                                            "checkpoint's run record.", lock_config=False)
+  _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints dir or step dir.")
+  _IMAGES = flags.DEFINE_multi_string("image", [], "Image file (repeat for IMAGE1, IMAGE2, ...).")
+  _QUESTION = flags.DEFINE_string("question", "", "The question.")
+  _OUT = flags.DEFINE_string("out", None, "Output directory.")
+  _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory holding tokenizers/ (default: the run data).")
+  _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "Generation budget in tokens.")
+  _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.")
+  _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+  _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  _ANSWER_PREFIX = flags.DEFINE_string("answer_prefix", None, "Force the answer to start with this text.")
   app.run(main)

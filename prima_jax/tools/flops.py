@@ -617,17 +617,6 @@ def sweep(models: Sequence[Model], base: Protocol, top: int = 8) -> str:
 
 # --- CLI ------------------------------------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]); its `model` is PRIMA.")
-_IMAGES = flags.DEFINE_integer("images", Protocol.images, "Images per example.")
-_PROMPT = flags.DEFINE_integer("prompt-tokens", Protocol.prompt_tokens,
-                               "Text tokens of the prompt (image tokens and delimiters come on top).")
-_ANSWER = flags.DEFINE_integer("answer-tokens", Protocol.answer_tokens, "Answer tokens.")
-_MASKS = flags.DEFINE_integer("masks", Protocol.masks, "[SEG] masks per example.")
-_GENERATE = flags.DEFINE_bool("generate", False, "Count prefill + KV-cache decoding instead of one forward.")
-_QUESTION = flags.DEFINE_integer("question-tokens", None,
-                                 "Q-Former text tokens (default: the config's data.max_question_length).")
-_SWEEP = flags.DEFINE_bool("sweep", False, "Also sweep protocols (analytic) for the paper's saving.")
-
 
 def run(model_cfg: ml_collections.ConfigDict, p: Protocol, *, do_sweep: bool = False) -> str:
   """Counts every model under ``p`` and returns the printed report."""
@@ -656,5 +645,16 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so that importing the module defines none.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]); its `model` is PRIMA.")
+  _IMAGES = flags.DEFINE_integer("images", Protocol.images, "Images per example.")
+  _PROMPT = flags.DEFINE_integer("prompt-tokens", Protocol.prompt_tokens,
+                                 "Text tokens of the prompt (image tokens and delimiters come on top).")
+  _ANSWER = flags.DEFINE_integer("answer-tokens", Protocol.answer_tokens, "Answer tokens.")
+  _MASKS = flags.DEFINE_integer("masks", Protocol.masks, "[SEG] masks per example.")
+  _GENERATE = flags.DEFINE_bool("generate", False, "Count prefill + KV-cache decoding, not one forward.")
+  _QUESTION = flags.DEFINE_integer("question-tokens", None,
+                                   "Q-Former text tokens (default: the config's data.max_question_length).")
+  _SWEEP = flags.DEFINE_bool("sweep", False, "Also sweep protocols (analytic) for the paper's saving.")
   flags.mark_flags_as_required(["config"])
   app.run(main)
