@@ -43,6 +43,7 @@ from prima_jax.convert.state_dict import (
   is_floating,
   path_str,
 )
+from prima_jax.training.checkpoint import nest_paths
 
 GB = 1 << 30
 MB = 1 << 20
@@ -301,16 +302,6 @@ def _flatten(tree: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
     yield prefix, tree
 
 
-def _nest(flat: Mapping[tuple, Any]) -> dict:
-  out: dict = {}
-  for keys, value in flat.items():
-    node = out
-    for k in keys[:-1]:
-      node = node.setdefault(k, {})
-    node[keys[-1]] = value
-  return out
-
-
 class CheckpointParams:
   """The parameters of a training checkpoint, restored on the host a group of leaves at a time.
 
@@ -352,8 +343,8 @@ class CheckpointParams:
     out = {}
     ocp = self._ocp
     for directory, wanted in by_item.items():
-      tree = _nest({k: 0 for k in wanted})
-      args = _nest({k: ocp.RestoreArgs(restore_type=np.ndarray) for k in wanted})
+      tree = nest_paths({k: 0 for k in wanted})
+      args = nest_paths({k: ocp.RestoreArgs(restore_type=np.ndarray) for k in wanted})
       restored = self._ckpt.restore(directory, args=ocp.args.PyTreeRestore(item=tree, restore_args=args,
                                                                           partial_restore=True))
       flat = dict(_flatten(restored))
@@ -669,7 +660,7 @@ class CheckpointWriter:
       return
     from orbax.checkpoint.experimental.v1 import partial  # noqa: PLC0415
 
-    tree = _nest(self._buffers[trainable])
+    tree = nest_paths(self._buffers[trainable])
     if trainable:
       partial.save(self._step_dir, {"params": tree})
     else:
@@ -698,7 +689,7 @@ class CheckpointWriter:
       raise ValueError(f"no value for {len(missing)} parameter(s): " + ", ".join(missing[:20]))
     self._flush(True)
     self._flush(False)
-    abstract = _nest({path: jax.ShapeDtypeStruct(shape, dtype)
+    abstract = nest_paths({path: jax.ShapeDtypeStruct(shape, dtype)
                       for path, shape, dtype, trainable in self._targets.values() if trainable})
     tx, _ = make_optimizer(self.config.optimizer, self.config.train.num_steps)
     # AdamW-style optax states start at zero (moments and counts); built from shapes, not values.

@@ -102,7 +102,11 @@ class Checkpointer:
     """Restores into ``abstract_state`` (ShapeDtypeStructs with shardings) and ``data_iterator``."""
     args = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
     if data_iterator is not None:
-      args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      if os.path.isdir(os.path.join(self.directory, str(step), "data")):
+        args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      else:  # e.g. a checkpoint made by `prima_jax.convert from-torch`
+        log.warning("%s/%d holds no data iterator state: the data starts from its beginning",
+                    self.directory, step)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     except (ValueError, KeyError, TypeError) as e:
@@ -138,6 +142,28 @@ def save_frozen(workdir: str, frozen: Any) -> None:
   checkpointer.save(path, frozen)
   checkpointer.wait_until_finished()
   checkpointer.close()
+
+
+def restore_frozen(workdir: str, frozen: Any) -> Any | None:
+  """The frozen parameters of ``WORKDIR/frozen`` in ``frozen``'s structure, dtypes and shardings.
+
+  ``frozen`` is the pure-dict tree the run would otherwise start from (seeded or pretrained
+  initialisation). Returns None when the workdir has no ``frozen`` directory (or nothing is
+  frozen); a parameter missing from it is an error.
+  """
+  frozen_dir = os.path.join(os.path.abspath(workdir), FROZEN_DIR)
+  if not jax.tree.leaves(frozen) or not os.path.isdir(frozen_dir):
+    return None
+  original_paths, wanted = {}, {}
+  for p, v in _flat_dict(frozen).items():
+    key = tuple(str(k) for k in p)
+    original_paths[key], wanted[key] = p, v
+  loaded = _restore_subset(frozen_dir, None, wanted)
+  missing = [k for k in wanted if k not in loaded]
+  if missing:
+    raise IncompatibleCheckpoint(f"{frozen_dir} lacks {len(missing)} frozen parameter(s) of the model: "
+                                 + ", ".join("/".join(k) for k in missing[:10]))
+  return nest_paths({original_paths[k]: v for k, v in loaded.items()})
 
 
 def load_run_config(workdir: str):
@@ -183,7 +209,8 @@ def _flat_dict(tree: Mapping[str, Any], prefix: tuple = ()) -> dict[tuple, Any]:
   return out
 
 
-def _nest(flat: Mapping[tuple, Any]) -> dict[str, Any]:
+def nest_paths(flat: Mapping[tuple, Any]) -> dict[str, Any]:
+  """{(k1, k2, ...): leaf} -> nested dicts."""
   out: dict[str, Any] = {}
   for path, v in flat.items():
     node = out
@@ -218,7 +245,7 @@ def _restore_subset(directory: str, item_key: str | None, wanted: Mapping[tuple,
     sharding = getattr(a, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
 
-  tree = _nest({p: target(a) for p, a in found.items()})
+  tree = nest_paths({p: target(a) for p, a in found.items()})
   item = {item_key: tree} if item_key else tree
   restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
       item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
@@ -256,6 +283,6 @@ def restore_params(path: str, model) -> int:
                                    + ", ".join("/".join(p) for p in list(rest)[:10]))
     log.warning("%s: %d parameter(s) not in the checkpoint and no %s: keeping the model's values (the "
                 "seeded initialisation training started from)", step_dir, len(rest), frozen_dir)
-  nnx.replace_by_pure_dict(params, _nest({original_paths[p]: v for p, v in loaded.items()}))
+  nnx.replace_by_pure_dict(params, nest_paths({original_paths[p]: v for p, v in loaded.items()}))
   nnx.update(model, params)
   return step

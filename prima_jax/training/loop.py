@@ -184,7 +184,13 @@ def train_and_evaluate(config, workdir: str, *,
   with jax.set_mesh(mesh):
     params, frozen, rest = jax.jit(init, out_shardings=(param_sh, frozen_sh, rep))()
   parts.rest = rest
-  ckpt_lib.save_frozen(workdir, frozen)
+  # A workdir made by `prima_jax.convert from-torch` (or an earlier start of this run) holds the frozen
+  # parameters: they replace the seeded ones. Otherwise they are written once, for prediction/export.
+  restored_frozen = ckpt_lib.restore_frozen(workdir, frozen)
+  if restored_frozen is None:
+    ckpt_lib.save_frozen(workdir, frozen)
+  else:
+    frozen = restored_frozen
   n_train, n_frozen = count(params), count(frozen)
   tx, schedule = make_optimizer(config.optimizer, t.num_steps)
   opt_sh = steps.opt_state_shardings(tx, jax.eval_shape(tx.init, params), param_sh, mesh)
@@ -198,6 +204,8 @@ def train_and_evaluate(config, workdir: str, *,
                         is_main=is_main)
   writer.print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} over {jax.process_count()} "
                f"process(es); mesh {dict(mesh.shape)}; params: {n_train:,} trainable, {n_frozen:,} frozen")
+  if restored_frozen is not None:
+    writer.print(f"frozen parameters from {os.path.join(workdir, ckpt_lib.FROZEN_DIR)}")
 
   # --- data iterators and resume ---------------------------------------------------------------
   train_iter = iter(data_lib.train_dataset(config, model_cfg, tokenizers, ddir))
