@@ -17,9 +17,12 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from prima_jax.convert import torch_io
+from prima_jax.convert.state_dict import param_paths, path_str
 from prima_jax.data import preprocess
 from prima_jax.models.prima import Prima
 from prima_jax.training import checkpoint as ckpt_lib
+from prima_jax.training import data as data_lib
 from prima_jax.training import metrics as metrics_lib
 from prima_jax.training import visualize
 from prima_jax.training.loop import NonFiniteLoss, schema, train_and_evaluate
@@ -241,3 +244,23 @@ def test_prediction_panels_undo_sam_normalisation():
   (panel,) = visualize.example_panels(batch, logits, 0)
   assert panel.shape == (40, 2 * 64 + 2, 3)
   assert (panel[:10, :20] != image[:10, :20]).any() and (panel[20:, 30:64] == image[20:, 30:64]).all()
+
+
+def test_training_starts_from_an_imported_workdir(tmp_path, data_dir):
+  """`convert from-torch` output -> training: step 0's state and the imported frozen parameters are used."""
+  c = demo_test_config(data_dir, trainable=("seg_head/", "sam/mask_decoder/"), num_steps=1)
+  c.eval.every = 0
+  data_lib.prepare_synthetic(c, data_dir)
+  c.model.qformer.vocab_size = data_lib.load_tokenizers(c, data_dir)[1].vocab_size
+  # Imported values: an initialisation from another seed (the run's own seed gives its frozen values).
+  imported = {path_str(p): np.asarray(v.get_value())
+              for p, v in param_paths(Prima(c.model, rngs=nnx.Rngs(c.seed + 7))).items()}
+  workdir = str(tmp_path / "imported")
+  torch_io.write_checkpoint(c, imported, workdir, meta={"step": 0})
+  summary = train_and_evaluate(c, workdir)
+  assert summary["start_step"] == 0 and summary["final_step"] == 1
+  frozen = {".".join(str(getattr(k, "key", k)) for k in p): np.asarray(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(summary["frozen"])}
+  assert frozen and set(frozen) <= set(imported)
+  for name, value in frozen.items():
+    np.testing.assert_array_equal(value, imported[name], err_msg=name)
