@@ -39,8 +39,8 @@ from flax import nnx
 from prima_jax.models import clip_vit, layers
 from prima_jax.models.configs import full_config, tiny_config
 from prima_jax.models.llama import Llama
-from prima_jax.models.prima import Prima, SegHead, gather_positions
-from prima_jax.models.sam.sam import Sam, upscale_masks
+from prima_jax.models.prima import Prima, SegHead
+from prima_jax.models.sam.sam import Sam
 from prima_jax.sharding import constrain
 
 STYLES = ("lisa", "glamm")
@@ -117,14 +117,7 @@ class SegBaseline(Prima):
     """Teacher-forced forward pass; returns what :meth:`Prima.__call__` returns."""
     validate_baseline_batch(batch, self.cfg)
     tokens = self.image_tokens(batch["clip_images"])
-    embeds = constrain(self.embed_prompt(batch["input_ids"], tokens), ("batch", "length", "act_embed"))
-    logits, hidden, _ = self.llm(embeds, attention_mask=batch["attention_mask"].astype(bool))
-    seg_hidden = gather_positions(hidden, self.seg_hidden_positions(batch["seg_positions"]))
-    seg_embeddings = self.seg_head(seg_hidden)
-    low_res = self.decode_masks(self.sam_embeddings(batch["sam_images"]), seg_embeddings,
-                                batch["seg_image_index"])
-    return dict(logits=logits, seg_hidden=seg_hidden, seg_embeddings=seg_embeddings, low_res_masks=low_res,
-                mask_logits=upscale_masks(low_res, self.cfg.sam.image_size))
+    return self.answer_and_masks(self.embed_prompt(batch["input_ids"], tokens), batch)
 
 
 def input_specs(cfg, *, batch: int, images: int, length: int, masks: int) -> dict[str, jax.ShapeDtypeStruct]:

@@ -160,7 +160,14 @@ class Prima(nnx.Module):
     validate_batch(batch, self.cfg)
     tokens = self.image_tokens(batch["eva_images"], batch["image_valid"], batch["qformer_input_ids"],
                                batch["qformer_attention_mask"])
-    embeds = self.embed_prompt(batch["input_ids"], tokens)
+    return self.answer_and_masks(self.embed_prompt(batch["input_ids"], tokens), batch)
+
+  def answer_and_masks(self, embeds: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The language and mask side of the forward pass, from the embedded prompt [b, l, d].
+
+    Uses ``attention_mask``, ``seg_positions``, ``seg_image_index`` and ``sam_images`` of ``batch``;
+    returns what :meth:`__call__` returns.
+    """
     embeds = constrain(embeds, ("batch", "length", "act_embed"))
     logits, hidden, _ = self.llm(embeds, attention_mask=batch["attention_mask"].astype(bool))
     seg_hidden = gather_positions(hidden, self.seg_hidden_positions(batch["seg_positions"]))
