@@ -130,6 +130,11 @@ def activation_sharding(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Iterator[None]:
     _ACTIVE.reset(token)
 
 
+def active_activation_sharding() -> tuple[Mesh, Any] | None:
+  """(mesh, rules) of the enclosing :func:`activation_sharding`, or None outside one."""
+  return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on an activation by logical names; a no-op outside
   :func:`activation_sharding`."""

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from prima_jax import sharding
 from prima_jax.kernels import cross_image_attention
 from prima_jax.models import attention
 from prima_jax.models.configs import tiny_config
@@ -70,6 +71,32 @@ def test_explicit_kernel_runs_in_interpret_mode(name, attention_log):
   assert _uses_pallas(run, q, k, v)
   assert_close(f"dispatch {name}", run(q, k, v), attention.xla_attention(q, k, v, mask=mask), rtol=1e-5)
   assert attention_log() == []
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_kernel_runs_per_shard_under_activation_sharding(name):
+  """Inside the jitted steps' activation_sharding the kernel runs in shard_map over batch and heads."""
+  rng = np.random.default_rng()
+  q, k, v = _qkv(rng, batch=4, q_len=12, kv_len=50, heads=2)
+  mask = jnp.asarray(rng.random((4, 1, 1, 50)) > 0.3)
+  cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+  def loss(implementation, q, k, v):
+    out = attention.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    return jnp.sum(out * cotangent), out
+
+  def run(implementation):
+    with sharding.activation_sharding(mesh), jax.set_mesh(mesh):
+      fn = jax.jit(jax.value_and_grad(lambda *a: loss(implementation, *a), argnums=(0, 1, 2), has_aux=True))
+      assert ("shard_map" in str(jax.make_jaxpr(fn)(q, k, v))) == (implementation != "xla")
+      return fn(q, k, v)
+
+  (_, out), grads = run(name)
+  (_, ref_out), ref_grads = run("xla")
+  assert_close(f"per-shard {name} out", out, ref_out, rtol=1e-5)
+  for label, g, r in zip("qkv", grads, ref_grads):
+    assert_close(f"per-shard {name} d{label}", g, r, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", KERNELS)

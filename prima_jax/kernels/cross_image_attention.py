@@ -14,6 +14,11 @@ kv_len] (turned into ``key_valid`` [batch, kv_len]). Anything else (causal or ge
 biases, grouped KV) is left to the XLA reference; see the fallback rule in
 :mod:`prima_jax.models.attention`. Importing this module registers both names; the GPU module is
 imported on first use, so a problem there cannot break the TPU kernel.
+
+A Pallas call is opaque to XLA's SPMD partitioner, which would gather its operands onto every
+device. Inside :func:`prima_jax.sharding.activation_sharding` (the jitted train, eval and inference
+steps) the kernels therefore run under ``jax.shard_map``, each device on its own shard of the batch
+and heads (:func:`per_shard`).
 """
 
 from __future__ import annotations
@@ -22,9 +27,14 @@ import importlib
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
+from prima_jax import sharding
 from prima_jax.kernels import pallas_tpu
 from prima_jax.models import attention
+
+# Logical axes of the kernels' q / k / v / out [batch, length, heads, head_dim].
+_KERNEL_AXES = ("batch", None, "act_heads", None)
 
 
 def key_padding_mask(mask: jax.Array | None, batch: int, kv_len: int
@@ -59,6 +69,26 @@ def applies(query: jax.Array, key: jax.Array, value: jax.Array, *,
   return key_padding_mask(mask, query.shape[0], key.shape[1])[1]
 
 
+def per_shard(kernel, query: jax.Array, key: jax.Array, value: jax.Array,
+              key_valid: jax.Array | None) -> jax.Array:
+  """``kernel(q, k, v, key_valid)`` run per device on its shard of the batch and heads.
+
+  Outside :func:`prima_jax.sharding.activation_sharding`, or when no mesh axis divides the batch
+  or heads, the kernel runs on the whole arrays. ``key_valid`` None means every key is valid.
+  """
+  if key_valid is None:
+    key_valid = jnp.ones(key.shape[:2], bool)
+  active = sharding.active_activation_sharding()
+  if active is None:
+    return kernel(query, key, value, key_valid)
+  mesh, rules = active
+  spec = sharding.logical_to_spec(_KERNEL_AXES, query.shape, mesh, rules)
+  if all(axis is None for axis in spec):
+    return kernel(query, key, value, key_valid)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, PartitionSpec(spec[0], None)),
+                       out_specs=spec, check_vma=False)(query, key, value, key_valid)
+
+
 def _tpu(query, key, value, *, mask, bias, scale):
   """Registered ``"pallas_tpu"``: the output, or the reason the kernel cannot run these shapes."""
   del bias  # ``applies`` ran first
@@ -66,7 +96,8 @@ def _tpu(query, key, value, *, mask, bias, scale):
   if reason is not None:
     return reason
   key_valid, _ = key_padding_mask(mask, query.shape[0], key.shape[1])
-  return pallas_tpu.cross_attention(query, key, value, key_valid, scale=scale)
+  return per_shard(lambda q, k, v, valid: pallas_tpu.cross_attention(q, k, v, valid, scale=scale),
+                   query, key, value, key_valid)
 
 
 def _gpu_module():
@@ -95,7 +126,8 @@ def _gpu(query, key, value, *, mask, bias, scale):
     return reason
   key_valid, _ = key_padding_mask(mask, query.shape[0], key.shape[1])
   scale = head_dim ** -0.5 if scale is None else scale
-  out = module.cross_attention(query, key, value, key_valid, scale=scale)
+  out = per_shard(lambda q, k, v, valid: module.cross_attention(q, k, v, valid, scale=scale),
+                  query, key, value, key_valid)
   return out[..., :head_dim]
 
 
