@@ -39,10 +39,25 @@ def read_image(path: str) -> np.ndarray:
     raise InputError(f"cannot read image {path}: {e}") from e
 
 
+# Overlays of smaller images are enlarged (nearest neighbour, integer factor) so their labels stay legible.
+MIN_OVERLAY_SIDE = 256
+
+
+def overlay_scale(height: int, width: int) -> int:
+  """Integer enlargement factor of an overlay: the shorter side reaches at least MIN_OVERLAY_SIDE."""
+  return max(1, -(-MIN_OVERLAY_SIDE // min(height, width)))
+
+
 def draw_overlay(image: np.ndarray, masks: Sequence[np.ndarray], labels: Sequence[str],
                  colours: Sequence[np.ndarray]) -> Image.Image:
-  """The image with each mask blended in its colour and its label written at the mask's centre."""
+  """The image with each mask blended in its colour and its label written at the mask's centre.
+
+  Images with a side under MIN_OVERLAY_SIDE pixels are drawn enlarged by :func:`overlay_scale`.
+  """
   from prima_jax.training.visualize import overlay  # noqa: PLC0415
+  scale = overlay_scale(*image.shape[:2])
+  enlarge = lambda x: np.repeat(np.repeat(x, scale, axis=0), scale, axis=1)  # noqa: E731
+  image, masks = enlarge(image), [enlarge(m) for m in masks]
   out = image
   for mask, colour in zip(masks, colours):
     out = overlay(out, mask, colour)

@@ -149,7 +149,8 @@ def test_predict_writes_rle_and_overlays(tmp_path):
     assert s["area"] == int(mask.sum())
   for k in (1, 2):
     png = Image.open(out / f"image{k}_overlay.png")
-    assert png.size == sizes[k][::-1]
+    scale = predict.overlay_scale(*sizes[k])
+    assert png.size == (sizes[k][1] * scale, sizes[k][0] * scale)
 
 
 def test_predict_errors(tmp_path):
