@@ -22,6 +22,7 @@ Export reads trained parameters from ``<step>/state`` (``params``) and frozen on
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -391,28 +392,33 @@ def merge_lora_kernel(kernel: np.ndarray, a: np.ndarray, b: np.ndarray, scaling:
 # --- export ------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _glibc():
+  """glibc's handle, or None where the C library is not glibc (the memory helpers are then no-ops)."""
+  import ctypes  # noqa: PLC0415
+
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:
+    return None
+  return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
 def limit_malloc_arenas(arenas: int = 2) -> None:
   """Caps glibc's malloc arenas (``mallopt(M_ARENA_MAX)``, as ``MALLOC_ARENA_MAX`` does) so that
   buffers freed by Orbax's reader threads return to a few heaps that :func:`release_memory` trims.
   Call before the first checkpoint read; a no-op outside glibc."""
-  try:
-    import ctypes  # noqa: PLC0415
-
-    ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
-  except (OSError, AttributeError):
-    pass
+  libc = _glibc()
+  if libc is not None:
+    libc.mallopt(-8, arenas)  # M_ARENA_MAX
 
 
 def release_memory() -> None:
   """Returns freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere). The checkpoint
   reader frees a group's buffers from many threads, whose malloc arenas would otherwise keep them."""
-  try:
-    import ctypes  # noqa: PLC0415
-
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
-
+  libc = _glibc()
+  if libc is not None:
+    libc.malloc_trim(0)
 
 
 def check_source(cfg, shapes: Mapping[str, tuple]) -> None:

@@ -181,16 +181,20 @@ def train_and_evaluate(config, workdir: str, *,
     cast_state(p.frozen, t.frozen_dtype)
     return p.trainable.to_pure_dict(), p.frozen.to_pure_dict(), p.rest
 
-  with jax.set_mesh(mesh):
-    params, frozen, rest = jax.jit(init, out_shardings=(param_sh, frozen_sh, rep))()
-  parts.rest = rest
   # A workdir made by `prima_jax.convert from-torch` (or an earlier start of this run) holds the frozen
-  # parameters: they replace the seeded ones. Otherwise they are written once, for prediction/export.
-  restored_frozen = ckpt_lib.restore_frozen(workdir, frozen)
-  if restored_frozen is None:
-    ckpt_lib.save_frozen(workdir, frozen)
-  else:
-    frozen = restored_frozen
+  # parameters: they are restored instead of initialised (never both in memory). Otherwise they are
+  # initialised from the seed and written once, for prediction and export.
+  abstract_frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                 jax.eval_shape(init)[1], frozen_sh)
+  restored_frozen = ckpt_lib.restore_frozen(workdir, abstract_frozen)
+  with jax.set_mesh(mesh):
+    if restored_frozen is None:
+      params, frozen, rest = jax.jit(init, out_shardings=(param_sh, frozen_sh, rep))()
+      ckpt_lib.save_frozen(workdir, frozen)
+    else:
+      frozen = restored_frozen
+      params, rest = jax.jit(lambda: (lambda p, _, r: (p, r))(*init()), out_shardings=(param_sh, rep))()
+  parts.rest = rest
   n_train, n_frozen = count(params), count(frozen)
   tx, schedule = make_optimizer(config.optimizer, t.num_steps)
   opt_sh = steps.opt_state_shardings(tx, jax.eval_shape(tx.init, params), param_sh, mesh)
