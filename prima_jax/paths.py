@@ -1,0 +1,132 @@
+"""One path type for every workdir, dataset, cache and output: local paths and object-store URLs alike.
+
+Everything goes through :func:`resolve`, which returns an ``etils.epath.Path`` (the path type TFDS and
+Orbax use): ``/data/run``, ``~/run`` and ``run`` become absolute local paths; ``gs://bucket/run``,
+``s3://bucket/run`` stay URLs and are read and written through their fsspec client. Code never calls
+``os.path`` / ``open`` / ``os.makedirs`` on such a path, so a URL is never mistaken for a local
+directory (``os.path.abspath("gs://b/run")`` is the local ``./gs:/b/run``).
+
+A URL whose client is not installed fails here, before anything is written, with one line naming
+the flag or config key, the URL and what to install.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import uuid
+
+from etils import epath
+
+# scheme -> (python module, pip package) the scheme needs. gs:// needs gcsfs (epath's fsspec client)
+# and google-cloud-storage (Orbax asks the bucket whether it has a hierarchical namespace).
+CLIENTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "gs": (("gcsfs", "gcsfs"), ("google.cloud.storage", "google-cloud-storage")),
+    "s3": (("s3fs", "s3fs"),),
+    "az": (("adlfs", "adlfs"),),
+    "hf": (("huggingface_hub", "huggingface_hub"),),
+}
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class PathError(ValueError):
+  """A path or URL that cannot be used as given; the message names the flag or key that set it."""
+
+
+def url_scheme(path: str | os.PathLike) -> str | None:
+  """``"gs"`` for ``gs://bucket/x``; None for a local path."""
+  m = _SCHEME.match(os.fspath(path))
+  return m.group(1).lower() if m else None
+
+
+def _fsspec_registered(scheme: str) -> bool:
+  """True when an fsspec implementation for ``scheme`` is already imported and registered (a test
+  filesystem, or a client imported by the user)."""
+  import fsspec  # noqa: PLC0415 (installed with etils / TFDS)
+
+  return scheme in fsspec.registry or (scheme == "gs" and "gcs" in fsspec.registry)
+
+
+def _importable(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # a parent package is missing
+    return False
+
+
+def missing_clients(scheme: str) -> list[str]:
+  """The pip packages ``scheme://`` URLs need that are not installed (empty: usable)."""
+  missing = []
+  for i, (module, package) in enumerate(CLIENTS.get(scheme, ())):
+    if i == 0 and _fsspec_registered(scheme):
+      continue
+    if not _importable(module):
+      missing.append(package)
+  return missing
+
+
+def resolve(path: str | os.PathLike, *, what: str = "path") -> epath.Path:
+  """``path`` as an ``epath.Path``: absolute when local, checked for an installed client when a URL.
+
+  Args:
+    path: a local path or an object-store URL.
+    what: the flag or config key the path came from, for the error message (``--workdir``).
+
+  Raises:
+    PathError: empty, an unknown scheme, or a scheme whose client is not installed.
+  """
+  text = os.fspath(path) if not isinstance(path, epath.Path) else str(path)
+  if not text:
+    raise PathError(f"{what}: empty path")
+  scheme = url_scheme(text)
+  if scheme is None:
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+  if scheme not in CLIENTS:
+    raise PathError(f"{what}={text}: unsupported URL scheme {scheme}:// (supported: local paths and "
+                    + ", ".join(f"{s}://" for s in CLIENTS) + ")")
+  missing = missing_clients(scheme)
+  if missing:
+    raise PathError(f"{what}={text}: {scheme}:// needs {' and '.join(missing)}, which "
+                    f"{'is' if len(missing) == 1 else 'are'} not installed (pip install {' '.join(missing)}); "
+                    "nothing was written")
+  return epath.Path(text)
+
+
+def is_local(path: str | os.PathLike) -> bool:
+  return url_scheme(str(path)) is None
+
+
+def local_only(path: str | os.PathLike, *, what: str, why: str) -> str:
+  """The local filesystem path of ``path``, for a library that reads only local files.
+
+  Raises:
+    PathError: ``path`` is a URL (the message says ``why`` and how to mount the bucket instead).
+  """
+  if is_local(path):
+    return os.fspath(resolve(path, what=what))
+  raise PathError(f"{what}={path}: {why} reads only local files; mount the bucket (e.g. gcsfuse, "
+                  f"mountpoint-s3) and pass the mounted path, or copy the files to local disk")
+
+
+def write_bytes_atomic(path: epath.Path, data: bytes) -> None:
+  """Writes ``data`` so that readers see the old file or the whole new one, never a part.
+
+  Local: a temporary sibling renamed over ``path``. Object stores publish an object only when its
+  upload completes, so there the object is written directly.
+  """
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if not is_local(path):
+    path.write_bytes(data)
+    return
+  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+  try:
+    tmp.write_bytes(data)
+    tmp.replace(path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def write_text_atomic(path: epath.Path, text: str) -> None:
+  write_bytes_atomic(path, text.encode("utf-8"))
