@@ -87,9 +87,9 @@ def resolve(path: str | os.PathLike, *, what: str = "path") -> epath.Path:
                     + ", ".join(f"{s}://" for s in CLIENTS) + ")")
   missing = missing_clients(scheme)
   if missing:
-    raise PathError(f"{what}={text}: {scheme}:// needs {' and '.join(missing)}, which "
-                    f"{'is' if len(missing) == 1 else 'are'} not installed (pip install {' '.join(missing)}); "
-                    "nothing was written")
+    verb = "is" if len(missing) == 1 else "are"
+    raise PathError(f"{what}={text}: {scheme}:// needs {' and '.join(missing)}, which {verb} not installed "
+                    f"(pip install {' '.join(missing)}); nothing was written")
   return epath.Path(text)
 
 

@@ -67,18 +67,25 @@ def initialize_distributed() -> None:
 
 def main(argv) -> int:
   del argv
+  from prima_jax.paths import PathError  # noqa: PLC0415
+  from prima_jax.workdir import IncompatibleCheckpoint, Workdir  # noqa: PLC0415
+
+  try:  # before anything starts or is written: a bad --workdir is one line
+    workdir = Workdir(_WORKDIR.value)
+  except PathError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
   initialize_distributed()
   import jax  # noqa: PLC0415
 
-  from prima_jax.training.checkpoint import IncompatibleCheckpoint  # noqa: PLC0415
   from prima_jax.training.loop import NonFiniteLoss, train_and_evaluate  # noqa: PLC0415
   from prima_jax.training.validate import ConfigError  # noqa: PLC0415
 
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax / TFDS progress chatter
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   try:
-    summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, IncompatibleCheckpoint, NonFiniteLoss) as e:
+    summary = train_and_evaluate(_CONFIG.value, workdir)
+  except (ConfigError, IncompatibleCheckpoint, NonFiniteLoss, PathError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2 if not isinstance(e, NonFiniteLoss) else 3
   if jax.process_index() == 0:

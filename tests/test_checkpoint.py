@@ -1,4 +1,4 @@
-"""Frozen-parameter storage and restores without a data iterator state (no training run needed)."""
+"""Frozen-parameter storage and restores of a step without a data position (no training run needed)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +6,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from prima_jax import workdir as workdir_lib
 from prima_jax.training import checkpoint as ckpt_lib
 
 
@@ -18,13 +19,13 @@ def _tree(rng):
 def test_frozen_round_trip_keeps_structure_dtypes_and_shardings(tmp_path):
   rng = np.random.default_rng()
   saved = _tree(rng)
-  assert ckpt_lib.restore_frozen(str(tmp_path), saved) is None   # nothing written yet
-  ckpt_lib.save_frozen(str(tmp_path), saved)
-  ckpt_lib.save_frozen(str(tmp_path), _tree(rng))                 # written once: a second call is a no-op
+  assert workdir_lib.Workdir(str(tmp_path)).restore_frozen(saved) is None   # nothing written yet
+  workdir_lib.Workdir(str(tmp_path)).save_frozen(saved)
+  workdir_lib.Workdir(str(tmp_path)).save_frozen(_tree(rng))  # written once: a no-op now
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   target = jax.tree.map(lambda x: jax.device_put(jnp.zeros_like(x),
                                                  jax.sharding.NamedSharding(mesh, jax.P())), saved)
-  restored = ckpt_lib.restore_frozen(str(tmp_path), target)
+  restored = workdir_lib.Workdir(str(tmp_path)).restore_frozen(target)
   assert jax.tree.structure(restored) == jax.tree.structure(saved)
   for a, b, t in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), jax.tree.leaves(target)):
     assert a.dtype == b.dtype and a.sharding == t.sharding
@@ -33,33 +34,28 @@ def test_frozen_round_trip_keeps_structure_dtypes_and_shardings(tmp_path):
 
 def test_frozen_missing_parameter_is_an_error(tmp_path):
   rng = np.random.default_rng()
-  ckpt_lib.save_frozen(str(tmp_path), _tree(rng))
+  workdir_lib.Workdir(str(tmp_path)).save_frozen(_tree(rng))
   bigger = {**_tree(rng), "sam": {"kernel": jnp.zeros((2, 2))}}
   with pytest.raises(ckpt_lib.IncompatibleCheckpoint, match="sam/kernel"):
-    ckpt_lib.restore_frozen(str(tmp_path), bigger)
+    workdir_lib.Workdir(str(tmp_path)).restore_frozen(bigger)
   wrong_shape = _tree(rng)
   wrong_shape["llm"]["embed"] = jnp.zeros((6, 2))
   with pytest.raises(ckpt_lib.IncompatibleCheckpoint,
                      match=r"llm/embed: checkpoint \(5, 2\) vs model \(6, 2\)"):
-    ckpt_lib.restore_frozen(str(tmp_path), wrong_shape)
+    workdir_lib.Workdir(str(tmp_path)).restore_frozen(wrong_shape)
 
 
-def test_restore_without_data_state_starts_the_data_over(tmp_path):
-  """A step without a data item (as `convert from-torch` writes) restores the state; data is not touched."""
+def test_restore_of_a_step_without_data_position(tmp_path):
+  """A step without a data position (as `convert from-torch` writes) restores the state and its meta."""
   state = {"params": {"w": jnp.arange(6.0).reshape(2, 3)}, "step": jnp.zeros((), jnp.int32)}
   manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
   manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           meta=ocp.args.JsonSave({"step": 0})))
   manager.wait_until_finished()
   manager.close()
-
-  class NeverRestored:
-    def set_state(self, _):
-      raise AssertionError("the data iterator must not be restored")
-
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), keep=2, async_save=False)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  restored, meta = checkpointer.restore(0, target, NeverRestored())
+  restored, meta = checkpointer.restore(0, target)
   checkpointer.close()
   np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
   assert meta == {"step": 0}

@@ -17,12 +17,12 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from prima_jax import workdir as workdir_lib
 from prima_jax.convert import torch_io
 from prima_jax.convert.state_dict import param_paths, path_str
 from prima_jax.data import preprocess
 from prima_jax.models.prima import Prima
 from prima_jax.training import checkpoint as ckpt_lib
-from prima_jax.training import data as data_lib
 from prima_jax.training import metrics as metrics_lib
 from prima_jax.training import visualize
 from prima_jax.training.loop import NonFiniteLoss, schema, train_and_evaluate
@@ -109,17 +109,17 @@ def test_few_steps_end_to_end_frozen_unchanged(tmp_path, data_dir):
                             flat(init["state"]["params"])["['seg_head']['fc1']['kernel']"])
 
   # The workdir is self-contained: a model built with another seed gets every parameter back.
-  run_config = ckpt_lib.load_run_config(str(tmp_path / "w"))
+  run_config = workdir_lib.Workdir(str(tmp_path / "w")).load_config()
   assert run_config.model.qformer.vocab_size == c.model.qformer.vocab_size
   model = Prima(c.model, rngs=nnx.Rngs(c.seed + 1))
-  assert ckpt_lib.restore_params(str(tmp_path / "w"), model) == 3
+  assert workdir_lib.restore_params(str(tmp_path / "w"), model) == 3
   restored = flat(nnx.state(model, nnx.Param).to_pure_dict())
   saved = {**flat(first["state"]["params"]), **flat(first["frozen"])}
   assert restored.keys() == saved.keys()
   for k in saved:
     np.testing.assert_array_equal(restored[k], saved[k], err_msg=k)
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    ckpt_lib.restore_params(str(tmp_path), model)
+    workdir_lib.restore_params(str(tmp_path), model)
 
 
 def test_sigterm_then_resume_is_exact(tmp_path, data_dir):
@@ -207,13 +207,14 @@ def test_m4seg_configs_are_in_the_schema():
 
 def test_incompatible_checkpoint(tmp_path):
   c = load_config("demo")
-  ckpt_lib.write_config_record(str(tmp_path), c)
-  ckpt_lib.check_compatible(str(tmp_path), c)  # the same config resumes
+  wd = workdir_lib.Workdir(str(tmp_path))
+  wd.write_config_record(c)
+  wd.check_compatible(c)  # the same config resumes
   other = load_config("demo")
   other.model.llm.hidden_size = 96
   with pytest.raises(ckpt_lib.IncompatibleCheckpoint,
                      match=r"model\.llm\.hidden_size: checkpoint 64 vs config 96"):
-    ckpt_lib.check_compatible(str(tmp_path), other)
+    wd.check_compatible(other)
 
 
 def test_trainable_pattern_typo(tmp_path, data_dir):
@@ -250,8 +251,8 @@ def test_training_starts_from_an_imported_workdir(tmp_path, data_dir):
   """`convert from-torch` output -> training: step 0's state and the imported frozen parameters are used."""
   c = demo_test_config(data_dir, trainable=("seg_head/", "sam/mask_decoder/"), num_steps=1)
   c.eval.every = 0
-  data_lib.prepare_synthetic(c, data_dir)
-  c.model.qformer.vocab_size = data_lib.load_tokenizers(c, data_dir)[1].vocab_size
+  workdir_lib.prepare_synthetic(c, data_dir)
+  workdir_lib.fit_vocab_sizes(c, workdir_lib.load_tokenizers(c, data_dir))
   # Imported values: an initialisation from another seed (the run's own seed gives its frozen values).
   imported = {path_str(p): np.asarray(v.get_value())
               for p, v in param_paths(Prima(c.model, rngs=nnx.Rngs(c.seed + 7))).items()}

@@ -48,7 +48,7 @@ def load_config(spec: str):
 
 def _workdir_record(step_dir: str) -> str | None:
   """``WORKDIR/config.json`` for ``WORKDIR/checkpoints/<step>``."""
-  from prima_jax.training.checkpoint import CONFIG_RECORD  # noqa: PLC0415
+  from prima_jax.workdir import CONFIG_RECORD  # noqa: PLC0415
 
   for up in (os.path.dirname(os.path.dirname(step_dir)), os.path.dirname(step_dir), step_dir):
     candidate = os.path.join(up, CONFIG_RECORD)

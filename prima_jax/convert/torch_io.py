@@ -44,7 +44,7 @@ from prima_jax.convert.state_dict import (
   is_floating,
   path_str,
 )
-from prima_jax.training.checkpoint import nest_paths
+from prima_jax.workdir import nest_paths
 
 GB = 1 << 30
 MB = 1 << 20
@@ -281,9 +281,10 @@ class ModuleParams:
 def find_step_dir(path: str, step: int | None = None) -> str:
   """The step directory for ``path`` (WORKDIR, WORKDIR/checkpoints or a step directory): the latest
   step, or ``step``."""
-  from prima_jax.training.checkpoint import resolve_checkpoint  # noqa: PLC0415
+  from prima_jax.workdir import Workdir  # noqa: PLC0415
 
-  _, step_dir, latest = resolve_checkpoint(path)
+  _, step_dir, latest = Workdir.locate(path)
+  step_dir = str(step_dir)
   if step is None or step == latest:
     return step_dir
   candidate = os.path.join(os.path.dirname(step_dir), str(step))
@@ -315,7 +316,7 @@ class CheckpointParams:
   def __init__(self, step_dir: str):
     import orbax.checkpoint as ocp  # noqa: PLC0415
 
-    from prima_jax.training.checkpoint import FROZEN_DIR  # noqa: PLC0415
+    from prima_jax.workdir import FROZEN as FROZEN_DIR  # noqa: PLC0415
 
     self.step_dir = step_dir
     self._ckpt = ocp.PyTreeCheckpointer()
@@ -619,8 +620,8 @@ class CheckpointWriter:
   """
 
   def __init__(self, config, out_dir: str, *, group_bytes: int = 512 * MB):
-    from prima_jax.training.checkpoint import write_config_record  # noqa: PLC0415
     from prima_jax.training.partition import trainable_filter  # noqa: PLC0415
+    from prima_jax.workdir import Workdir  # noqa: PLC0415
 
     self.config, self.out_dir, self.group_bytes = config, out_dir, group_bytes
     is_trainable = trainable_filter(config.train.trainable)
@@ -640,7 +641,7 @@ class CheckpointWriter:
     self._step_dir = os.path.join(out_dir, "checkpoints", "0")
     self._frozen_parts = os.path.join(out_dir, "frozen.parts")  # not hidden: Orbax globs for its parts
     os.makedirs(os.path.dirname(self._step_dir), exist_ok=True)
-    write_config_record(out_dir, config)
+    Workdir(out_dir).write_config_record(config)
 
   def __contains__(self, name: str) -> bool:
     return name in self._written
@@ -687,8 +688,8 @@ class CheckpointWriter:
     from etils import epath  # noqa: PLC0415
     from orbax.checkpoint.experimental.v1 import partial  # noqa: PLC0415
 
-    from prima_jax.training.checkpoint import FROZEN_DIR  # noqa: PLC0415
     from prima_jax.training.optimizer import make_optimizer  # noqa: PLC0415
+    from prima_jax.workdir import FROZEN as FROZEN_DIR  # noqa: PLC0415
 
     missing = sorted(set(self._targets) - self._written)
     if missing:
@@ -790,7 +791,7 @@ def load_params(path: str, model, *, step: int | None = None) -> None:
   import jax.numpy as jnp  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
 
-  from prima_jax.training.checkpoint import restore_params  # noqa: PLC0415
+  from prima_jax.workdir import restore_params  # noqa: PLC0415
 
   step_dir = find_step_dir(path, step)
   check_source(model.cfg, CheckpointParams(step_dir).shapes)

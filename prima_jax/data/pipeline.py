@@ -1,15 +1,18 @@
 """The Grain pipeline: M⁴Seg examples -> static-shape model batches -> global ``jax.Array`` batches.
 
-Per host::
+One global example stream, each process reading its rows of each global batch::
 
-  source[shard_index::shard_count]        disjoint examples per process
-  -> shuffle(seed)                        a new order every epoch
+  source -> shuffle(seed)                 a new order every epoch
   -> repeat(num_epochs)
-  -> decode + prepare_example             (random_map when training: per-example rng from (seed, index))
+  -> decode + prepare_example             (random_map when training: rng from (seed, stream position))
+  -> this process's rows of global batch k = positions [k G + p b, k G + (p + 1) b), k >= start_batch
   -> to_iter_dataset                      (thread prefetch of decoded examples)
-  -> batch of kept examples               dropped ones are skipped and tallied by reason
+  -> batch of b rows                      a dropped example becomes a zero-weight blank, tallied by reason
   -> mp_prefetch(worker_count)            (optional worker processes)
   -> drop tally moved into the iterator's :class:`DropCounter`
+
+The sequence of global batches is a function of (seed, step) only: the same for any number of
+processes and devices, and resumable at any global batch (``start_batch``) with another process count.
 
 Batches are :func:`prima_jax.models.batch.collate` dicts of numpy arrays with fixed shapes:
 ``prima.max_images`` images, ``prima.max_masks`` [SEG] slots, ``max_length`` LLM tokens and
@@ -17,8 +20,8 @@ Batches are :func:`prima_jax.models.batch.collate` dicts of numpy arrays with fi
 ``jax.Array`` s sharded over the data axes of a mesh.
 
 A bad example (undecodable, inconsistent, too many images or [SEG], prompt too long) is never
-an error mid-stream: it is skipped, counted under one of :data:`DROP_REASONS` and logged; a
-[SEG] is never separated from its mask (the whole example goes).
+an error mid-stream: its row becomes a zero-weight blank, it is counted under one of
+:data:`DROP_REASONS` and logged; a [SEG] is never separated from its mask (the whole example goes).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from prima_jax.data import preprocess
 from prima_jax.data.example import GroundedExample
 from prima_jax.data.prompt import PromptTooLong, encode_example
-from prima_jax.models.batch import collate
+from prima_jax.models.batch import IGNORE_LABEL, collate
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +238,27 @@ class PrepareTransform:
 
 
 # ---------------------------------------------------------------------------------------------
-# Batching of kept examples and the drop tally
+# Batching with dropped examples zero-weighted, and the drop tally
+
+
+def blank_example(cfg, *, question_length: int = 1) -> dict[str, np.ndarray]:
+  """The stand-in for a dropped example: one black image, its image slots, no label, no [SEG].
+
+  It keeps the batch's static shape and the global data order (every global batch holds the same
+  stream positions whatever the number of processes) and contributes nothing to any loss or metric:
+  all labels are ``IGNORE_LABEL`` and it has no valid [SEG] slot.
+  """
+  p = cfg.prima
+  size, s = cfg.vision.image_size, cfg.sam.image_size
+  ids = np.asarray([p.im_start_id] + [p.image_token_id] * cfg.qformer.num_query_tokens + [p.im_end_id],
+                   np.int32)
+  return dict(
+      eva_images=np.zeros((1, size, size, 3), np.float32), sam_images=np.zeros((1, s, s, 3), np.float32),
+      sam_sizes=np.asarray([[s, s]], np.int32), input_ids=ids,
+      labels=np.full(len(ids), IGNORE_LABEL, np.int32),
+      qformer_input_ids=np.full(question_length, cfg.qformer.pad_token_id, np.int32),
+      seg_positions=np.zeros(0, np.int32), seg_image_index=np.zeros(0, np.int32),
+      gt_masks=np.zeros((0, s, s), np.float32))
 
 
 class CollateFn:
@@ -252,56 +275,50 @@ class CollateFn:
                    text_length=self.max_question_length, max_masks=p.max_masks)
 
 
-class _KeptBatchIterDataset(grain.IterDataset):
-  """Batches ``batch_size`` kept examples, skipping :class:`Dropped` markers and tallying them."""
+class _FilledBatchIterDataset(grain.IterDataset):
+  """Batches ``batch_size`` consecutive stream items; a :class:`Dropped` marker becomes a
+  :func:`blank_example` (zero weight) and is tallied, so a batch always covers the same positions."""
 
-  def __init__(self, parent: grain.IterDataset, batch_size: int, batch_fn: Callable,
+  def __init__(self, parent: grain.IterDataset, batch_size: int, batch_fn: Callable, blank: Mapping,
                max_consecutive_drops: int):
     super().__init__(parent)
-    self._batch_size = batch_size
-    self._batch_fn = batch_fn
-    self._max_consecutive_drops = max_consecutive_drops
+    self._args = (batch_size, batch_fn, blank, max_consecutive_drops)
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _KeptBatchIterator(self._parent.__iter__(), self._batch_size, self._batch_fn,
-                              self._max_consecutive_drops)
+    return _FilledBatchIterator(self._parent.__iter__(), *self._args)
 
   def __str__(self) -> str:
-    return f"KeptBatchIterDataset(batch_size={self._batch_size})"
+    return f"FilledBatchIterDataset(batch_size={self._args[0]})"
 
 
-class _KeptBatchIterator(grain.DatasetIterator):
-  """A batch is built in one ``__next__``, so the parent's state at a batch boundary is the state."""
+class _FilledBatchIterator(grain.DatasetIterator):
+  """A batch is built in one ``__next__``; the stream ends with the last whole batch."""
 
-  def __init__(self, parent: grain.DatasetIterator, batch_size: int, batch_fn: Callable,
+  def __init__(self, parent: grain.DatasetIterator, batch_size: int, batch_fn: Callable, blank: Mapping,
                max_consecutive_drops: int):
     super().__init__(parent)
     self._batch_size = batch_size
     self._batch_fn = batch_fn
+    self._blank = blank
     self._max_consecutive_drops = max_consecutive_drops
+    self._consecutive = 0
 
   def __next__(self) -> dict[str, np.ndarray]:
-    kept, drops, consecutive = [], DropCounter(), 0
-    while len(kept) < self._batch_size:
-      try:
-        item = next(self._parent)
-      except StopIteration:
-        # End of the stream: the partial batch goes (static shapes), its drops are still reported
-        # in a tally-only element, once.
-        if drops.total:
-          return {DROPS_KEY: drops.as_vector()}
-        raise
+    examples, drops = [], DropCounter()
+    while len(examples) < self._batch_size:
+      item = next(self._parent)  # StopIteration ends the stream; a partial batch is not yielded
       if isinstance(item, Dropped):
         drops.add(item.reason)
-        consecutive += 1
-        if consecutive >= self._max_consecutive_drops:
-          raise RuntimeError(f"{consecutive} examples in a row were dropped ({drops.summary()}); "
-                             f"the last: {item.example_id}: {item.message}. Check the data and the "
-                             "pipeline settings (max_length, max_images, tokenisers).")
+        examples.append(self._blank)
+        self._consecutive += 1
+        if self._consecutive >= self._max_consecutive_drops:
+          raise RuntimeError(f"{self._consecutive} examples in a row were dropped ({drops.summary()} in "
+                             f"this batch); the last: {item.example_id}: {item.message}. Check the data "
+                             "and the pipeline settings (max_length, max_images, tokenisers).")
       else:
-        kept.append(item)
-        consecutive = 0
-    batch = self._batch_fn(kept)
+        examples.append(item)
+        self._consecutive = 0
+    batch = self._batch_fn(examples)
     batch[DROPS_KEY] = drops.as_vector()
     return batch
 
@@ -310,6 +327,33 @@ class _KeptBatchIterator(grain.DatasetIterator):
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state)
+
+
+class _ProcessSlice(grain.MapDataset):
+  """This process's rows of consecutive global batches of a global example stream.
+
+  Global batch ``k`` holds stream positions ``[k * G, (k + 1) * G)`` (``G = local * count``);
+  process ``p`` reads ``[k * G + p * local, k * G + (p + 1) * local)``. Local item ``i`` is row
+  ``i % local`` of global batch ``start_batch + i // local``.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, local: int, index: int, count: int, start_batch: int):
+    super().__init__(parent)
+    self._local, self._index, self._global = local, index, local * count
+    self._start = start_batch
+    self._len = max(0, len(parent) // self._global - start_batch) * local
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    k, j = divmod(index, self._local)
+    return self._parent[(self._start + k) * self._global + self._index * self._local + j]
+
+  def __str__(self) -> str:
+    return f"ProcessSlice(rows {self._index * self._local}..+{self._local} of {self._global})"
 
 
 class _CountDropsIterDataset(grain.IterDataset):
@@ -367,8 +411,17 @@ def make_dataset(source: Sequence[Any] | grain.MapDataset, *, cfg, tokenizers: t
                  num_epochs: int | None = None, worker_count: int = 0,
                  shard_index: int | None = None, shard_count: int | None = None,
                  shuffle: bool | None = None, decode: Callable[[Any], GroundedExample] | None = None,
-                 read_threads: int = 2, max_consecutive_drops: int = 1000) -> grain.IterDataset:
-  """The per-host pipeline: collated numpy batches of ``batch_size`` (this host's share).
+                 read_threads: int = 2, max_consecutive_drops: int = 1000,
+                 start_batch: int = 0) -> grain.IterDataset:
+  """This process's share of a global sequence of batches that depends on (seed, position) only.
+
+  The global stream is the source shuffled with ``seed`` (a new order every epoch), repeated
+  ``num_epochs`` times; stream position ``q`` is decoded and prepared with an augmentation rng drawn
+  from (seed, q). Global batch ``k`` is positions ``[k * G, (k + 1) * G)`` with
+  ``G = batch_size * shard_count``, and process ``shard_index`` takes its ``batch_size`` rows, so
+  1 process x 8 devices and 2 processes x 4 devices see the same global batches, and a run resumed
+  at global batch ``start_batch`` continues the same order with any number of processes. A
+  dropped example keeps its row as a zero-weight :func:`blank_example` and is counted.
 
   Args:
     source: random-access items (``tfds.data_source`` records, a list, a ``grain.MapDataset``);
@@ -376,18 +429,19 @@ def make_dataset(source: Sequence[Any] | grain.MapDataset, *, cfg, tokenizers: t
     cfg: the model config (``vision.image_size``, ``sam.image_size``, ``qformer.num_query_tokens``,
       ``prima.*`` fix the preprocessing and the batch shapes).
     tokenizers: (LLM tokenizer, Q-Former tokenizer).
-    batch_size: examples per batch on this host; the last partial batch is dropped.
-    train: random-resized crops for EVA (deterministic per (seed, position in the stream)).
-    seed: shuffle seed (a different order every epoch) and augmentation seed.
+    batch_size: rows per batch on this process (the global batch is ``batch_size * shard_count``).
+    train: random-resized crops for EVA (deterministic per (seed, stream position)).
+    seed: shuffle seed and augmentation seed.
     max_length, max_question_length: static LLM / Q-Former sequence lengths.
-    num_epochs: None repeats forever.
+    num_epochs: None repeats forever; else the stream ends with the last whole global batch.
     worker_count: > 0 runs decode + preprocessing + batching in that many processes.
-    shard_index, shard_count: this host's shard (default: ``jax.process_index()`` of
-      ``jax.process_count()``); host i reads items i, i + count, ...
+    shard_index, shard_count: this process's rows (default: ``jax.process_index()`` of
+      ``jax.process_count()``).
     shuffle: default ``train``.
     decode: raw record -> GroundedExample (default ``prima_jax.data.m4seg.decode_example``).
     read_threads: threads decoding and preprocessing examples (per process).
-    max_consecutive_drops: raise instead of spinning when this many examples in a row are dropped.
+    max_consecutive_drops: raise instead of running on when this many examples in a row are dropped.
+    start_batch: the first global batch to yield (resume).
 
   Returns:
     An IterDataset whose iterator (:class:`DropCountingIterator`) yields batches in the
@@ -399,24 +453,27 @@ def make_dataset(source: Sequence[Any] | grain.MapDataset, *, cfg, tokenizers: t
     raise ValueError(f"shard_index={shard_index} must lie in [0, shard_count={shard_count})")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if start_batch < 0:
+    raise ValueError(f"start_batch must be >= 0, got {start_batch}")
   shuffle = train if shuffle is None else shuffle
   ds = source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)
   if len(ds) == 0:
     raise ValueError("the data source is empty")
-  ds = ds[shard_index::shard_count]
-  if len(ds) == 0:
-    raise ValueError(f"shard {shard_index} of {shard_count} is empty ({len(source)} items)")
+  if num_epochs is not None and len(ds) * num_epochs < batch_size * shard_count:
+    raise ValueError(f"{len(ds)} examples x {num_epochs} epoch(s) make no global batch of "
+                     f"{batch_size * shard_count}")
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   prepare = PrepareTransform(cfg=cfg, tokenizers=tokenizers, train=train, max_length=max_length,
                              max_question_length=max_question_length, decode=decode)
   ds = ds.random_map(prepare, seed=seed) if train else ds.map(prepare)
+  ds = _ProcessSlice(ds, local=batch_size, index=shard_index, count=shard_count, start_batch=start_batch)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=max(2 * read_threads, batch_size)))
-  it = _KeptBatchIterDataset(it, batch_size,
-                             CollateFn(cfg, max_length=max_length, max_question_length=max_question_length),
-                             max_consecutive_drops)
+  it = _FilledBatchIterDataset(it, batch_size,
+                               CollateFn(cfg, max_length=max_length, max_question_length=max_question_length),
+                               blank_example(cfg), max_consecutive_drops)
   if worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return _CountDropsIterDataset(it)

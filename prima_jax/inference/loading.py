@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 from flax import nnx
 
-from prima_jax.data import synthetic
-from prima_jax.data.tokenizer import build_synthetic_tokenizers, load_synthetic_tokenizers
+from prima_jax import paths
+from prima_jax import workdir as workdir_lib
 from prima_jax.models.prima import Prima
-from prima_jax.training import checkpoint as ckpt_lib
-from prima_jax.training import data as data_lib
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +32,7 @@ def resolve_config(config=None, checkpoint: str | None = None):
     return config
   if checkpoint is None:
     raise ValueError("pass --config, --checkpoint, or both")
-  workdir = ckpt_lib.resolve_checkpoint(checkpoint)[0]
-  return ckpt_lib.load_run_config(workdir)
+  return workdir_lib.Workdir.locate(checkpoint)[0].load_config()
 
 
 def load(config=None, checkpoint: str | None = None, *, data_dir: str | None = None,
@@ -49,23 +45,17 @@ def load(config=None, checkpoint: str | None = None, *, data_dir: str | None = N
   As in training, the synthetic BERT tokeniser's size sets ``model.qformer.vocab_size``.
   """
   config = resolve_config(config, checkpoint)
-  workdir = ckpt_lib.resolve_checkpoint(checkpoint)[0] if checkpoint else None
-  data_dir = data_dir or config.data.get("data_dir", "") or (os.path.join(workdir, "data") if workdir else "")
-  if config.data.tokenizer == "synthetic":
-    tok_dir = os.path.join(data_dir, data_lib.TOKENIZER_DIR) if data_dir else ""
-    if tok_dir and os.path.isdir(tok_dir):
-      tokenizers = load_synthetic_tokenizers(tok_dir)
-    elif tokenizer_fallback_dir:
-      tokenizers = build_synthetic_tokenizers(synthetic.vocabulary(),
-                                              os.path.join(tokenizer_fallback_dir, data_lib.TOKENIZER_DIR))
-    else:
-      raise FileNotFoundError(f"no synthetic tokenizers in {tok_dir or '(no data directory)'}; "
-                              "pass --data_dir")
-    if config.model.qformer.vocab_size != tokenizers[1].vocab_size:
-      config.model.qformer.vocab_size = tokenizers[1].vocab_size
+  workdir, step_dir, step = workdir_lib.Workdir.locate(checkpoint) if checkpoint else (None, None, None)
+  if data_dir:
+    data_dir = str(paths.resolve(data_dir, what="--data_dir"))
+  elif workdir is not None:
+    data_dir = str(workdir.data_dir(config))
   else:
-    tokenizers = data_lib.load_tokenizers(config, data_dir)
+    data_dir = config.data.get("data_dir", "")
+  tokenizers = workdir_lib.load_tokenizers(config, data_dir or None, fallback_dir=tokenizer_fallback_dir)
+  workdir_lib.fit_vocab_sizes(config, tokenizers)
   model = Prima(config.model, rngs=nnx.Rngs(config.seed))
-  step = ckpt_lib.restore_params(checkpoint, model) if checkpoint else None
+  if workdir is not None:
+    workdir.restore_params(model, step_dir)
   model.eval()
   return Loaded(config, model, tokenizers, data_dir, step)

@@ -23,9 +23,11 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       # "tfds": an M⁴Seg TFDS ArrayRecord directory (prima_jax.data.build); "synthetic": the synthetic
-      # benchmark, generated into data_dir (default WORKDIR/data) when absent.
+      # benchmark, generated into data_dir (default WORKDIR/data; for a workdir on an object store, a
+      # directory under cache_dir named by the generator's settings) when absent.
       kind="tfds",
       data_dir="",
+      cache_dir="",              # local cache (default ~/.cache/prima_jax)
       train_split="train",
       eval_split="val",
       # Tokenisers: "synthetic" (built into data_dir/tokenizers for the synthetic benchmark) or paths.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -16,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prima_jax.data.pipeline import drop_counter, to_global_batch
+from prima_jax import workdir as workdir_lib
+from prima_jax.data.pipeline import to_global_batch
 from prima_jax.models.configs import full_config
 from prima_jax.models.prima import Prima
 from prima_jax.training import checkpoint as ckpt_lib
@@ -120,7 +120,7 @@ def _eval_line(step: int, m: dict[str, float]) -> str:
           f" | [SEG] acc {m['seg_token_accuracy']:.3f} | {int(m['masks'])} masks")
 
 
-def train_and_evaluate(config, workdir: str, *,
+def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
                        on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Trains as ``config`` says, writing logs and checkpoints under ``workdir``.
 
@@ -129,39 +129,32 @@ def train_and_evaluate(config, workdir: str, *,
   Raises ConfigError / IncompatibleCheckpoint before compiling, NonFiniteLoss on a NaN/inf loss.
   """
   t_start = time.time()
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 
-  # --- validation before anything heavy -------------------------------------------------------
+  # --- validation before anything heavy (and before anything is written) ------------------------
+  wd = workdir if isinstance(workdir, workdir_lib.Workdir) else workdir_lib.Workdir(workdir)
   check_keys(config, schema())
   check_schedule(config)
   mesh = build_mesh(config)
   check_batch(config, mesh)
   t = config.train
+  if config.data.kind not in ("tfds", "synthetic"):
+    raise ConfigError(f"data.kind must be 'tfds' or 'synthetic', got {config.data.kind!r}")
+  ddir = wd.data_dir(config)
+  wd.create()
 
   # --- data, tokenisers, and the model config they fix ------------------------------------------
-  ddir = data_lib.data_dir(config, workdir)
   if config.data.kind == "synthetic":
-    data_lib.prepare_synthetic(config, ddir)
-  elif config.data.kind != "tfds":
-    raise ConfigError(f"data.kind must be 'tfds' or 'synthetic', got {config.data.kind!r}")
-  tokenizers = data_lib.load_tokenizers(config, ddir)
-  bert_size = tokenizers[1].vocab_size
-  if config.model.qformer.vocab_size != bert_size:
-    if config.data.tokenizer != "synthetic":
-      raise ConfigError(f"model.qformer.vocab_size={config.model.qformer.vocab_size} but the BERT tokenizer "
-                        f"{config.data.bert_vocab} has {bert_size} ids")
-    if is_main:
-      print(f"model.qformer.vocab_size := {bert_size} (the synthetic BERT tokenizer's size)", flush=True)
-    config.model.qformer.vocab_size = bert_size
-  if tokenizers[0].vocab_size > config.model.llm.vocab_size:
-    raise ConfigError(f"the LLM tokenizer has {tokenizers[0].vocab_size} ids, model.llm.vocab_size is "
-                      f"{config.model.llm.vocab_size}")
+    workdir_lib.prepare_synthetic(config, ddir)
+  tokenizers = workdir_lib.load_tokenizers(config, ddir)
+  try:
+    workdir_lib.fit_vocab_sizes(config, tokenizers, announce=is_main)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   model_cfg = config.model
   if config.checkpoint.resume:
-    ckpt_lib.check_compatible(workdir, config)
-  ckpt_lib.write_config_record(workdir, config)
+    wd.check_compatible(config)
+  wd.write_config_record(config)
 
   # --- abstract model -> shardings -> sharded initialisation ------------------------------------
   def create() -> Prima:
@@ -186,11 +179,11 @@ def train_and_evaluate(config, workdir: str, *,
   # initialised from the seed and written once, for prediction and export.
   abstract_frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                  jax.eval_shape(init)[1], frozen_sh)
-  restored_frozen = ckpt_lib.restore_frozen(workdir, abstract_frozen)
+  restored_frozen = wd.restore_frozen(abstract_frozen)
   with jax.set_mesh(mesh):
     if restored_frozen is None:
       params, frozen, rest = jax.jit(init, out_shardings=(param_sh, frozen_sh, rep))()
-      ckpt_lib.save_frozen(workdir, frozen)
+      wd.save_frozen(frozen)
     else:
       frozen = restored_frozen
       params, rest = jax.jit(lambda: (lambda p, _, r: (p, r))(*init()), out_shardings=(param_sh, rep))()
@@ -204,27 +197,34 @@ def train_and_evaluate(config, workdir: str, *,
   state = dict(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state,
                rng=jax.device_put(rng, rep))
 
-  writer = MetricWriter(workdir, tensorboard=config.logging.tensorboard, console=config.logging.console,
+  writer = MetricWriter(wd.path, tensorboard=config.logging.tensorboard, console=config.logging.console,
                         is_main=is_main)
   writer.print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} over {jax.process_count()} "
                f"process(es); mesh {dict(mesh.shape)}; params: {n_train:,} trainable, {n_frozen:,} frozen")
   if restored_frozen is not None:
-    writer.print(f"frozen parameters from {os.path.join(workdir, ckpt_lib.FROZEN_DIR)}")
+    writer.print(f"frozen parameters from {wd.frozen}")
 
-  # --- data iterators and resume ---------------------------------------------------------------
-  train_iter = iter(data_lib.train_dataset(config, model_cfg, tokenizers, ddir))
-  eval_ds, n_eval = data_lib.eval_dataset(config, model_cfg, tokenizers, ddir)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+  # --- resume, then the data iterators at the restored global position --------------------------
+  checkpointer = ckpt_lib.Checkpointer(wd.checkpoints, keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
-  start_step = 0
+  start_step, data_pos, drops = 0, 0, {}
   latest = checkpointer.latest_step() if config.checkpoint.resume else None
   if latest is not None:
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
     del state
-    state, meta = checkpointer.restore(latest, target, train_iter)
+    state, meta = checkpointer.restore(latest, target)
     start_step = int(jax.device_get(state["step"]))
+    data_meta = meta.get("data")
+    if data_meta is None:  # a checkpoint from `prima_jax.convert from-torch` or an older version
+      writer.print(f"{checkpointer.directory}/{latest} records no data position: the data continues at "
+                   f"global batch {start_step} (one per step)")
+    data_pos = int(data_meta["batches"]) if data_meta else start_step
+    drops = dict(data_meta.get("drops", {})) if data_meta else {}
     writer.print(f"resumed from {checkpointer.directory}/{latest} "
-                 f"(step {start_step}; saved {meta.get('time', '?')})")
+                 f"(step {start_step}, global batch {data_pos}; saved {meta.get('time', '?')})")
+  train_iter = iter(data_lib.train_dataset(config, model_cfg, tokenizers, ddir, start_batch=data_pos))
+  data_lib.restore_drops(train_iter, drops)
+  eval_ds, n_eval = data_lib.eval_dataset(config, model_cfg, tokenizers, ddir)
 
   # --- compile ---------------------------------------------------------------------------------
   first = to_global_batch(next(train_iter), mesh) if start_step < t.num_steps else None
@@ -263,7 +263,7 @@ def train_and_evaluate(config, workdir: str, *,
         logits = np.asarray(jax.device_get(predict_fn(state["params"], frozen,
                                                       to_global_batch(first_eval, mesh))))
         if is_main:
-          write_predictions(os.path.join(workdir, "predictions", f"step_{step}"), first_eval,
+          write_predictions(wd.predictions / f"step_{step}", first_eval,
                             logits[:len(first_eval["seg_valid"])], config.eval.prediction_examples)
 
     if start_step == 0 and config.eval.at_start and config.eval.every:
@@ -297,7 +297,7 @@ def train_and_evaluate(config, workdir: str, *,
         t_log, steps_since_log = time.time(), 0
         global_batch = t.batch_size
         m.update(step_time=dt, examples_per_s=global_batch / dt, tokens_per_s=m.pop("tokens") / dt,
-                 dropped_examples=drop_counter(train_iter).total)
+                 dropped_examples=sum(data_lib.global_drops(train_iter).values()))
         if flops:
           m["tflops_per_device"] = flops / dt / 1e12
           if peak:
@@ -305,7 +305,9 @@ def train_and_evaluate(config, workdir: str, *,
         writer.write(step, "train", m)
         writer.print(progress_line(step, t.num_steps, m, eta_s=dt * (t.num_steps - step)))
       if save and step != last_saved:
-        checkpointer.save(step, state, train_iter, dict(step=step, time=time.strftime("%Y-%m-%d %H:%M:%S")))
+        data_meta = dict(batches=data_pos + step - start_step, drops=data_lib.global_drops(train_iter))
+        checkpointer.save(step, state, dict(step=step, time=time.strftime("%Y-%m-%d %H:%M:%S"),
+                                            data=data_meta))
         last_saved = last_good = step
       if config.eval.every and (step % config.eval.every == 0 or is_last):
         run_eval(step)
@@ -316,7 +318,7 @@ def train_and_evaluate(config, workdir: str, *,
     summary["final_step"] = step
     elapsed = time.time() - t_loop
     summary["steps_per_s"] = (step - start_step) / elapsed if elapsed > 0 and step > start_step else None
-    summary["drops"] = drop_counter(train_iter).counts
+    summary["drops"] = data_lib.global_drops(train_iter)
   finally:
     stop.uninstall()
     checkpointer.close()

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import struct
 import time
 from collections.abc import Mapping
 from typing import Any
+
+from etils import epath
+
+from prima_jax import paths
 
 # Dense bf16 peak FLOP/s per device, by device_kind substring (lower case), for MFU.
 PEAK_FLOPS = (
@@ -65,11 +68,10 @@ def tfrecord(data: bytes) -> bytes:
   return header + struct.pack("<I", masked_crc(header)) + data + struct.pack("<I", masked_crc(data))
 
 
-def read_tfrecords(path: str) -> list[bytes]:
+def read_tfrecords(path: str | epath.Path) -> list[bytes]:
   """Payloads of a TFRecord file; raises ValueError on a bad CRC (used by tests)."""
   out = []
-  with open(path, "rb") as f:
-    data = f.read()
+  data = epath.Path(path).read_bytes()
   pos = 0
   while pos < len(data):
     header = data[pos:pos + 8]
@@ -122,10 +124,11 @@ def event_proto(wall_time: float, step: int, *, scalars: Mapping[str, float] | N
 class TensorBoardWriter:
   """Scalars to ``logdir/events.out.tfevents.<time>.<host>``."""
 
-  def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
-    self.path = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
-    self._f = open(self.path, "ab")  # noqa: SIM115 -- closed in close()
+  def __init__(self, logdir: epath.Path):
+    logdir.mkdir(parents=True, exist_ok=True)
+    # A new file per start: object stores cannot append, and TensorBoard reads every events file.
+    self.path = logdir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+    self._f = self.path.open("wb")
     self._f.write(tfrecord(event_proto(time.time(), 0, file_version="brain.Event:2")))
     self._f.flush()
 
@@ -140,32 +143,55 @@ class TensorBoardWriter:
 
 
 class JsonlWriter:
-  """One JSON object per line: ``{"step", "time", "kind": "train"|"eval"|..., **values}``."""
+  """One JSON object per line: ``{"step", "time", "kind": "train"|"eval"|..., **values}``.
 
-  def __init__(self, path: str):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  Local files are appended to. Object stores cannot append: there the file is rewritten whole (the
+  earlier lines are read back at start), at most every ``remote_flush_s`` seconds and at close.
+  """
+
+  def __init__(self, path: epath.Path, *, remote_flush_s: float = 30.0):
+    path.parent.mkdir(parents=True, exist_ok=True)
     self.path = path
-    self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 -- closed in close()
+    self._local = paths.is_local(path)
+    if self._local:
+      self._f = path.open("a", encoding="utf-8")
+    else:
+      self._lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+      self._flush_every, self._flushed = remote_flush_s, time.time()
 
   def write(self, step: int, kind: str, values: Mapping[str, Any]) -> None:
     row = {"step": int(step), "time": round(time.time(), 3), "kind": kind}
     row.update({k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (bool, int, str)) else v)
                 for k, v in values.items()})
-    self._f.write(json.dumps(row) + "\n")
-    self._f.flush()
+    line = json.dumps(row) + "\n"
+    if self._local:
+      self._f.write(line)
+      self._f.flush()
+    else:
+      self._lines.append(line)
+      if time.time() - self._flushed > self._flush_every:
+        self._flush()
+
+  def _flush(self) -> None:
+    self.path.write_text("".join(self._lines))
+    self._flushed = time.time()
 
   def close(self) -> None:
-    self._f.close()
+    if self._local:
+      self._f.close()
+    else:
+      self._flush()
 
 
 class MetricWriter:
   """JSONL + optional TensorBoard + console, on process 0 only."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool, console: bool, is_main: bool):
+  def __init__(self, workdir: epath.Path | str, *, tensorboard: bool, console: bool, is_main: bool):
+    workdir = epath.Path(workdir)
     self.is_main = is_main
     self.console = console and is_main
-    self.jsonl = JsonlWriter(os.path.join(workdir, "metrics.jsonl")) if is_main else None
-    self.tb = TensorBoardWriter(os.path.join(workdir, "tensorboard")) if (is_main and tensorboard) else None
+    self.jsonl = JsonlWriter(workdir / "metrics.jsonl") if is_main else None
+    self.tb = TensorBoardWriter(workdir / "tensorboard") if (is_main and tensorboard) else None
 
   def write(self, step: int, kind: str, values: Mapping[str, Any]) -> None:
     if not self.is_main:

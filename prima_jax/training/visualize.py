@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from prima_jax.data.preprocess import SAM_MEAN, SAM_STD
@@ -40,14 +40,16 @@ def example_panels(batch: Mapping[str, np.ndarray], mask_logits: np.ndarray, b: 
   return panels
 
 
-def write_predictions(directory: str, batch: Mapping[str, np.ndarray], mask_logits: np.ndarray,
-                      max_examples: int) -> list[str]:
+def write_predictions(directory: epath.Path | str, batch: Mapping[str, np.ndarray], mask_logits: np.ndarray,
+                      max_examples: int) -> list[epath.Path]:
   """Writes ``directory/example{b}_seg{j}.png`` (prediction in red | truth in green); returns the paths."""
-  os.makedirs(directory, exist_ok=True)
-  paths = []
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  written = []
   for b in range(min(max_examples, len(batch["seg_valid"]))):
     for j, panel in enumerate(example_panels(batch, mask_logits, b)):
-      path = os.path.join(directory, f"example{b}_seg{j}.png")
-      Image.fromarray(panel).save(path)
-      paths.append(path)
-  return paths
+      path = directory / f"example{b}_seg{j}.png"
+      with path.open("wb") as f:
+        Image.fromarray(panel).save(f, format="PNG")
+      written.append(path)
+  return written
