@@ -294,6 +294,17 @@ def prepare_synthetic(config, directory: str | os.PathLike) -> None:
     multihost_utils.sync_global_devices("prepare_synthetic")
 
 
+def open_split(directory: str | os.PathLike, split: str):
+  """The random-access records of ``split`` of the built M⁴Seg dataset in ``directory`` (local)."""
+  from prima_jax.data import m4seg  # noqa: PLC0415
+
+  local = paths.local_only(directory, what="data.data_dir", why="the ArrayRecord reader")
+  try:
+    return m4seg.data_source(local, split)
+  except Exception as e:  # noqa: BLE001 -- TFDS raises several types for a missing dataset or split
+    raise ValueError(f"cannot open split {split!r} of the M4Seg dataset in {directory}: {e}") from e
+
+
 def load_tokenizers(config, data_dir: str | os.PathLike | None, *, fallback_dir: str | None = None):
   """(LLM tokenizer, Q-Former tokenizer) as ``config.data.tokenizer`` says.
 

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import sys
 from contextlib import redirect_stdout
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from test_records import ADE_ANSWER, PACO_ANSWER, bad_records, paco_record, sources_for, write_crafted
+from test_records import (
+  ADE_ANSWER,
+  PACO_ANSWER,
+  ade_record,
+  bad_records,
+  paco_record,
+  sources_for,
+  write_crafted,
+)
 
 from prima_jax.data import build, m4seg
 from prima_jax.data import records as rec
@@ -130,3 +140,132 @@ def test_record_arguments():
       "test": ["a_test.json", "b_test.json"], "val": ["weird.json"]}
   with pytest.raises(ValueError, match="SPLIT=PATH"):
     build.split_of("records.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Missing source paths: one error line each, checked for all sources before any conversion
+
+
+def crafted_argv(crafted, **overrides) -> list[str]:
+  roots = {**crafted["roots"], **overrides}
+  argv = ["--records", str(crafted["train"]), "--records", f"test={crafted['test']}"]
+  for name, root in roots.items():
+    argv += ["--image-root", f"{name}={root}"]
+  return argv
+
+
+def test_cli_names_missing_source_paths_and_their_flags_without_a_traceback(tmp_path):
+  crafted = write_crafted(tmp_path / "src")
+  paco = tmp_path / "elsewhere" / "paco_lvis"
+  argv = crafted_argv(crafted, paco_lvis=paco) + ["--out", str(tmp_path / "out")]
+  run = subprocess.run([sys.executable, "-m", "prima_jax.data.build", *argv], capture_output=True, text=True,
+                       timeout=120, cwd=Path(__file__).parent.parent)
+  assert run.returncode == 2, run.stderr
+  assert "Traceback" not in run.stderr
+  lines = run.stderr.splitlines()
+  assert lines == [
+      f"error: source 'paco_lvis' (split train): annotation file {paco}/annotations/paco_lvis_v1_train.json "
+      f"does not exist (template 'annotations/paco_lvis_v1_{{split}}.json' under --image-root "
+      f"paco_lvis={paco}); set it with --annotations paco_lvis=TEMPLATE or --image-root paco_lvis=DIR",
+      f"error: source 'paco_lvis' (split train): image directory {tmp_path}/coco_2017 does not exist "
+      f"(template '../../coco_2017' under --image-root paco_lvis={paco}); set it with --image-dir "
+      "paco_lvis=TEMPLATE or --image-root paco_lvis=DIR"]
+  assert not (tmp_path / "out").exists()
+
+
+def test_overrides_are_checked_for_every_source_and_split_up_front(tmp_path, capsys):
+  crafted = write_crafted(tmp_path / "src")
+  ade = crafted["roots"]["ade20k_part234"]
+  both = crafted_argv(crafted) + ["--records", f"val={crafted['test']}",
+                                  "--annotations", "ade20k_part234=/data/ade/{split}.json",
+                                  "--image-dir", "paco_lvis=coco/{image_split}"]
+  assert build.main(both + ["--out", str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err.splitlines()
+  paco = crafted["roots"]["paco_lvis"]
+  assert err == [
+      f"error: source 'paco_lvis' (split train): image directory {paco}/coco/train does not exist (template "
+      f"'coco/{{image_split}}' under --image-root paco_lvis={paco}); set it with --image-dir "
+      "paco_lvis=TEMPLATE or --image-root paco_lvis=DIR",
+      "error: source 'ade20k_part234' (splits test, val): annotation file /data/ade/val.json does not exist "
+      "(--annotations ade20k_part234=/data/ade/{split}.json); set it with --annotations "
+      "ade20k_part234=TEMPLATE or --image-root ade20k_part234=DIR"]
+  assert not (tmp_path / "out").exists()
+  # --validate checks the same paths before any record.
+  assert build.main(["--validate"] + both) == 2
+  assert capsys.readouterr().err.splitlines() == err
+  # Pointing the overrides at the real files makes the same command work.
+  fixed = crafted_argv(crafted) + ["--records", f"val={crafted['test']}", "--annotations",
+                                   f"ade20k_part234={ade}/ade20k_instance_val_mixed_parts.json"]
+  assert build.main(["--validate"] + fixed) == 0
+  with pytest.raises(rec.SetupError, match="image directory .*coco/train does not exist"):
+    m4seg.build({"train": [crafted["train"]]}, crafted["roots"], tmp_path / "out",
+                image_dirs={"paco_lvis": "coco/{image_split}"})
+
+
+def test_a_missing_record_file_is_one_error_line(tmp_path, capsys):
+  assert build.main(["--validate", "--records", str(tmp_path / "m4seg_train.json")]) == 2
+  assert capsys.readouterr().err == f"error: records file {tmp_path / 'm4seg_train.json'} does not exist " \
+                                    "(--records)\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Text-side lengths per split (what a training budget would drop)
+
+
+def small_record():
+  return {"dataset_name": "paco_lvis", "img_ids": [1], "q": "Where is the mug_101?", "a": "Here: mug_101.",
+          "groundings": {"img_1": [{"segmentation": [[1, 1, 8, 1, 8, 8, 1, 8]], "name": "mug"}]}}
+
+
+# paco_record: 2 images, 3 [SEG], 9 question words, 31 answer words (PACO_ANSWER); ade_record: 3, 4, 5, 33
+# (ADE_ANSWER); small_record: 1, 1, 4 ("Where is the mug?"), 6 ("Here: <p> mug_1 </p> [SEG] (IMAGE1).").
+HAND_MADE = {"images": [2, 3, 1], "segs": [3, 4, 1], "question_words": [9, 5, 4], "answer_words": [31, 33, 6]}
+BUDGET = {"images": 2, "segs": 3, "question_words": 8, "answer_words": 40}
+# Nearest rank over 3 values: median = 2nd smallest, p90 = p99 = the largest.
+EXPECTED_LINES = [
+    "images per example min 1 median 2 p90 3 p99 3 max 3 > 2: 1 (33.3%)",
+    "[SEG] per example min 1 median 3 p90 4 p99 4 max 4 > 3: 1 (33.3%)",
+    "question words min 4 median 5 p90 9 p99 9 max 9 > 8: 1 (33.3%)",
+    "answer words min 6 median 31 p90 33 p99 33 max 33 > 40: 0 (0.0%)",
+]
+
+
+def length_lines(text: str, split: str) -> list[str]:
+  lines = [" ".join(line.replace("[m4seg]", "").split()) for line in text.splitlines()]
+  start = next(i for i, line in enumerate(lines) if line.startswith(f"{split}: text-side lengths of"))
+  return lines[start:start + 5]
+
+
+def test_validate_prints_the_text_side_lengths_of_records_without_problems(tmp_path, capsys):
+  path = tmp_path / "hand_train.json"
+  broken = {k: v for k, v in small_record().items() if k != "a"}
+  path.write_text(json.dumps([paco_record(), ade_record(), broken, small_record()]))
+  budget = [a for k, v in BUDGET.items() for a in ("--budget", f"{k}={v}")]
+  assert build.main(["--validate", "--records", str(path), *budget]) == 1  # the broken record
+  lines = length_lines(capsys.readouterr().out, "train")
+  assert lines[0] == "train: text-side lengths of 3 example(s) (words split on whitespace, question and " \
+                     "answer as converted):"
+  assert lines[1:] == EXPECTED_LINES
+
+
+def test_build_summary_holds_the_lengths_of_the_kept_examples(tmp_path):
+  crafted = write_crafted(tmp_path / "src")
+  path = tmp_path / "hand_train.json"
+  missing_image = {**small_record(), "img_ids": [3]}  # skipped: not counted
+  path.write_text(json.dumps([paco_record(), missing_image, small_record(), ade_record()]))
+  ade_val = {"ade20k_part234": "ade20k_instance_val_mixed_parts.json"}
+  with redirect_stdout(io.StringIO()) as stdout:
+    builder = m4seg.build({"train": [path]}, crafted["roots"], tmp_path / "out", budget=BUDGET,
+                          annotations=ade_val, image_dirs={"ade20k_part234": "images/validation"})
+  summary = builder.skipped["train"]
+  assert summary["kept"] == 3 and summary["skipped"] == {rec.MISSING_IMAGE: 1}
+  order = [0, 2, 1]  # paco, small, ade in file order; HAND_MADE lists paco, ade, small
+  for key, values in HAND_MADE.items():
+    values = sorted(values[i] for i in order)
+    assert summary["lengths"][key] == {"budget": BUDGET[key], "over": sum(v > BUDGET[key] for v in values),
+                                       "min": values[0], "p50": values[1], "p90": values[2], "p99": values[2],
+                                       "max": values[2]}
+  assert length_lines(stdout.getvalue(), "train")[1:] == EXPECTED_LINES
+  assert m4seg.load_skipped(tmp_path / "out")["train"]["lengths"] == summary["lengths"]
+  with pytest.raises(rec.SetupError, match="--budget tokens=3: expected NAME=N"):
+    rec.budget_table({"tokens": 3})

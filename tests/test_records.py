@@ -387,5 +387,8 @@ def test_image_index_matches_ids_as_strings_and_names_the_file(tmp_path):
   assert index.resolve(5, "/root") == Path("/root/a/b.jpg")
   with pytest.raises(rec.SkipExample, match=f"image id 6 is not in {path}"):
     index.info(6)
-  with pytest.raises(FileNotFoundError, match="missing.json"):
+  with pytest.raises(rec.SetupError, match=f"annotation file {tmp_path / 'missing.json'} does not exist"):
     rec.ImageIndex.from_file(tmp_path / "missing.json")
+  (tmp_path / "list.json").write_text("[]")
+  with pytest.raises(rec.SetupError, match="list.json: expected a COCO-style object"):
+    rec.ImageIndex.from_file(tmp_path / "list.json")

@@ -2,26 +2,36 @@
 
   python -m prima_jax.data.build --records Part_Segm/m4seg_train.json --records test=PATH.parquet \\
       --image-root paco_lvis=Part_Segm/paco_lvis --image-root ade20k_part234=Part_Segm/ADE20KPart234 \\
-      --out DATA_DIR [--strict] [--max-images 5] [--workers N]
-  python -m prima_jax.data.build --validate --records ... --image-root ...
+      --out DATA_DIR [--strict] [--max-images 5] [--workers N] [--field q=question ...] [--budget segs=16]
+  python -m prima_jax.data.build --validate --records ... [--image-root ...]
 
-``--records [SPLIT=]PATH`` (JSON or parquet; repeatable): without ``SPLIT=`` the split is the last of
-train/val/validation/test in the file name. ``--image-root NAME=DIR``: the folder of source NAME in
+``--records [SPLIT=]PATH`` (JSON or parquet; repeatable; a wildcard in the file name, quoted, reads
+every match): without ``SPLIT=`` the split is the last of train/val/validation/test in the file name.
+``--field FIELD=COLUMN`` reads our record field FIELD (dataset_name, img_ids, q, a, groundings,
+category) from the file's column COLUMN. ``--image-root NAME=DIR``: the folder of source NAME in
 the original layout (see ``prima_jax.data.records.SOURCES``); ``--annotations NAME=TEMPLATE`` and
 ``--image-dir NAME=TEMPLATE`` override its annotation file / image directory (``{split}``,
-``{image_split}``; relative to DIR). ``--validate`` writes nothing: it prints every problem with its
-file and record index (structure, then images and masks for sources with an image root) and exits 1
-if there is any.
+``{image_split}``; relative to DIR). Record files, annotation files and images may be object-store
+URLs (gs://...); ``--out`` must be a local directory (or a mounted bucket).
+
+Every record file is read and every annotation file and image directory the records need is
+checked before any conversion: a problem is printed as one ``error:`` line naming the path and the
+flag that sets it (exit status 2). ``--validate`` writes nothing: it prints every problem of a
+record with its file and record index (structure, then images and masks for sources with an image
+root) and exits 1 if there is any. Both print per split the text-side lengths of the examples kept
+(images, [SEG], question and answer words: min / median / p90 / p99 / max) and how many exceed
+``--budget NAME=N`` (images, segs, question_words, answer_words).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
+from prima_jax import paths
 from prima_jax.data import m4seg
 from prima_jax.data import records as rec
 
@@ -30,7 +40,7 @@ _SPLIT_IN_NAME = re.compile(r"(?:^|[_\-.])(train|val|validation|test)(?=$|[_\-.]
 
 def split_of(path: str) -> str:
   """The split named in a record file's name (``x_train.json`` -> ``train``); ValueError if none."""
-  found = _SPLIT_IN_NAME.findall(Path(path).name)
+  found = _SPLIT_IN_NAME.findall(os.fspath(path).rstrip("/").rsplit("/", 1)[-1])
   if not found:
     raise ValueError(f"cannot tell the split of {path!r} from its name: pass SPLIT=PATH")
   return "val" if found[-1] == "validation" else found[-1]
@@ -58,31 +68,53 @@ def parse_pairs(args: Sequence[str], flag: str) -> dict[str, str]:
   return out
 
 
-def validate(records: dict[str, list[str]], sources: m4seg.Sources, *, max_images: int,
+def parse_budget(args: Sequence[str]) -> dict[str, int]:
+  """``NAME=N`` arguments -> the budget table (``records.budget_table``); ValueError naming the flag."""
+  budget = {}
+  for name, value in parse_pairs(args, "--budget").items():
+    if not re.fullmatch(r"\d+", value):
+      raise ValueError(f"--budget {name}={value}: N must be a non-negative integer")
+    budget[name] = int(value)
+  return rec.budget_table(budget)
+
+
+def validate(records: Mapping[str, Sequence[str]], sources: m4seg.Sources, *, max_images: int,
+             fields: Mapping[str, str] | None = None, budget: Mapping[str, int] | None = None,
              out=None) -> int:
-  """Prints every problem as ``FILE (split) record I: ...`` to ``out`` (stdout); returns the bad count."""
+  """Prints every problem as ``FILE (split) record I: ...`` to ``out`` (stdout), then per split the
+  text-side lengths of the records without problems; returns the bad count.
+
+  Raises:
+    SetupError: a record file, annotation file or image directory is missing or unreadable, or a
+      record file lacks a column (checked before any record).
+  """
   out = out or sys.stdout
+  inputs = m4seg.load_inputs(records, sources, fields=fields)
   bad = 0
-  unchecked: set[str] = set()
-  for split, paths in records.items():
+  for split, files in inputs.items():
+    lengths = rec.LengthStats()
     index = 0
-    for path in paths:
-      for i, record in enumerate(rec.load_records(path)):
+    for path, split_records in files:
+      for i, record in enumerate(split_records):
         problems = rec.validate_record(record, i, max_images=max_images)
-        name = record.get("dataset_name") if isinstance(record, dict) else None
-        if not problems and name not in sources.image_roots:
-          unchecked.add(str(name))
-        elif not problems:
+        example = None
+        if not problems and record["dataset_name"] in sources.image_roots:
           try:
-            sources.convert(record, index, split, max_images=max_images)
+            example = sources.convert(record, index, split, max_images=max_images)[0]
           except rec.SkipExample as e:
             problems = [f"record {i}: {e.reason}: {e.detail}"]
         for problem in problems:
           print(f"{path} ({split}) {problem}", file=out)
-        bad += bool(problems)
+        if problems:
+          bad += 1
+        elif example is not None:
+          lengths.add_example(example)
+        else:
+          lengths.add_record(record)
         index += 1
-  for name in sorted(unchecked):
-    print(f"note: no --image-root for source {name!r}: its images and masks were not checked", file=out)
+    print(rec.format_lengths(split, lengths.summary(budget), prefix=""), file=out)
+  for note in m4seg.unconfigured_note(inputs, sources):
+    print(note, file=out)
   print(f"{bad} record(s) with problems", file=out)
   return bad
 
@@ -91,29 +123,43 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m prima_jax.data.build", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--records", action="append", required=True, metavar="[SPLIT=]PATH")
+  parser.add_argument("--field", action="append", default=[], metavar="FIELD=COLUMN",
+                      help="read record field FIELD from column COLUMN (repeatable; default: same name)")
   parser.add_argument("--image-root", action="append", default=[], metavar="NAME=DIR")
   parser.add_argument("--annotations", action="append", default=[], metavar="NAME=TEMPLATE")
   parser.add_argument("--image-dir", action="append", default=[], metavar="NAME=TEMPLATE")
-  parser.add_argument("--out", metavar="DATA_DIR", help="TFDS data dir (required unless --validate)")
+  parser.add_argument("--out", metavar="DATA_DIR", help="local TFDS data dir (required unless --validate)")
   parser.add_argument("--strict", action="store_true", help="fail on the first bad record")
   parser.add_argument("--max-images", type=int, default=rec.DEFAULT_MAX_IMAGES)
   parser.add_argument("--workers", type=int, default=1, help="processes converting records")
   parser.add_argument("--validate", action="store_true", help="check records and images, write nothing")
+  defaults = " ".join(f"{k}={v}" for k, v in rec.DEFAULT_BUDGET.items())
+  parser.add_argument("--budget", action="append", default=[], metavar="NAME=N",
+                      help=f"count examples with more than N of NAME (repeatable; default {defaults})")
   args = parser.parse_args(argv)
   try:
     records = parse_records(args.records)
     roots = parse_pairs(args.image_root, "--image-root")
     annotations = parse_pairs(args.annotations, "--annotations")
     image_dirs = parse_pairs(args.image_dir, "--image-dir")
+    fields = rec.field_table(parse_pairs(args.field, "--field"))
+    budget = parse_budget(args.budget)
   except ValueError as e:
     parser.error(str(e))
-  if args.validate:
-    sources = m4seg.Sources(roots, annotations=annotations, image_dirs=image_dirs)
-    return 1 if validate(records, sources, max_images=args.max_images) else 0
-  if not args.out:
-    parser.error("--out is required unless --validate")
-  builder = m4seg.build(records, roots, args.out, annotations=annotations, image_dirs=image_dirs,
-                        strict=args.strict, max_images=args.max_images, num_workers=args.workers)
+  try:
+    if args.validate:
+      sources = m4seg.Sources(roots, annotations=annotations, image_dirs=image_dirs)
+      return 1 if validate(records, sources, max_images=args.max_images, fields=fields, budget=budget) else 0
+    if not args.out:
+      parser.error("--out is required unless --validate")
+    out = paths.local_only(args.out, what="--out", why="the ArrayRecord writer that TFDS uses")
+    builder = m4seg.build(records, roots, out, annotations=annotations, image_dirs=image_dirs,
+                          strict=args.strict, max_images=args.max_images, num_workers=args.workers,
+                          fields=fields, budget=budget)
+  except (rec.SetupError, paths.PathError) as e:
+    for line in str(e).splitlines():
+      print(f"error: {line}", file=sys.stderr)
+    return 2
   print(f"wrote {builder.data_dir} (skip summary: {builder.data_dir}/{m4seg.SKIPPED_FILE})")
   return 0
 

@@ -9,16 +9,22 @@ Configuration is by constructor arguments (reading needs none of them)::
   builder = M4Seg(data_dir=OUT,
                   records={"train": ["Part_Segm/x_train.json"], "test": ["Part_Segm/x_test.json"]},
                   image_roots={"paco_lvis": "Part_Segm/paco_lvis", "synthetic": "DIR/synthetic"},
-                  annotations={}, image_dirs={}, strict=False, max_images=5, num_workers=1)
+                  annotations={}, image_dirs={}, strict=False, max_images=5, num_workers=1,
+                  fields={"q": "question"}, budget={"segs": 16})
   builder.download_and_prepare()
 
-``image_roots`` maps a record's ``dataset_name`` to the source's folder in the original layout
-(``records.SOURCES``: annotation file and image directory per split, ADE20K's test split reads val);
-``annotations`` / ``image_dirs`` override those templates per source (``{split}``, ``{image_split}``
-allowed; relative to the root). ``num_workers`` > 1 converts records (decoding every image to
-check it, the slow part) in that many spawned processes, in order. Bad records are skipped and
-counted by reason; the summary is printed per split and saved as ``skipped.json`` next to the
-data (``strict=True`` raises on the first one).
+``records`` names JSON or parquet files (a wildcard in the file name is expanded; ``fields`` maps our
+record fields to other column names, ``records.field_table``). ``image_roots`` maps a record's
+``dataset_name`` to the source's folder in the original layout (``records.SOURCES``: annotation file
+and image directory per split, ADE20K's test split reads val); ``annotations`` / ``image_dirs``
+override those templates per source (``{split}``, ``{image_split}`` allowed; relative to the root).
+Inputs may be local or object-store URLs (``etils.epath``); the data dir must be local. Before any
+conversion every record file is read and every annotation file and image directory the records need
+is checked: all problems raise one ``SetupError``, one line each. ``num_workers`` > 1 converts
+records (decoding every image to check it, the slow part) in that many spawned processes, in order.
+Bad records are skipped and counted by reason; the summary and the text-side lengths of the kept
+examples (``records.LengthStats``, thresholds ``budget``) are printed per split and saved as
+``skipped.json`` next to the data (``strict=True`` raises on the first bad record).
 
 Stored example (the data source returns it as nested dicts/lists of bytes and numpy scalars)::
 
@@ -36,13 +42,14 @@ import contextlib
 import json
 import multiprocessing
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from prima_jax import paths
 from prima_jax.data import records as rec
 from prima_jax.data.example import GroundedExample
 
@@ -65,7 +72,7 @@ class Sources:
   """Per-source annotation indices and image directories, resolved lazily per split.
 
   Args:
-    image_roots: ``dataset_name`` -> the source's root folder (see ``records.SOURCES``).
+    image_roots: ``dataset_name`` -> the source's root folder (see ``records.SOURCES``), local or a URL.
     annotations: optional per-source override of the annotation file template.
     image_dirs: optional per-source override of the image directory template.
   """
@@ -77,25 +84,66 @@ class Sources:
     self.image_dirs = dict(image_dirs or {})
     self._cache: dict[tuple[str, str], tuple[rec.ImageIndex, str]] = {}
 
+  def layout(self, name: str) -> rec.SourceLayout:
+    """The source's layout with the ``--annotations`` / ``--image-dir`` overrides applied (a source
+    without a default layout has no annotation template and its images in the root itself)."""
+    base = rec.SOURCES.get(name, rec.SourceLayout("", "."))
+    return rec.SourceLayout(self.annotations.get(name, base.annotations),
+                            self.image_dirs.get(name, base.images), base.split_alias, base.image_split)
+
+  def locate(self, name: str, split: str) -> tuple[epath.Path, epath.Path]:
+    """(annotation file, image directory) of a configured source for a split; SetupError without a layout."""
+    layout = self.layout(name)
+    if not layout.annotations:
+      raise rec.SetupError(f"source {name!r} has no default layout: set its annotation file with "
+                           f"--annotations {name}=TEMPLATE (and its image directory with --image-dir "
+                           f"{name}=TEMPLATE; default: the --image-root itself)")
+    return layout.paths(self.image_roots[name], split, what=f"--image-root {name}")
+
+  def check(self, needed: Mapping[str, Iterable[Any]]) -> list[str]:
+    """One line per missing annotation file or image directory of the configured sources that
+    ``needed`` ({split: source names of its records}) uses; each names the path, the source, its
+    split(s) and the flags that set it. Sources without an image root are not checked."""
+    missing: dict[tuple[str, str, str], list[str]] = {}
+    problems: list[str] = []
+    for split, names in needed.items():
+      for name in sorted({n for n in names if isinstance(n, str) and n in self.image_roots}):
+        try:
+          annotation_path, image_dir = self.locate(name, split)
+        except rec.SetupError as e:
+          problems += [p for p in e.problems if p not in problems]
+          continue
+        if not annotation_path.is_file():
+          missing.setdefault((name, "annotation file", str(annotation_path)), []).append(split)
+        if not image_dir.is_dir():
+          missing.setdefault((name, "image directory", str(image_dir)), []).append(split)
+    for (name, kind, path), splits in missing.items():
+      layout = self.layout(name)
+      flag, template = ("--annotations", layout.annotations) if kind == "annotation file" else (
+          "--image-dir", layout.images)
+      if paths.url_scheme(template) is None and not template.startswith("/"):
+        root = paths.resolve(self.image_roots[name], what=f"--image-root {name}")
+        where = f"template {template!r} under --image-root {name}={root}"
+      else:
+        where = f"{flag} {name}={template}"
+      problems.append(f"source {name!r} ({'split' if len(splits) == 1 else 'splits'} {', '.join(splits)}): "
+                      f"{kind} {path} does not exist ({where}); set it with {flag} {name}=TEMPLATE "
+                      f"or --image-root {name}=DIR")
+    return problems
+
   def get(self, name: str, split: str) -> tuple[rec.ImageIndex, str]:
     """(annotation index, image directory) of a source for a split.
 
     Raises:
       SkipExample: unknown_source, when ``name`` has no image root.
-      FileNotFoundError / ValueError: the annotation file is missing or not COCO-style (a setup error).
+      SetupError: the source has no layout, or its annotation file is missing or not COCO-style.
     """
     key = (name, split)
     if key not in self._cache:
       if name not in self.image_roots:
         raise rec.SkipExample(rec.UNKNOWN_SOURCE, f"no image root for source {name!r} "
                                                   f"(configured: {sorted(self.image_roots)})")
-      layout = rec.SOURCES.get(name, rec.SourceLayout("", "."))
-      layout = rec.SourceLayout(self.annotations.get(name, layout.annotations),
-                                self.image_dirs.get(name, layout.images), layout.split_alias,
-                                layout.image_split)
-      if not layout.annotations:
-        raise ValueError(f"source {name!r} has no default layout: give its annotation file template")
-      annotation_path, image_dir = layout.paths(self.image_roots[name], split)
+      annotation_path, image_dir = self.locate(name, split)
       self._cache[key] = (rec.ImageIndex.from_file(annotation_path), str(image_dir))
     return self._cache[key]
 
@@ -110,6 +158,50 @@ class Sources:
       image_index, image_dir = self.get(name, split)
     return rec.convert_record(record, index, image_index=image_index, image_root=image_dir,
                               max_images=max_images, split=split)
+
+
+Inputs = dict[str, list[tuple[str, list[Any]]]]  # split -> [(record file, its records)]
+
+
+def load_inputs(records: Mapping[str, Sequence[str | os.PathLike]], sources: Sources, *,
+                fields: Mapping[str, str] | None = None) -> Inputs:
+  """Reads every record file (wildcards in file names expanded), then checks every annotation file
+  and image directory their records need, before any conversion.
+
+  Raises:
+    SetupError: every problem found (a record file missing, unreadable or without the expected
+      columns; a missing annotation file or image directory), one per line.
+  """
+  table = rec.field_table(fields)
+  problems: list[str] = []
+  inputs: Inputs = {}
+  for split, patterns in records.items():
+    inputs[split] = []
+    for pattern in patterns:
+      try:
+        inputs[split] += [(str(f), rec.load_records(f, fields=table)) for f in rec.record_files(pattern)]
+      except rec.SetupError as e:
+        problems += e.problems
+  problems += sources.check(source_names(inputs))
+  if problems:
+    raise rec.SetupError(problems)
+  return inputs
+
+
+def source_names(inputs: Inputs) -> dict[str, set[Any]]:
+  """{split: the ``dataset_name`` values of its records}."""
+  return {split: {r.get("dataset_name") for _, rs in files for r in rs if isinstance(r, dict)}
+          for split, files in inputs.items()}
+
+
+def unconfigured_note(inputs: Inputs, sources: Sources) -> list[str]:
+  """A note per source that records name but that has no image root (its records are skipped)."""
+  splits: dict[str, list[str]] = {}
+  for split, names in source_names(inputs).items():
+    for name in sorted(n for n in names if isinstance(n, str) and n not in sources.image_roots):
+      splits.setdefault(name, []).append(split)
+  return [f"note: no --image-root for source {name!r} ({', '.join(s)}): its records are skipped "
+          f"({rec.UNKNOWN_SOURCE}), its images and masks not checked" for name, s in sorted(splits.items())]
 
 
 class M4Seg(tfds.core.GeneratorBasedBuilder):
@@ -129,12 +221,15 @@ class M4Seg(tfds.core.GeneratorBasedBuilder):
                image_roots: Mapping[str, str | os.PathLike] | None = None,
                annotations: Mapping[str, str] | None = None, image_dirs: Mapping[str, str] | None = None,
                strict: bool = False, max_images: int = rec.DEFAULT_MAX_IMAGES, num_workers: int = 1,
-               **kwargs):
-    self._records = {split: [str(p) for p in paths] for split, paths in (records or {}).items()}
+               fields: Mapping[str, str] | None = None, budget: Mapping[str, int] | None = None, **kwargs):
+    self._records = {split: [str(p) for p in files] for split, files in (records or {}).items()}
     self.sources = Sources(image_roots or {}, annotations=annotations, image_dirs=image_dirs)
     self._strict = strict
     self._max_images = max_images
     self._num_workers = num_workers
+    self._fields = rec.field_table(fields)
+    self._budget = rec.budget_table(budget)
+    self._inputs: Inputs | None = None
     self.skipped: dict[str, dict[str, Any]] = {}
     kwargs.setdefault("file_format", "array_record")
     super().__init__(**kwargs)
@@ -159,17 +254,28 @@ class M4Seg(tfds.core.GeneratorBasedBuilder):
         citation="arXiv:2412.15209",
     )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Nothing is downloaded.
+  def prepare_inputs(self) -> None:
+    """Reads the record files and checks the sources' paths (``load_inputs``: SetupError listing every
+    problem); ``download_and_prepare`` calls it when not called before."""
     if not self._records:
       raise ValueError("M4Seg needs records={split: [record files]} to prepare data")
-    return {split: self._generate_examples(split, paths) for split, paths in self._records.items()}
+    if self._inputs is None:
+      self._inputs = load_inputs(self._records, self.sources, fields=self._fields)
+      for note in unconfigured_note(self._inputs, self.sources):
+        print(f"[m4seg] {note}")
 
-  def _generate_examples(self, split: str, paths: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing is downloaded.
+    self.prepare_inputs()
+    return {split: self._generate_examples(split) for split in self._inputs}
+
+  def _generate_examples(self, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
     counts: collections.Counter[str] = collections.Counter()
     details: list[dict[str, Any]] = []
+    lengths = rec.LengthStats()
     index = kept = 0
-    jobs = [(path, i, record, split) for path in paths for i, record in enumerate(rec.load_records(path))]
+    jobs = [(path, i, record, split) for path, records in self._inputs.pop(split)
+            for i, record in enumerate(records)]
     if self._num_workers > 1:  # Load annotation indices once here; workers receive the small tables.
       for name in {r.get("dataset_name") for _, _, r, _ in jobs if isinstance(r, dict)}:
         if isinstance(name, str) and name in self.sources.image_roots:
@@ -183,12 +289,14 @@ class M4Seg(tfds.core.GeneratorBasedBuilder):
           details.append({"file": path, "record": i, "reason": result.reason, "detail": result.detail})
         else:
           kept += 1
+          lengths.add(len(result["images"]), len(result["segs"]), result["question"], result["answer"])
           yield result["example_id"], result
         index += 1
-    self.skipped[split] = {"records": index, "kept": kept, "skipped": dict(counts), "details": details}
+    self.skipped[split] = {"records": index, "kept": kept, "skipped": dict(counts), "details": details,
+                           "lengths": lengths.summary(self._budget)}
     print(format_summary(split, self.skipped[split]))
-    with open(os.path.join(self.data_dir, SKIPPED_FILE), "w") as f:
-      json.dump(self.skipped, f, indent=1)
+    print(rec.format_lengths(split, self.skipped[split]["lengths"]))
+    paths.write_text_atomic(epath.Path(self.data_dir) / SKIPPED_FILE, json.dumps(self.skipped, indent=1))
 
 
 # Conversion of (path, i, record, split) jobs -> (path, i, features | SkipExample), in order, in this
@@ -294,21 +402,38 @@ def decode_example(raw: Mapping[str, Any]) -> GroundedExample:
 
 def data_source(data_dir: str | os.PathLike, split: str):
   """The random-access ArrayRecord source of a prepared split (``len()``, ``[i]``) for ``decode_example``."""
-  return M4Seg(data_dir=str(data_dir)).as_data_source(split)
+  local = paths.local_only(data_dir, what="data_dir", why="the ArrayRecord reader")
+  return M4Seg(data_dir=local).as_data_source(split)
 
 
 def build(records: Mapping[str, Sequence[str | os.PathLike]], image_roots: Mapping[str, str | os.PathLike],
           data_dir: str | os.PathLike, *, annotations: Mapping[str, str] | None = None,
           image_dirs: Mapping[str, str] | None = None, strict: bool = False,
-          max_images: int = rec.DEFAULT_MAX_IMAGES, num_workers: int = 1) -> M4Seg:
-  """Prepares the splits into ``data_dir/m4_seg/1.0.0``; returns the builder (``.skipped`` = summary)."""
+          max_images: int = rec.DEFAULT_MAX_IMAGES, num_workers: int = 1,
+          fields: Mapping[str, str] | None = None, budget: Mapping[str, int] | None = None) -> M4Seg:
+  """Prepares the splits into ``data_dir/m4_seg/1.0.0``; returns the builder (``.skipped`` = summary).
+
+  Record files, annotation files and images may be local or object-store URLs; ``data_dir`` must be
+  local (ArrayRecord writes local files only). ``fields`` maps our record fields to the files' column
+  names (``records.field_table``); ``budget`` sets the thresholds of the per-split length summary
+  (``records.DEFAULT_BUDGET``).
+
+  Raises:
+    SetupError: a record file, annotation file or image directory is missing or unreadable, or a
+      record file lacks a column (all problems, one per line, before any conversion).
+    PathError: ``data_dir`` is a URL, or a URL's client is not installed.
+  """
+  local = paths.local_only(data_dir, what="data_dir", why="the ArrayRecord writer that TFDS uses")
   builder = M4Seg(records=records, image_roots=image_roots, annotations=annotations, image_dirs=image_dirs,
-                  strict=strict, max_images=max_images, num_workers=num_workers, data_dir=str(data_dir))
+                  strict=strict, max_images=max_images, num_workers=num_workers, fields=fields, budget=budget,
+                  data_dir=local)
+  if not builder.data_path.exists():  # Problems with the inputs raise before TFDS writes anything.
+    builder.prepare_inputs()
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
 
 
 def load_skipped(data_dir: str | os.PathLike) -> dict[str, Any]:
   """The skip summary saved next to a prepared dataset."""
-  with open(os.path.join(M4Seg(data_dir=str(data_dir)).data_dir, SKIPPED_FILE)) as f:
-    return json.load(f)
+  local = paths.local_only(data_dir, what="data_dir", why="the ArrayRecord reader")
+  return json.loads((epath.Path(M4Seg(data_dir=local).data_dir) / SKIPPED_FILE).read_text())

@@ -1,7 +1,8 @@
 """The M⁴Seg record format (SPEC §4): loading, validation, answer conversion, masks and images.
 
 A record (one element of ``Part_Segm/{prefix}_{split}.json``, or one parquet row with the same
-fields) is::
+fields; a file whose columns are named otherwise is read through a field table, see
+:func:`field_table` and docs/data.md) is::
 
   {"dataset_name": "paco_lvis" | "ade20k_part234" | "pascal_part" | "synthetic",
    "img_ids": [id, ...],                      # IMAGE1, IMAGE2, ... (ids of the source's annotation file)
@@ -39,15 +40,17 @@ import io
 import json
 import math
 import os
+import posixpath
 import re
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from prima_jax import paths
 from prima_jax.data.example import GroundedExample
 
 # The original loader's tag pattern (objects: 3 digits, parts: 5 digits).
@@ -85,6 +88,61 @@ class SkipExample(Exception):  # noqa: N818 -- a signal, not an error: the recor
 # Loading
 
 
+class SetupError(ValueError):
+  """Inputs that cannot be used as given: a missing record or annotation file or image directory, a
+  record file without the expected columns. Each line of the message is one problem naming the file
+  or directory, and the flag that sets it; the CLI prints them without a traceback."""
+
+  def __init__(self, problems: str | Sequence[str]):
+    self.problems = [problems] if isinstance(problems, str) else list(problems)
+    super().__init__("\n".join(self.problems))
+
+  def __reduce__(self):
+    return SetupError, (self.problems,)
+
+
+# Our field names -> the record file's column names. The defaults are the pre-release JSON fields;
+# ``--field q=question`` (``fields={"q": "question"}``) reads the question from a column ``question``.
+DEFAULT_FIELDS: dict[str, str] = {f: f for f in (*REQUIRED_FIELDS, "category")}
+OPTIONAL_FIELDS = ("category",)
+
+
+def field_table(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+  """The default field table with ``overrides`` (our field -> the file's column) applied.
+
+  Raises:
+    SetupError: an unknown field name, or two fields read from one column.
+  """
+  table = dict(DEFAULT_FIELDS)
+  for field, column in (overrides or {}).items():
+    if field not in table:
+      raise SetupError(f"--field {field}={column}: unknown field {field!r}; the form is --field FIELD=COLUMN "
+                       f"with FIELD one of {', '.join(DEFAULT_FIELDS)}")
+    table[field] = column
+  by_column: dict[str, list[str]] = {}
+  for field, column in table.items():
+    by_column.setdefault(column, []).append(field)
+  shared = {c: f for c, f in by_column.items() if len(f) > 1}
+  if shared:
+    column, fields = next(iter(shared.items()))
+    raise SetupError(f"--field: fields {', '.join(fields)} would all read column {column!r}; map each to its "
+                     "own column")
+  return table
+
+
+def _check_columns(path: Any, found: Sequence[str], table: Mapping[str, str]) -> None:
+  """SetupError listing the expected and found columns when a required field has no column."""
+  missing = [f for f in REQUIRED_FIELDS if table[f] not in found]
+  if not missing:
+    return
+  expected = ", ".join(table[f] for f in REQUIRED_FIELDS)
+  optional = ", ".join(table[f] for f in OPTIONAL_FIELDS)
+  wanted = ", ".join(f"{f} (column {table[f]!r})" for f in missing)
+  raise SetupError(f"records file {path}: no column for field(s) {wanted}; expected columns: {expected} "
+                   f"(optional: {optional}); found columns: {', '.join(found) or 'none'}; map a field to a "
+                   f"column with --field FIELD=COLUMN (e.g. --field {missing[0]}=COLUMN)")
+
+
 def _maybe_json(value: Any) -> Any:
   if isinstance(value, str) and value[:1] in ("[", "{"):
     try:
@@ -104,6 +162,11 @@ def _drop_nulls(value: Any) -> Any:
 
 
 def _normalise_parquet_row(row: dict[str, Any]) -> dict[str, Any]:
+  """One parquet row (maps already dicts) -> a record as the JSON files hold it.
+
+  ``img_ids`` and ``groundings`` may be JSON strings; ``groundings`` a struct (absent images and
+  keys are None: dropped) or a map; each ``segmentation`` a JSON string or nested lists/structs.
+  """
   row = {k: v for k, v in row.items() if v is not None}
   for key in ("img_ids", "groundings"):
     if key in row:
@@ -119,21 +182,80 @@ def _normalise_parquet_row(row: dict[str, Any]) -> dict[str, Any]:
   return row
 
 
-def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+def _load_parquet(path: epath.Path, table: Mapping[str, str]) -> list[dict[str, Any]]:
+  import pyarrow as pa  # Imported lazily: only parquet inputs need it.
+  import pyarrow.parquet as pq
+
+  try:
+    with path.open("rb") as f:
+      data = pq.read_table(f)
+  except (pa.ArrowException, OSError) as e:
+    raise SetupError(f"records file {path}: cannot be read as parquet ({type(e).__name__}: {e})") from None
+  _check_columns(path, data.column_names, table)
+  fields = [f for f, column in table.items() if column in data.column_names]
+  data = data.select([table[f] for f in fields]).rename_columns(fields)
+  try:
+    rows = data.to_pylist(maps_as_pydicts="strict")
+  except (pa.ArrowException, KeyError, ValueError) as e:  # a map with a repeated key
+    raise SetupError(f"records file {path}: {type(e).__name__}: {e}") from None
+  return [_normalise_parquet_row(row) for row in rows]
+
+
+def _load_json(path: epath.Path, table: Mapping[str, str]) -> list[Any]:
+  try:
+    data = json.loads(path.read_bytes())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise SetupError(f"records file {path}: not valid JSON ({e})") from None
+  if not isinstance(data, list):
+    raise SetupError(f"records file {path}: expected a JSON list of records, got {type(data).__name__}")
+  if table == DEFAULT_FIELDS:
+    return data
+  found = list(dict.fromkeys(k for r in data if isinstance(r, dict) for k in r))
+  if data:
+    _check_columns(path, found, table)
+  return [{f: r[c] for f, c in table.items() if c in r} if isinstance(r, dict) else r for r in data]
+
+
+def load_records(path: str | os.PathLike, *, fields: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
   """Reads M⁴Seg records from a JSON file (a list of records) or a parquet file (same fields).
 
-  Parquet columns may hold ``img_ids``/``groundings``/``segmentation`` as JSON strings or as nested
-  lists/structs; both are accepted.
+  ``path`` may be local or an object-store URL (read through ``etils.epath``). ``fields`` maps our
+  field names (``dataset_name``, ``img_ids``, ``q``, ``a``, ``groundings``, ``category``) to the
+  file's column names where they differ (see :func:`field_table`). Parquet columns may hold
+  ``img_ids`` as a list or a JSON string, ``groundings`` as a struct, a map or a JSON string, each
+  ``segmentation`` as nested lists/structs or a JSON string.
+
+  Raises:
+    SetupError: the file is missing, unreadable, or lacks a column of a required field.
   """
-  path = Path(path)
+  table = field_table(fields)
+  path = paths.resolve(path, what="--records")
+  if not path.is_file():
+    raise SetupError(f"records file {path} does not exist (--records)")
   if path.suffix == ".parquet":
-    import pyarrow.parquet as pq  # Imported lazily: only parquet inputs need it.
-    return [_normalise_parquet_row(row) for row in pq.read_table(path).to_pylist()]
-  with open(path) as f:
-    data = json.load(f)
-  if not isinstance(data, list):
-    raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-  return data
+    return _load_parquet(path, table)
+  return _load_json(path, table)
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def record_files(pattern: str | os.PathLike) -> list[epath.Path]:
+  """The record files ``pattern`` names: itself, or the sorted matches of a wildcard in its last
+  component (``data/train-*.parquet``, local or a URL).
+
+  Raises:
+    SetupError: no file matches, or a wildcard outside the last component.
+  """
+  path = paths.resolve(pattern, what="--records")
+  if _GLOB.search(str(path.parent)):
+    raise SetupError(f"--records {pattern}: wildcards are allowed in the file name only")
+  if not _GLOB.search(path.name):
+    return [path]
+  matches = sorted(path.parent.glob(path.name), key=str) if path.parent.is_dir() else []
+  if not matches:
+    raise SetupError(f"--records {pattern}: no file matches {path}")
+  return matches
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,6 +538,88 @@ def convert_answer(answer: str, groundings: Mapping[str, Sequence[Mapping[str, A
 
 
 # --------------------------------------------------------------------------------------------------
+# Text-side lengths (what a training budget would drop)
+
+# Example quantities the data can tell without a tokenizer; ``budget`` thresholds count the examples
+# above them. Defaults: the full model's ``prima.max_images`` / ``prima.max_masks``, the Q-Former's
+# 32 question tokens, half the LLM's 512 tokens for the answer (words are not tokens: a word is one
+# or more tokens, so an example over a word budget is surely over the same token budget).
+LENGTHS = {"images": "images per example", "segs": "[SEG] per example", "question_words": "question words",
+           "answer_words": "answer words"}
+DEFAULT_BUDGET = {"images": 5, "segs": 16, "question_words": 32, "answer_words": 256}
+QUANTILES = (50, 90, 99)
+
+
+def nearest_rank(sorted_values: Sequence[int], q: float) -> int:
+  """The ``q``-th percentile by nearest rank: the smallest value with at least q % of values <= it."""
+  return sorted_values[max(0, math.ceil(q / 100 * len(sorted_values)) - 1)]
+
+
+def budget_table(overrides: Mapping[str, int] | None = None) -> dict[str, int]:
+  """``DEFAULT_BUDGET`` with ``overrides``; SetupError for an unknown name or a negative value."""
+  table = dict(DEFAULT_BUDGET)
+  for name, value in (overrides or {}).items():
+    if name not in table or not _is_int(value) or value < 0:
+      raise SetupError(f"--budget {name}={value}: expected NAME=N with N >= 0 and NAME one of "
+                       f"{', '.join(LENGTHS)}")
+    table[name] = int(value)
+  return table
+
+
+class LengthStats:
+  """Collects per-example images, [SEG] count and question / answer words (whitespace-separated
+  words of the text the model sees: the converted question and answer)."""
+
+  def __init__(self):
+    self.values: dict[str, list[int]] = {k: [] for k in LENGTHS}
+
+  def add(self, images: int, segs: int, question: str, answer: str) -> None:
+    for key, value in zip(LENGTHS, (images, segs, len(question.split()), len(answer.split()))):
+      self.values[key].append(int(value))
+
+  def add_example(self, example: GroundedExample) -> None:
+    self.add(len(example.images), len(example.masks), example.question, example.answer)
+
+  def add_record(self, record: Mapping[str, Any]) -> None:
+    """A structurally valid record, converted without its annotation file: a part whose object name
+    only that file knows is named ``object`` (the word count is the same unless the name has spaces)."""
+    n = len(record["img_ids"])
+    try:
+      answer, mentions = convert_answer(record["a"], record["groundings"], n)
+    except SkipExample:
+      answer, mentions = convert_answer(record["a"], record["groundings"], n, lambda ann_id: "object")
+    self.add(n, len(mentions), convert_question(record["q"]), answer)
+
+  def summary(self, budget: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """``{"examples": n, key: {"min", "p50", "p90", "p99", "max", "budget", "over"}}`` (no quantiles when
+    n is 0)."""
+    budget = budget_table(budget)
+    out: dict[str, Any] = {"examples": len(self.values["images"])}
+    for key, values in self.values.items():
+      v = sorted(values)
+      row: dict[str, Any] = {"budget": budget[key], "over": sum(x > budget[key] for x in v)}
+      if v:
+        row.update(min=v[0], **{f"p{q}": nearest_rank(v, q) for q in QUANTILES}, max=v[-1])
+      out[key] = row
+    return out
+
+
+def format_lengths(split: str, summary: Mapping[str, Any], prefix: str = "[m4seg] ") -> str:
+  """The ``summary()`` of a split as lines: min / median / p90 / p99 / max and the count over budget."""
+  n = summary["examples"]
+  lines = [f"{prefix}{split}: text-side lengths of {n} example(s) (words split on whitespace, "
+           "question and answer as converted):"]
+  for key, label in LENGTHS.items():
+    row = summary[key]
+    share = f" ({100 * row['over'] / n:.1f}%)" if n else ""
+    spread = ("  ".join(f"{name} {row[k]:>4}" for name, k in (("min", "min"), ("median", "p50"),
+                                                              ("p90", "p90"), ("p99", "p99"), ("max", "max")))
+              if n else "no examples")
+    lines.append(f"{prefix}  {label:<19} {spread}   > {row['budget']}: {row['over']}{share}")
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
 # Image index and source layouts
 
 
@@ -440,20 +644,29 @@ class ImageIndex:
 
   @classmethod
   def from_file(cls, path: str | os.PathLike) -> ImageIndex:
-    """Reads ``images[]`` (id, file_name, height, width) and, if present, annotations + categories."""
-    path = Path(path)
+    """Reads ``images[]`` (id, file_name, height, width) and, if present, annotations + categories.
+
+    ``path`` may be local or an object-store URL.
+
+    Raises:
+      SetupError: the file is missing, not JSON, or not COCO-style.
+    """
+    path = paths.resolve(path, what="annotation file")
     if not path.is_file():
-      raise FileNotFoundError(f"annotation file {path} does not exist")
-    with open(path) as f:
-      data = json.load(f)
+      raise SetupError(f"annotation file {path} does not exist")
+    try:
+      data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise SetupError(f"annotation file {path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-      raise ValueError(f"{path}: expected a COCO-style object with an 'images' list")
+      raise SetupError(f"annotation file {path}: expected a COCO-style object with an 'images' list")
     images = {}
     for i, img in enumerate(data["images"]):
       try:
         images[str(img["id"])] = ImageInfo(str(img["file_name"]), int(img["height"]), int(img["width"]))
       except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: images[{i}] needs id, file_name, height, width ({e!r})") from e
+        raise SetupError(f"annotation file {path}: images[{i}] needs id, file_name, height, width "
+                         f"({e!r})") from None
     categories = {c["id"]: c["name"] for c in data.get("categories", []) if "id" in c and "name" in c}
     object_names = {int(a["id"]): categories[a["category_id"]] for a in data.get("annotations", [])
                     if "id" in a and a.get("category_id") in categories}
@@ -469,8 +682,9 @@ class ImageIndex:
     except KeyError:
       raise SkipExample(UNKNOWN_IMAGE_ID, f"image id {image_id!r} is not in {self.path}") from None
 
-  def resolve(self, image_id: Any, image_root: str | os.PathLike) -> Path:
-    return Path(image_root) / self.info(image_id).file_name
+  def resolve(self, image_id: Any, image_root: str | os.PathLike) -> epath.Path:
+    """The image file of ``image_id`` under ``image_root`` (a local directory or a URL)."""
+    return under(image_root, self.info(image_id).file_name, what="image directory")
 
   def object_name(self, ann_id: int) -> str | None:
     return self.object_names.get(int(ann_id))
@@ -488,11 +702,25 @@ class SourceLayout:
   split_alias: Mapping[str, str] = dataclasses.field(default_factory=dict)
   image_split: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
-  def paths(self, root: str | os.PathLike, split: str) -> tuple[Path, Path]:
-    """(annotation file, image directory) of ``split`` under ``root``; absolute templates stay as-is."""
+  def paths(self, root: str | os.PathLike, split: str, *,
+            what: str = "--image-root") -> tuple[epath.Path, epath.Path]:
+    """(annotation file, image directory) of ``split`` under ``root`` (local or a URL), normalised;
+    absolute templates and URLs stay as they are."""
     names = {"split": self.split_alias.get(split, split), "image_split": self.image_split.get(split, split)}
-    root = Path(root)
-    return tuple(Path(os.path.normpath(root / t.format(**names))) for t in (self.annotations, self.images))
+    return under(root, self.annotations.format(**names), what=what), under(root, self.images.format(**names),
+                                                                           what=what)
+
+
+def under(root: str | os.PathLike, relative: str, *, what: str = "path") -> epath.Path:
+  """``root / relative`` with ``..`` resolved, for local paths and URLs alike; an absolute path or a
+  URL ``relative`` is returned as it is (``what`` names the flag of ``root`` in errors)."""
+  if paths.url_scheme(relative) is not None or relative.startswith("/"):
+    return paths.resolve(relative, what=what)
+  joined = f"{paths.resolve(root, what=what)}/{relative}"
+  scheme = paths.url_scheme(joined)
+  if scheme is None:
+    return epath.Path(os.path.normpath(joined))
+  return epath.Path(f"{scheme}://{posixpath.normpath(joined[len(scheme) + 3:])}")
 
 
 # Roots are the source folders of the original layout: Part_Segm/paco_lvis (COCO images in
@@ -512,7 +740,7 @@ SOURCES: dict[str, SourceLayout] = {
 # Record -> example
 
 
-def read_image(path: Path, info: ImageInfo) -> tuple[np.ndarray, bytes]:
+def read_image(path: epath.Path, info: ImageInfo) -> tuple[np.ndarray, bytes]:
   """Reads and decodes an image file -> (uint8 [height, width, 3] RGB, the file's bytes).
 
   Raises:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import re
@@ -45,8 +46,11 @@ import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
+from etils import epath
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from prima_jax import paths
 
 DATASET_NAME = "synthetic"
 SPLITS = ("train", "val", "test")
@@ -860,18 +864,24 @@ def split_summary(records: list[dict], metas: list[QuestionMeta]) -> dict:
   }
 
 
-def _write_json(path: str, obj) -> None:
+def _write_json(path: epath.Path, obj) -> None:
   text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)  # the C encoder; json.dump is pure Python
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(text)
+  paths.write_text_atomic(path, text)
 
 
-def generate(out_dir: str, seed: int = 0, sizes: Mapping[str, int] | None = None,
+def _png(pixels: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+  return buffer.getvalue()
+
+
+def generate(out_dir: str | os.PathLike, seed: int = 0, sizes: Mapping[str, int] | None = None,
              image_size: int = 96) -> dict:
   """Writes the benchmark under ``out_dir`` (layout in the module docstring); returns a summary dict.
 
   Args:
-    out_dir: root directory (``DIR``); created if missing. Existing files of the same names are overwritten.
+    out_dir: root directory (``DIR``), local or an object-store URL; created if missing. Existing files of
+      the same names are overwritten.
     seed: the output is byte-identical for the same ``(seed, sizes, image_size)``.
     sizes: examples per split, e.g. ``{"train": 2400, "val": 300, "test": 300}``; a split left out is not
       written. Default ``DEFAULT_SIZES``.
@@ -889,13 +899,13 @@ def generate(out_dir: str, seed: int = 0, sizes: Mapping[str, int] | None = None
   if image_size < 48:
     raise ValueError(f"image_size must be >= 48, got {image_size}")
   t0 = time.perf_counter()
-  root = os.path.join(out_dir, DATASET_NAME)
-  image_dir = os.path.join(root, "images")
-  ann_dir = os.path.join(root, "annotations")
-  rec_dir = os.path.join(out_dir, "Part_Segm")
+  out = paths.resolve(out_dir, what="out_dir")
+  image_dir = out / DATASET_NAME / "images"
+  ann_dir = out / DATASET_NAME / "annotations"
+  rec_dir = out / "Part_Segm"
   for d in (image_dir, ann_dir, rec_dir):
-    os.makedirs(d, exist_ok=True)
-  summary = {"out_dir": out_dir, "seed": seed, "image_size": image_size, "splits": {}}
+    d.mkdir(parents=True, exist_ok=True)
+  summary = {"out_dir": str(out), "seed": seed, "image_size": image_size, "splits": {}}
   total = 0
   for split in SPLITS:
     if split not in sizes:
@@ -903,20 +913,19 @@ def generate(out_dir: str, seed: int = 0, sizes: Mapping[str, int] | None = None
     images, annotations, records, metas = [], [], [], []
     for scene, anns, recs, ms in iter_split(seed, split, int(sizes[split]), image_size):
       for img in scene:
-        Image.fromarray(img.pixels).save(os.path.join(image_dir, f"{img.image_id}.png"), format="PNG",
-                                         compress_level=1)
+        (image_dir / f"{img.image_id}.png").write_bytes(_png(img.pixels))
         images.append(_image_entry(img))
       annotations += anns
       records += recs
       metas += ms
-    ann_file = os.path.join(ann_dir, f"{DATASET_NAME}_{split}.json")
-    rec_file = os.path.join(rec_dir, f"{DATASET_NAME}_{split}.json")
+    ann_file = ann_dir / f"{DATASET_NAME}_{split}.json"
+    rec_file = rec_dir / f"{DATASET_NAME}_{split}.json"
     _write_json(ann_file, _coco(seed, split, images, annotations))
     _write_json(rec_file, records)
     total += len(records)
     summary["splits"][split] = split_summary(records, metas)
-    summary["splits"][split].update(images=len(images), annotations=len(annotations), records_file=rec_file,
-                                    annotation_file=ann_file)
+    summary["splits"][split].update(images=len(images), annotations=len(annotations),
+                                    records_file=str(rec_file), annotation_file=str(ann_file))
   seconds = time.perf_counter() - t0
   summary["seconds"] = round(seconds, 3)
   summary["examples_per_second"] = round(total / seconds, 1) if seconds > 0 else None
@@ -963,7 +972,7 @@ def vocabulary() -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(prog="python -m prima_jax.data.synthetic",
                                    description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True, help="output root DIR")
+  parser.add_argument("--out", required=True, help="output root DIR (local or an object-store URL)")
   parser.add_argument("--seed", type=int, default=0)
   for split in SPLITS:
     parser.add_argument(f"--{split}", type=int, default=DEFAULT_SIZES[split], help=f"{split} examples")
@@ -973,7 +982,10 @@ def main(argv: list[str] | None = None) -> dict:
   for split, n in sizes.items():
     if n < 0:
       parser.error(f"--{split} must be >= 0")
-  summary = generate(args.out, args.seed, sizes, args.image_size)
+  try:
+    summary = generate(args.out, args.seed, sizes, args.image_size)
+  except paths.PathError as e:
+    parser.error(str(e))
   for split, s in summary["splits"].items():
     print(f"{split}: {s['examples']} examples ({s['multi_image']} multi-image), {s['images']} images, "
           f"{s['annotations']} annotations, categories {s['categories']}, encodings {s['encodings']}")

@@ -8,26 +8,17 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from prima_jax import paths
-from prima_jax.data import m4seg
 from prima_jax.data.pipeline import DROP_REASONS, drop_counter, make_dataset
+from prima_jax.workdir import open_split
 
 log = logging.getLogger(__name__)
-
-
-def source(directory, split: str):
-  local = paths.local_only(directory, what="data.data_dir", why="the ArrayRecord reader")
-  try:
-    return m4seg.data_source(local, split)
-  except Exception as e:  # noqa: BLE001 -- TFDS raises several types for a missing dataset or split
-    raise ValueError(f"cannot open split {split!r} of the M4Seg dataset in {directory}: {e}") from e
 
 
 def train_dataset(config, model_cfg, tokenizers, directory, *, start_batch: int = 0):
   """Infinite, shuffled batches: this process's ``train.batch_size // process_count`` rows of each
   global batch, starting at global batch ``start_batch``."""
   d = config.data
-  return make_dataset(source(directory, d.train_split), cfg=model_cfg, tokenizers=tokenizers,
+  return make_dataset(open_split(directory, d.train_split), cfg=model_cfg, tokenizers=tokenizers,
                       batch_size=config.train.batch_size // jax.process_count(), train=True,
                       seed=config.seed, max_length=d.max_length, max_question_length=d.max_question_length,
                       num_epochs=None, worker_count=d.worker_count, read_threads=d.read_threads,
@@ -38,7 +29,7 @@ def eval_dataset(config, model_cfg, tokenizers, directory):
   """(dataset, number of batches): a fixed, unshuffled pass over the same global batches whatever the
   number of processes (the split's whole global batches; the remainder is not evaluated)."""
   d = config.data
-  src = source(directory, d.eval_split)
+  src = open_split(directory, d.eval_split)
   num = len(src) // config.eval.batch_size
   if config.eval.num_batches:
     num = min(num, config.eval.num_batches)
