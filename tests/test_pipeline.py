@@ -88,11 +88,20 @@ def row_identity(batch, b: int) -> tuple[int, int]:
   return example, int(batch["image_valid"][b].sum())
 
 
+def is_blank(batch, b: int) -> bool:
+  """Row b is a dropped example's zero-weight stand-in: no label, no [SEG]."""
+  return not (batch["labels"][b] != batch_lib.IGNORE_LABEL).any() and not batch["seg_valid"][b].any()
+
+
 def check_batch_against_sources(batch, examples, cfg):
-  """Every row matches its source example: images, sizes, [SEG] routing, masks."""
+  """Every row matches its source example (images, sizes, [SEG] routing, masks) or is a blank (None)."""
   s = cfg.sam.image_size
   ids = []
   for b in range(len(batch["input_ids"])):
+    if is_blank(batch, b):
+      assert batch["image_valid"][b].sum() == 1 and not batch["sam_images"][b].any()
+      ids.append(None)
+      continue
     i, n = row_identity(batch, b)
     ex = examples[i]
     ids.append(i)
@@ -178,17 +187,17 @@ def test_bad_examples_dropped_and_counted(cfg, toks):
   ex.images[0] = ex.images[0].astype(np.float32)
   bad["bad_image"] = ex
   bad = list(bad.values())
-  # In stream order (no shuffle), with drops after the last kept example: they are counted too.
+  # In stream order (no shuffle): every dropped example keeps its row as a zero-weight blank.
   source = [{"example": e} for e in good[:2]] + [{"example_id": "broken/0"}]  # decode_error
   source += bad[:3] + good[2:] + bad[3:]
   assert len(bad) + 1 == len(DROP_REASONS)
 
-  it = iter(dataset(source, cfg, toks, batch_size=1, num_epochs=1, shuffle=False, decode=_decode))
+  it = iter(dataset(source, cfg, toks, batch_size=2, num_epochs=1, shuffle=False, decode=_decode))
   seen = []
   for batch in it:
     batch_lib.validate_batch(batch, cfg, training=True)
     seen += check_batch_against_sources(batch, {e_i: e for e_i, e in enumerate(good)}, cfg)
-  assert sorted(seen) == [0, 1, 2, 3]
+  assert seen == [0, 1] + [None] * 4 + [2, 3] + [None] * 4
   assert it.drops.counts == dict.fromkeys(DROP_REASONS, 1)
   assert it.get_state()["drops"] == dict.fromkeys(DROP_REASONS, 1)
   assert "prompt_too_long=1" in it.drops.summary()
@@ -198,7 +207,8 @@ def test_all_dropped_raises_instead_of_spinning(cfg, toks):
   rng = np.random.default_rng(3)
   source = [make_example(i, rng, num_images=4, num_masks=0) for i in range(5)]
   it = iter(dataset(source, cfg, toks, max_consecutive_drops=5))
-  with pytest.raises(RuntimeError, match="too_many_images=5"):
+  next(it), next(it)  # four blank rows
+  with pytest.raises(RuntimeError, match="5 examples in a row were dropped.*too_many_images=5"):
     next(it)
 
 
@@ -254,15 +264,30 @@ def test_train_augmentation_and_epoch_order(cfg, toks):
     np.testing.assert_array_equal(eva[0], pp.eva_preprocess(examples[i].images[0], 28, train=False))
 
 
-def test_two_shards_are_disjoint_and_cover(cfg, toks):
-  examples = make_examples(7, seed=6)
-  seen = []
-  for shard in range(2):
-    ds = dataset(examples, cfg, toks, batch_size=1, num_epochs=1, shard_index=shard, shard_count=2)
-    seen.append([row_identity(b, 0)[0] for b in ds])
-  assert len(seen[0]) == 4 and len(seen[1]) == 3
-  assert not set(seen[0]) & set(seen[1])
-  assert sorted(seen[0] + seen[1]) == list(range(7))
+def _global_batches(examples, cfg, toks, *, processes: int, global_batch: int = 4, **kw):
+  """The global batches as ``processes`` processes would assemble them (rows of process 0 first)."""
+  per_process = [list(dataset(examples, cfg, toks, batch_size=global_batch // processes, shard_index=p,
+                              shard_count=processes, **kw)) for p in range(processes)]
+  assert len({len(batches) for batches in per_process}) == 1
+  return [{k: np.concatenate([batches[i][k] for batches in per_process]) for k in per_process[0][i]}
+          for i in range(len(per_process[0]))]
+
+
+def test_global_order_is_independent_of_the_process_count(cfg, toks):
+  """1, 2 and 4 processes see the same global batches (same examples, same random crops, same
+  drops), and a resume at global batch k continues that order with any process count."""
+  examples = make_examples(9, seed=6)
+  examples.append(make_example(9, np.random.default_rng(0), num_images=4, num_masks=0))  # dropped
+  kw = dict(num_epochs=2, seed=5)  # 20 stream positions -> 5 global batches of 4
+  one = _global_batches(examples, cfg, toks, processes=1, **kw)
+  assert len(one) == 5
+  ids = [row_identity(b, r)[0] if not is_blank(b, r) else None for b in one for r in range(4)]
+  assert sorted(i for i in ids[:10] if i is not None) == list(range(9))   # epoch 1: each once ...
+  assert ids.count(None) == 2                                             # ... and the dropped one blank
+  for processes in (2, 4):
+    _assert_batches_equal(_global_batches(examples, cfg, toks, processes=processes, **kw), one)
+    resumed = _global_batches(examples, cfg, toks, processes=processes, start_batch=3, **kw)
+    _assert_batches_equal(resumed, one[3:])
   with pytest.raises(ValueError, match="shard_index"):
     dataset(examples, cfg, toks, shard_index=2, shard_count=2)
 
@@ -272,15 +297,15 @@ def test_worker_processes_give_the_same_batches(cfg, toks):
   flags.FLAGS.mark_as_parsed()
   examples = make_examples(4, seed=8)
   examples.append(make_example(4, np.random.default_rng(0), num_images=4, num_masks=0))  # dropped
-  it = iter(dataset(examples, cfg, toks, batch_size=2, num_epochs=1))
+  it = iter(dataset(examples, cfg, toks, batch_size=1, num_epochs=1))
   one = list(it)
-  it_mp = iter(dataset(examples, cfg, toks, batch_size=2, num_epochs=1, worker_count=1))
+  it_mp = iter(dataset(examples, cfg, toks, batch_size=1, num_epochs=1, worker_count=1))
   try:
     two = list(it_mp)
   finally:
     it_mp.close()
   _assert_batches_equal(one, two)
-  assert len(one) == 2
+  assert len(one) == 5
   assert it_mp.drops.counts == it.drops.counts and it.drops.counts["too_many_images"] == 1
 
 
@@ -372,7 +397,7 @@ jax.distributed.shutdown()
 """
 
 
-def test_two_processes_read_disjoint_shards(toks, tmp_path):
+def test_two_processes_read_their_rows_of_each_global_batch(toks, tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -388,6 +413,6 @@ def test_two_processes_read_disjoint_shards(toks, tmp_path):
   out = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
   assert all(o["process_count"] == 2 for o in out)
   assert len(out[0]["ids"]) == len(out[1]["ids"]) == 4
-  assert not set(out[0]["ids"]) & set(out[1]["ids"])
-  assert sorted(out[0]["ids"] + out[1]["ids"]) == list(range(8))
+  # Global batch k = examples 4k..4k+3 (no shuffle); each process holds its two rows of it.
+  assert out[0]["ids"] == [0, 1, 4, 5] and out[1]["ids"] == [2, 3, 6, 7]
   assert out[0]["shapes"] == out[1]["shapes"] == [[4, MAX_LENGTH]] * 2  # global batch = 2 hosts x 2

@@ -392,3 +392,32 @@ def test_image_index_matches_ids_as_strings_and_names_the_file(tmp_path):
   (tmp_path / "list.json").write_text("[]")
   with pytest.raises(rec.SetupError, match="list.json: expected a COCO-style object"):
     rec.ImageIndex.from_file(tmp_path / "list.json")
+
+
+def test_layouts_normalise_urls_like_local_paths(object_store):
+  root = object_store.url("Part_Segm", "paco_lvis")
+  annotations, images = rec.SOURCES["paco_lvis"].paths(root, "train")
+  assert str(annotations) == f"{root}/annotations/paco_lvis_v1_train.json"
+  assert str(images) == object_store.url("coco_2017")
+  assert str(rec.under(root, "/abs/x.json")) == "/abs/x.json"
+  assert str(rec.under("/local/root", object_store.url("a.json"))) == object_store.url("a.json")
+  index = rec.ImageIndex({"5": rec.ImageInfo("val/b.jpg", 3, 4)})
+  assert str(index.resolve(5, object_store.url("coco"))) == object_store.url("coco", "val", "b.jpg")
+
+
+def test_length_stats_nearest_rank_and_budget():
+  stats = rec.LengthStats()
+  for k in range(1, 101):
+    images = 1 if k <= 60 else 2 if k <= 95 else 6
+    segs = 0 if k <= 10 else 17 if k > 97 else 4
+    stats.add(images, segs, " ".join(["q"] * (101 - k)), " ".join(["a"] * k))
+  summary = stats.summary({"answer_words": 95})
+  assert summary["examples"] == 100
+  assert summary["images"] == {"min": 1, "p50": 1, "p90": 2, "p99": 6, "max": 6, "budget": 5, "over": 5}
+  assert summary["segs"] == {"min": 0, "p50": 4, "p90": 4, "p99": 17, "max": 17, "budget": 16, "over": 3}
+  for key, budget, over in (("question_words", 32, 68), ("answer_words", 95, 5)):
+    assert summary[key] == {"min": 1, "p50": 50, "p90": 90, "p99": 99, "max": 100, "budget": budget,
+                            "over": over}
+  empty = rec.LengthStats().summary()
+  assert empty["examples"] == 0 and empty["segs"] == {"budget": 16, "over": 0}
+  assert "no examples" in rec.format_lengths("val", empty)

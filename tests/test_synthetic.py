@@ -258,3 +258,22 @@ def test_cli_and_bad_arguments(tmp_path, capsys):
     synthetic.make_split(0, "train", -1)
   with pytest.raises(SystemExit):
     synthetic.main(["--out", str(tmp_path), "--train", "-2"])
+
+
+def test_generate_writes_the_same_bytes_to_an_object_store(tmp_path, object_store):
+  sizes = {"train": 4, "val": 2}
+  summary = synthetic.generate(object_store.url("syn"), seed=3, sizes=sizes, image_size=48)
+  synthetic.generate(str(tmp_path / "local"), seed=3, sizes=sizes, image_size=48)
+  remote = _files(str(object_store.local(object_store.url("syn"))))
+  assert len(remote) > 10 and remote == _files(str(tmp_path / "local"))
+  assert summary["out_dir"] == object_store.url("syn")
+  assert summary["splits"]["val"]["records_file"] == f"{object_store.url('syn')}/Part_Segm/synthetic_val.json"
+
+
+def test_cli_url_without_its_client_is_a_usage_error(monkeypatch, capsys):
+  from prima_jax import paths
+  monkeypatch.setattr(paths, "missing_clients", lambda scheme: ["gcsfs"])
+  with pytest.raises(SystemExit) as info:
+    synthetic.main(["--out", "gs://bucket/syn", "--train", "1"])
+  assert info.value.code == 2
+  assert "error: --out=gs://bucket/syn: gs:// needs gcsfs" in capsys.readouterr().err

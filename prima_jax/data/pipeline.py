@@ -301,7 +301,7 @@ class _FilledBatchIterator(grain.DatasetIterator):
     self._batch_fn = batch_fn
     self._blank = blank
     self._max_consecutive_drops = max_consecutive_drops
-    self._consecutive = 0
+    self._run = DropCounter()  # the drops since the last kept example
 
   def __next__(self) -> dict[str, np.ndarray]:
     examples, drops = [], DropCounter()
@@ -310,14 +310,14 @@ class _FilledBatchIterator(grain.DatasetIterator):
       if isinstance(item, Dropped):
         drops.add(item.reason)
         examples.append(self._blank)
-        self._consecutive += 1
-        if self._consecutive >= self._max_consecutive_drops:
-          raise RuntimeError(f"{self._consecutive} examples in a row were dropped ({drops.summary()} in "
-                             f"this batch); the last: {item.example_id}: {item.message}. Check the data "
-                             "and the pipeline settings (max_length, max_images, tokenisers).")
+        self._run.add(item.reason)
+        if self._run.total >= self._max_consecutive_drops:
+          raise RuntimeError(f"{self._run.total} examples in a row were dropped ({self._run.summary()}); "
+                             f"the last: {item.example_id}: {item.message}. Check the data and the "
+                             "pipeline settings (max_length, max_images, tokenisers).")
       else:
         examples.append(item)
-        self._consecutive = 0
+        self._run = DropCounter()
     batch = self._batch_fn(examples)
     batch[DROPS_KEY] = drops.as_vector()
     return batch

@@ -983,9 +983,10 @@ def main(argv: list[str] | None = None) -> dict:
     if n < 0:
       parser.error(f"--{split} must be >= 0")
   try:
-    summary = generate(args.out, args.seed, sizes, args.image_size)
+    out = paths.resolve(args.out, what="--out")
   except paths.PathError as e:
     parser.error(str(e))
+  summary = generate(out, args.seed, sizes, args.image_size)
   for split, s in summary["splits"].items():
     print(f"{split}: {s['examples']} examples ({s['multi_image']} multi-image), {s['images']} images, "
           f"{s['annotations']} annotations, categories {s['categories']}, encodings {s['encodings']}")
