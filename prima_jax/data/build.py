@@ -113,8 +113,9 @@ def validate(records: Mapping[str, Sequence[str]], sources: m4seg.Sources, *, ma
           lengths.add_record(record)
         index += 1
     print(rec.format_lengths(split, lengths.summary(budget), prefix=""), file=out)
-  for note in m4seg.unconfigured_note(inputs, sources):
-    print(note, file=out)
+  for name, splits in m4seg.unconfigured(inputs, sources).items():
+    print(f"note: no --image-root for source {name!r} ({', '.join(splits)}): its images and masks were not "
+          "checked", file=out)
   print(f"{bad} record(s) with problems", file=out)
   return bad
 

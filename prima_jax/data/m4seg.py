@@ -194,14 +194,13 @@ def source_names(inputs: Inputs) -> dict[str, set[Any]]:
           for split, files in inputs.items()}
 
 
-def unconfigured_note(inputs: Inputs, sources: Sources) -> list[str]:
-  """A note per source that records name but that has no image root (its records are skipped)."""
+def unconfigured(inputs: Inputs, sources: Sources) -> dict[str, list[str]]:
+  """{source name: the splits whose records name it} for the sources without an image root."""
   splits: dict[str, list[str]] = {}
   for split, names in source_names(inputs).items():
     for name in sorted(n for n in names if isinstance(n, str) and n not in sources.image_roots):
       splits.setdefault(name, []).append(split)
-  return [f"note: no --image-root for source {name!r} ({', '.join(s)}): its records are skipped "
-          f"({rec.UNKNOWN_SOURCE}), its images and masks not checked" for name, s in sorted(splits.items())]
+  return dict(sorted(splits.items()))
 
 
 class M4Seg(tfds.core.GeneratorBasedBuilder):
@@ -261,8 +260,9 @@ class M4Seg(tfds.core.GeneratorBasedBuilder):
       raise ValueError("M4Seg needs records={split: [record files]} to prepare data")
     if self._inputs is None:
       self._inputs = load_inputs(self._records, self.sources, fields=self._fields)
-      for note in unconfigured_note(self._inputs, self.sources):
-        print(f"[m4seg] {note}")
+      for name, splits in unconfigured(self._inputs, self.sources).items():
+        print(f"[m4seg] note: no --image-root for source {name!r} ({', '.join(splits)}): its records are "
+              f"skipped ({rec.UNKNOWN_SOURCE})")
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing is downloaded.
