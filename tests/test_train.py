@@ -8,7 +8,10 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -21,6 +24,7 @@ from prima_jax import workdir as workdir_lib
 from prima_jax.convert import torch_io
 from prima_jax.convert.state_dict import param_paths, path_str
 from prima_jax.data import preprocess
+from prima_jax.data.pipeline import DROP_REASONS
 from prima_jax.models.prima import Prima
 from prima_jax.training import checkpoint as ckpt_lib
 from prima_jax.training import metrics as metrics_lib
@@ -265,3 +269,142 @@ def test_training_starts_from_an_imported_workdir(tmp_path, data_dir):
   assert frozen and set(frozen) <= set(imported)
   for name, value in frozen.items():
     np.testing.assert_array_equal(value, imported[name], err_msg=name)
+
+
+# --- object stores, process counts and meshes ---------------------------------------------------
+
+def test_training_on_an_object_store_workdir(object_store, tmp_path, data_dir):
+  """Every file of a run goes to gs:// (a stray os/open on the URL would hit the `gs:` guard file);
+  the run resumes from there and its parameters load back from the URL."""
+  url = object_store.url("runs", "demo")
+  trainable = ("seg_head/", "sam/mask_decoder/")
+  c = demo_test_config(data_dir, num_steps=2, trainable=trainable)
+  c.eval.update(every=2, prediction_examples=1)
+  c.checkpoint.every = 2
+  first = train_and_evaluate(c, url)
+  assert first["final_step"] == 2
+  c = demo_test_config(data_dir, num_steps=3, trainable=trainable)
+  c.eval.every = 0
+  again = train_and_evaluate(c, url)
+  assert again["start_step"] == 2 and again["final_step"] == 3
+  stored = object_store.local(url)
+  assert (stored / "config.json").is_file() and (stored / "frozen").is_dir()
+  assert sorted(p.name for p in (stored / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+  assert list((stored / "predictions" / "step_2").glob("example0_seg*.png"))
+  rows = [json.loads(line) for line in (stored / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+  assert len(list((stored / "tensorboard").iterdir())) == 2   # one events file per start
+  model = Prima(c.model, rngs=nnx.Rngs(c.seed + 1))
+  assert workdir_lib.restore_params(url, model) == 3
+  restored = flat(nnx.state(model, nnx.Param).to_pure_dict())
+  for k, v in {**flat(again["state"]["params"]), **flat(again["frozen"])}.items():
+    np.testing.assert_array_equal(restored[k], v, err_msg=k)
+  assert not (Path.cwd() / "gs:").is_dir()
+
+
+def test_train_cli_on_a_url_without_its_client_fails_before_writing(tmp_path):
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  proc = subprocess.run([sys.executable, "-m", "prima_jax.train", f"--config={ROOT}/configs/demo.py:test",
+                         "--workdir=gs://some-bucket/run"], cwd=tmp_path, env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [
+      "error: --workdir=gs://some-bucket/run: gs:// needs gcsfs and google-cloud-storage, which are not "
+      "installed (pip install gcsfs google-cloud-storage); nothing was written"]
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_restore_onto_other_meshes(tmp_path, data_dir):
+  """A checkpoint written on a (data 2, fsdp 2, tensor 2) mesh restores bitwise onto (1, 8, 1) and
+  (4, 1, 2), and training continues from it on (4, 1, 2)."""
+  c = demo_test_config(data_dir, num_steps=2)
+  c.mesh.update(data=2, fsdp=2, tensor=2)
+  c.eval.every = 0
+  saved = train_and_evaluate(c, str(tmp_path / "w"))["state"]
+  checkpointer = ckpt_lib.Checkpointer(tmp_path / "w" / "checkpoints", keep=2, async_save=False)
+  for shape in ((1, 8, 1), (4, 1, 2)):
+    c.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
+    mesh = build_mesh(c)
+    target = jax.tree.map(lambda x, m=mesh: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=jax.sharding.NamedSharding(m, x.sharding.spec)), saved)
+    restored, meta = checkpointer.restore(2, target)
+    assert meta["step"] == 2 and meta["data"]["batches"] == 2
+    for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(saved)):
+      assert a.sharding.mesh.devices.shape == shape and a.sharding.spec == b.sharding.spec
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(p))
+  checkpointer.close()
+  c = demo_test_config(data_dir, num_steps=3)
+  c.mesh.update(data=4, fsdp=1, tensor=2)
+  c.eval.every = 0
+  resumed = train_and_evaluate(c, str(tmp_path / "w"))
+  assert resumed["start_step"] == 2 and resumed["final_step"] == 3
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _train_in_processes(processes: int, workdir, data_dir, num_steps: int) -> None:
+  """`launch/local_multiprocess.sh` with 8 / processes fake CPU devices each (gloo collectives)."""
+  flags = [f"--config={ROOT}/configs/demo.py:test", f"--workdir={workdir}",
+           f"--config.data.data_dir={data_dir}", "--config.mesh.data=4", "--config.mesh.fsdp=1",
+           "--config.mesh.tensor=2", f"--config.train.num_steps={num_steps}", "--config.eval.every=0",
+           "--config.checkpoint.every=2"]
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "PORT": str(_free_port()), "PYTHON": sys.executable,
+         "DEVICES_PER_PROCESS": str(8 // processes),
+         # the module's compilation cache: the second launch compiles nothing
+         "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  proc = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), str(processes), *flags],
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+
+def _losses(workdir) -> dict[int, float]:
+  rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def _max_param_diff(a, b) -> float:
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+             for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])))
+
+
+def test_two_processes_train_like_one_and_resume_across_process_counts(tmp_path, data_dir):
+  """1 process x 8 devices and 2 processes x 4 devices see the same global batches: the same loss at
+  every step and the same parameters. A 1-process run stopped at step 2 and resumed by 2 processes
+  continues the same data order (the same steps 3-4 as the straight run)."""
+  c = demo_test_config(data_dir, num_steps=4)
+  c.eval.every = 0
+  c.checkpoint.update(every=2, keep=3)
+  workdir_lib.prepare_synthetic(c, data_dir)
+  one = train_and_evaluate(c, str(tmp_path / "one"))
+  two = tmp_path / "two"
+  _train_in_processes(2, two, data_dir, num_steps=4)
+  mixed = tmp_path / "mixed"
+
+  def stop_at_two(step):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  assert train_and_evaluate(c, str(mixed), on_step=stop_at_two)["final_step"] == 2
+  _train_in_processes(2, mixed, data_dir, num_steps=4)   # 2 processes continue the 1-process run
+  ref, got, cont = _losses(tmp_path / "one"), _losses(two), _losses(mixed)
+  assert sorted(ref) == sorted(got) == sorted(cont) == [1, 2, 3, 4]
+  print("\nstep | 1 process x 8 devices | 2 processes x 4 devices | 1 process, resumed by 2 at step 2")
+  for s in sorted(ref):
+    print(f"{s} | {ref[s]:.7f} | {got[s]:.7f} | {cont[s]:.7f}")
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), one["state"])
+  final = {}
+  for name in ("two", "mixed"):
+    checkpointer = ckpt_lib.Checkpointer(tmp_path / name / "checkpoints", keep=3, async_save=False)
+    final[name], meta = checkpointer.restore(4, target)
+    checkpointer.close()
+    assert meta["data"] == {"batches": 4, "drops": dict.fromkeys(DROP_REASONS, 0)}
+  diffs = {name: _max_param_diff(state, one["state"]) for name, state in final.items()}
+  print(f"max |parameter difference| after 4 steps vs 1 process: {diffs}")
+  for losses in (got, cont):
+    np.testing.assert_allclose([losses[s] for s in range(1, 5)], [ref[s] for s in range(1, 5)], rtol=1e-6)
+  assert max(diffs.values()) <= 1e-6, diffs
