@@ -11,7 +11,12 @@ with ``prima_jax.evaluation.metrics`` (mIoU, Recall, gIoU, cIoU, SS, S-IoU, I-SS
 Devices and hosts: the batch is sharded over all devices (mesh axis ``data``); process i takes examples
 i, i + P, ... of the split and every process gathers all per-example statistics, which are aggregated
 after sorting by example id, so the metrics do not depend on the number of devices or processes.
-Prints the table and examples/s; ``--out`` gets the metrics as JSON.
+Prints the table and examples/s; ``--out`` gets the metrics as JSON (written whole, atomically).
+
+``--checkpoint`` and ``--out`` may be local paths or object-store URLs (``gs://...``); the dataset and
+``--similarity`` encoder are read from local disk. Paths are checked before the model is built: a
+bad one exits with status 2 and one ``error:`` line. A synthetic benchmark missing from the data
+directory is generated there first (deterministically, as training does).
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from __future__ import annotations
 import collections
 import json
 import math
-import os
 import sys
 import time
 from typing import Any
@@ -27,6 +31,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
+
+from prima_jax import paths
 
 
 def local_indices(total: int, shard_index: int, shard_count: int) -> list[int | None]:
@@ -120,25 +126,46 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
   )
 
 
+LOCAL_SIMILARITIES = (None, "default", "lexical")
+
+
 def run(*, config=None, checkpoint: str | None = None, split: str | None = None, limit: int | None = None,
         similarity: str | None = "default", out: str | None = None, data_dir: str | None = None,
         batch_size: int | None = None, max_new_tokens: int = 256, teacher_forced: bool = False,
         devices=None, verbose: bool = True) -> dict[str, Any]:
   """Evaluates on ``split`` over ``devices`` (default all) and this process's shard; returns the results
-  (the dict written to ``out``)."""
+  (the dict written to ``out``).
+
+  Raises, before the model is built: paths.PathError (an unusable --out / --checkpoint URL, or a URL
+  for --data_dir / --similarity, which are read locally), workdir.NotAWorkdir (no checkpoint there),
+  ValueError (no such split).
+  """
   import jax  # noqa: PLC0415
 
+  from prima_jax import workdir as workdir_lib  # noqa: PLC0415
   from prima_jax.evaluation.metrics import format_table  # noqa: PLC0415
   from prima_jax.evaluation.text_similarity import make_similarity  # noqa: PLC0415
   from prima_jax.inference.engine import Predictor  # noqa: PLC0415
-  from prima_jax.inference.loading import load  # noqa: PLC0415
+  from prima_jax.inference.loading import data_dir_of, load, open_run  # noqa: PLC0415
   from prima_jax.sharding import make_mesh  # noqa: PLC0415
-  from prima_jax.training import data as data_lib  # noqa: PLC0415
 
-  loaded = load(config, checkpoint, data_dir=data_dir)
+  out_path = paths.resolve(out, what="--out") if out else None
+  if data_dir:
+    data_dir = paths.local_only(data_dir, what="--data_dir", why="the ArrayRecord reader")
+  if similarity not in LOCAL_SIMILARITIES:
+    similarity = paths.local_only(similarity, what="--similarity", why="the transformers text encoder")
+  opened = open_run(config, checkpoint)
+  directory = data_dir_of(opened, data_dir)
+  if directory is None:
+    raise FileNotFoundError("no dataset to evaluate on: pass --data_dir, set data.data_dir, or pass a "
+                            "--checkpoint workdir")
+  if opened.config.data.kind == "synthetic":  # generated where missing, as training does (deterministic)
+    workdir_lib.prepare_synthetic(opened.config, directory)
+  split = split or opened.config.data.eval_split
+  source = workdir_lib.open_split(directory, split)
+  sim = make_similarity(similarity)
+  loaded = load(opened, data_dir=directory)
   cfg = loaded.config
-  split = split or cfg.data.eval_split
-  source = data_lib.source(loaded.data_dir, split)
   total = len(source) if limit is None else min(limit, len(source))
   devices = list(devices or jax.devices())
   mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
@@ -148,7 +175,6 @@ def run(*, config=None, checkpoint: str | None = None, split: str | None = None,
   predictor = Predictor(loaded.model, loaded.tokenizers, max_new_tokens=max_new_tokens,
                         max_question_length=cfg.data.max_question_length, batch_size=global_batch // pc,
                         mesh=mesh)
-  sim = make_similarity(similarity)
   if verbose and pi == 0:
     mode = "teacher-forced" if teacher_forced else "greedy"
     print(f"evaluating {total} examples of split {split!r} ({mode}"
@@ -161,7 +187,7 @@ def run(*, config=None, checkpoint: str | None = None, split: str | None = None,
   steady = timing["seconds"] - timing["first_batch_seconds"]
   steady_examples = max(timing["examples"] - predictor.batch_size, 0)
   results.update(
-      split=split, checkpoint=os.path.abspath(checkpoint) if checkpoint else None, step=loaded.step,
+      split=split, checkpoint=opened.checkpoint, step=loaded.step,
       teacher_forced=teacher_forced, max_new_tokens=max_new_tokens, similarity=similarity or "default",
       devices=len(devices), processes=pc, global_batch=global_batch,
       seconds=round(timing["seconds"], 3),
@@ -176,23 +202,23 @@ def run(*, config=None, checkpoint: str | None = None, split: str | None = None,
           f"examples/s ({results['examples_per_s_after_compile']} after the first batch, which compiles); "
           f"skipped {len(results['skipped'])}; [SEG] without mask: {results['dropped_segs'] or 0}",
           flush=True)
-  if out and pi == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-      json.dump(results, f, indent=1, allow_nan=True)
+  if out_path is not None and pi == 0:
+    paths.write_text_atomic(out_path, json.dumps(results, indent=1, allow_nan=True))
   return results
 
 
 def main(argv) -> int:
   del argv
   import jax  # noqa: PLC0415
+
+  from prima_jax.workdir import IncompatibleCheckpoint, NotAWorkdir  # noqa: PLC0415
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     run(config=_CONFIG.value, checkpoint=_CHECKPOINT.value, split=_SPLIT.value, limit=_LIMIT.value,
         similarity=_SIMILARITY.value, out=_OUT.value, data_dir=_DATA_DIR.value, batch_size=_BATCH_SIZE.value,
         max_new_tokens=_MAX_NEW_TOKENS.value, teacher_forced=_TEACHER_FORCED.value)
-  except (FileNotFoundError, ValueError) as e:
+  except (paths.PathError, NotAWorkdir, IncompatibleCheckpoint, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
   return 0
@@ -202,12 +228,13 @@ if __name__ == "__main__":
   # Flags are defined only when run as a program, so that importing the module defines none.
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]); default: the "
                                             "checkpoint's run record.", lock_config=False)
-  _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints dir or step dir.")
+  _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints dir or step dir "
+                                    "(local or gs://).")
   _SPLIT = flags.DEFINE_string("split", None, "Split of the configured dataset (default: data.eval_split).")
   _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate the first N examples of the split only.")
   _SIMILARITY = flags.DEFINE_string("similarity", "default", "Text similarity: 'default' (lexical, no model) "
                                     "or a directory with a transformers encoder (e.g. bert-base-uncased).")
-  _OUT = flags.DEFINE_string("out", None, "Write the results JSON here.")
+  _OUT = flags.DEFINE_string("out", None, "Write the results JSON here (local or a URL such as gs://...).")
   _DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset directory (default: config / WORKDIR/data).")
   _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch (default: eval.batch_size; rounded "
                                      "up to a multiple of the device count).")

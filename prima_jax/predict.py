@@ -7,11 +7,15 @@ r"""Answer a question about 1..max_images images with grounded masks.
 comes from the run's record. ``--config`` alone runs the config's seeded (random) initialisation.
 Prints the answer and the masks; writes ``OUT/prediction.json`` and ``OUT/image{k}_overlay.png``
 (k = 1-based image index, the ``(IMAGEk)`` of the answer) with every mask of that image drawn in its
-own colour and labelled with its phrase.
+own colour and labelled with its phrase. Each file is written whole (atomically).
+
+``--checkpoint``, ``--image`` and ``--out`` may be local paths or object-store URLs (``gs://...``);
+they are checked before the model is built: a bad one exits with status 2 and one ``error:`` line.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -23,20 +27,29 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
+from prima_jax import paths
+
 # Distinct overlay colours (RGB), cycled.
 PALETTE = np.asarray([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
                       (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)],
                      np.float32)
 
 
-def read_image(path: str) -> np.ndarray:
-  """uint8 [H, W, 3] RGB; InputError naming the path when it cannot be read."""
+def read_image(path: str | os.PathLike) -> np.ndarray:
+  """uint8 [H, W, 3] RGB of a local or object-store image; InputError naming the path when it cannot
+  be read or decoded (paths.PathError for an unusable URL)."""
+  from prima_jax.data.records import SkipExample, decode_image  # noqa: PLC0415
   from prima_jax.inference.engine import InputError  # noqa: PLC0415
+
+  resolved = paths.resolve(path, what="--image")
   try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert("RGB"))
-  except (OSError, ValueError) as e:
-    raise InputError(f"cannot read image {path}: {e}") from e
+    data = resolved.read_bytes()
+  except OSError as e:
+    raise InputError(f"cannot read image {path}: {e.strerror or e}") from None
+  try:
+    return decode_image(data, str(path))
+  except SkipExample as e:
+    raise InputError(f"cannot read image {e.detail}") from None
 
 
 # Overlays of smaller images are enlarged (nearest neighbour, integer factor) so their labels stay legible.
@@ -71,19 +84,29 @@ def draw_overlay(image: np.ndarray, masks: Sequence[np.ndarray], labels: Sequenc
   return pil
 
 
-def write_outputs(out_dir: str, prediction, images: Sequence[np.ndarray], image_paths: Sequence[str],
-                  question: str, meta: dict) -> dict:
-  """Writes prediction.json and one overlay PNG per image; returns the JSON dict."""
-  os.makedirs(out_dir, exist_ok=True)
+PREDICTION_FILE = "prediction.json"
+
+
+def overlay_name(k: int) -> str:
+  """The overlay file of image k (0-based)."""
+  return f"image{k + 1}_overlay.png"
+
+
+def write_outputs(out_dir: str | os.PathLike, prediction, images: Sequence[np.ndarray],
+                  image_paths: Sequence[str], question: str, meta: dict) -> dict:
+  """Writes prediction.json and one overlay PNG per image (each atomically, local or object store);
+  returns the JSON dict."""
+  out = paths.resolve(out_dir, what="--out")
   record = dict(question=question, images=list(image_paths), image_index_base=1, **prediction.to_json(),
                 **meta)
-  with open(os.path.join(out_dir, "prediction.json"), "w") as f:
-    json.dump(record, f, indent=1)
+  paths.write_text_atomic(out / PREDICTION_FILE, json.dumps(record, indent=1))
   for k, image in enumerate(images):
     segs = [(j, s) for j, s in enumerate(prediction.segs) if s.image_index == k]
     pil = draw_overlay(image, [s.mask for _, s in segs], [f"{j + 1}: {s.phrase}" for j, s in segs],
                        [PALETTE[j % len(PALETTE)] for j, _ in segs])
-    pil.save(os.path.join(out_dir, f"image{k + 1}_overlay.png"))
+    png = io.BytesIO()
+    pil.save(png, format="PNG")
+    paths.write_bytes_atomic(out / overlay_name(k), png.getvalue())
   return record
 
 
@@ -92,32 +115,37 @@ def run(*, config=None, checkpoint: str | None = None, image_paths: Sequence[str
         top_p: float = 1.0, seed: int = 0, answer_prefix: str | None = None) -> dict:
   """Reads the images, predicts, writes ``out_dir``; returns the prediction record.
 
-  Raises InputError (bad image path or content, image count, empty question) before loading the model.
+  Raises, before the model is built: paths.PathError (an unusable --out, --checkpoint or --image
+  URL), workdir.NotAWorkdir (no checkpoint there), InputError (bad image path or content, image
+  count, empty question).
   """
   from prima_jax.inference.engine import InputError, Predictor  # noqa: PLC0415
   from prima_jax.inference.generate import SamplingConfig  # noqa: PLC0415
-  from prima_jax.inference.loading import load, resolve_config  # noqa: PLC0415
+  from prima_jax.inference.loading import load, open_run  # noqa: PLC0415
 
+  paths.resolve(out_dir, what="--out")
+  opened = open_run(config, checkpoint)
   if not question or not question.strip():
     raise InputError("the question is empty (--question)")
   if not image_paths:
     raise InputError("no image given (--image PATH, repeatable)")
-  max_images = resolve_config(config, checkpoint).model.prima.max_images
+  max_images = opened.config.model.prima.max_images
   if len(image_paths) > max_images:
     raise InputError(f"{len(image_paths)} images given; the model takes at most {max_images}")
   images = [read_image(p) for p in image_paths]
   sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
-  loaded = load(config, checkpoint, data_dir=data_dir, tokenizer_fallback_dir=out_dir)
+  loaded = load(opened, data_dir=data_dir, build_missing_tokenizers=True)
   predictor = Predictor(loaded.model, loaded.tokenizers, max_new_tokens=max_new_tokens,
                         max_question_length=loaded.config.data.max_question_length)
   example = predictor.prepare(images, question, forced_answer=answer_prefix, forced_eos=False, seed=seed)
   t0 = time.time()
   prediction = predictor.predict([example], sampling)[0]
   seconds = time.time() - t0
-  meta = dict(checkpoint=os.path.abspath(checkpoint) if checkpoint else None, step=loaded.step,
+  meta = dict(checkpoint=opened.checkpoint, step=loaded.step,
               seconds=round(seconds, 3), sampling=dict(temperature=temperature, top_p=top_p, seed=seed),
               max_new_tokens=max_new_tokens)
-  return write_outputs(out_dir, prediction, images, image_paths, question, meta)
+  image_urls = [str(paths.resolve(p, what="--image")) for p in image_paths]
+  return write_outputs(out_dir, prediction, images, image_urls, question, meta)
 
 
 def format_record(record: dict) -> str:
@@ -133,6 +161,7 @@ def format_record(record: dict) -> str:
 def main(argv) -> int:
   del argv
   from prima_jax.inference.engine import InputError  # noqa: PLC0415
+  from prima_jax.workdir import IncompatibleCheckpoint, NotAWorkdir  # noqa: PLC0415
   if _OUT.value is None:
     print("error: --out is required", file=sys.stderr)
     return 2
@@ -141,11 +170,12 @@ def main(argv) -> int:
                  question=_QUESTION.value, out_dir=_OUT.value, data_dir=_DATA_DIR.value,
                  max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
                  seed=_SEED.value, answer_prefix=_ANSWER_PREFIX.value)
-  except (InputError, FileNotFoundError, ValueError) as e:
+  except (paths.PathError, NotAWorkdir, IncompatibleCheckpoint, InputError, FileNotFoundError,
+          ValueError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
   print(format_record(record))
-  print(f"wrote {os.path.join(_OUT.value, 'prediction.json')} and {len(_IMAGES.value)} overlay PNG(s) "
+  print(f"wrote {paths.resolve(_OUT.value) / PREDICTION_FILE} and {len(_IMAGES.value)} overlay PNG(s) "
         f"({record['seconds']:.2f} s including compilation)", flush=True)
   return 0
 
@@ -154,10 +184,12 @@ if __name__ == "__main__":
   # Flags are defined only when run as a program, so that importing the module defines none.
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]); default: the "
                                             "checkpoint's run record.", lock_config=False)
-  _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints dir or step dir.")
-  _IMAGES = flags.DEFINE_multi_string("image", [], "Image file (repeat for IMAGE1, IMAGE2, ...).")
+  _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints dir or step dir "
+                                    "(local or gs://).")
+  _IMAGES = flags.DEFINE_multi_string("image", [], "Image file, local or a URL (repeat for IMAGE1, IMAGE2, "
+                                      "...).")
   _QUESTION = flags.DEFINE_string("question", "", "The question.")
-  _OUT = flags.DEFINE_string("out", None, "Output directory.")
+  _OUT = flags.DEFINE_string("out", None, "Output directory (local or a URL such as gs://bucket/pred).")
   _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory holding tokenizers/ (default: the run data).")
   _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "Generation budget in tokens.")
   _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples.")

@@ -73,7 +73,7 @@ def test_written_checkpoint_restores_with_the_training_code(work):
   target = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                 opt_state=jax.eval_shape(tx.init, params), rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
-  state, meta = ckpt.restore(0, jax.tree.map(sds, target), None)
+  state, meta = ckpt.restore(0, jax.tree.map(sds, target))
   ckpt.close()
   assert int(state["step"]) == 0 and meta["step"] == 0
   lora_b = state["params"]["llm"]["layers"]["1"]["self_attn"]["v_proj"]["lora_b"]

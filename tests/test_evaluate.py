@@ -8,10 +8,10 @@ import pytest
 
 from configs.demo import get_config
 from prima_jax import evaluate
+from prima_jax import workdir as workdir_lib
 from prima_jax.evaluation.text_similarity import make_similarity
 from prima_jax.inference.engine import Predictor
-from prima_jax.inference.loading import load
-from prima_jax.training import data as data_lib
+from prima_jax.inference.loading import load, open_run
 
 N = 4
 
@@ -20,7 +20,7 @@ N = 4
 def data_dir(tmp_path_factory):
   config = get_config("test")
   directory = str(tmp_path_factory.mktemp("eval_data"))
-  data_lib.prepare_synthetic(config, directory)
+  workdir_lib.prepare_synthetic(config, directory)
   return directory
 
 
@@ -47,8 +47,8 @@ def test_evaluate_runs_and_reports_overall_and_categories(data_dir, tmp_path):
 def test_metrics_do_not_depend_on_devices_or_hosts(data_dir):
   """Teacher-forced (so there are masks to score): 1 device vs 8 devices vs 2 simulated hosts."""
   config = get_config("test")
-  loaded = load(config, data_dir=data_dir)
-  source = data_lib.source(data_dir, "val")
+  loaded = load(open_run(config), data_dir=data_dir)
+  source = workdir_lib.open_split(data_dir, "val")
   sim = make_similarity("default")
   from prima_jax.sharding import make_mesh
 

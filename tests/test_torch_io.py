@@ -71,6 +71,29 @@ def test_writer_shards_by_size_and_reads_back(tmp_path):
   assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no scratch files left
 
 
+def test_reader_reads_files_of_the_reference_writer(tmp_path):
+  """Our byte-range safetensors reader against files written by the safetensors library itself."""
+  from safetensors.torch import save_file
+
+  rng = np.random.default_rng(4)
+  tensors = {"w": torch.from_numpy(rng.normal(size=(3, 5)).astype(np.float32)),
+             "h": torch.from_numpy(rng.normal(size=(7,)).astype(np.float32)).to(torch.bfloat16),
+             "i": torch.arange(6, dtype=torch.int64).reshape(2, 3), "b": torch.tensor([True, False]),
+             "empty": torch.zeros((0, 4), dtype=torch.float16)}
+  save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+  lazy = torch_io.open_state_dict(str(tmp_path / "ref.safetensors"))
+  assert set(lazy) == set(tensors) and lazy.shape_of("i") == (2, 3)
+  for k, v in tensors.items():
+    got = lazy[k]
+    assert got.shape == tuple(v.shape), k
+    np.testing.assert_array_equal(got.astype(np.float32) if k == "h" else got,
+                                  v.float().numpy() if k == "h" else v.numpy(), err_msg=k)
+  assert lazy["h"].dtype == ml_dtypes.bfloat16
+  (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+  with pytest.raises(ValueError, match="bad.safetensors is not a safetensors file"):
+    torch_io.open_state_dict(str(tmp_path / "bad.safetensors"))
+
+
 def test_layouts_cover_every_parameter_once(model):
   cfg = model.cfg
   every = set(torch_io.ModuleParams(model).shapes)

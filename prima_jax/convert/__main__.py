@@ -12,9 +12,12 @@ r"""Checkpoint interop with PyTorch.
 when ``--checkpoint`` is a workdir: its ``config.json`` (the config the run started with, including
 start-up adjustments such as the synthetic Q-Former vocabulary) is used.
 
-Output is built in a temporary directory next to ``--out`` and renamed when complete; an existing
-``--out`` is replaced only with ``--overwrite``. Exit status: 0 ok, 2 bad input (the message lists
-every offending key with the shapes found and expected).
+Every path may be local or an object-store URL (``gs://bucket/run``; the ``from-torch`` workdir:
+local or ``gs://``, where Orbax writes): a missing client is reported before anything is read or
+written. Output is built in a temporary directory next to ``--out`` and moved there when complete
+(a rename locally; on an object store the finished objects are copied); an existing ``--out`` is
+replaced only with ``--overwrite``. Exit status: 0 ok, 2 bad input (one ``error:`` line; for weights
+that do not fit, the message lists every offending key with the shapes found and expected).
 """
 
 from __future__ import annotations
@@ -22,107 +25,117 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 import time
 
+from prima_jax import paths
+from prima_jax.workdir import IncompatibleCheckpoint, NotAWorkdir, Workdir
 
-def load_config(spec: str):
-  """A training config from ``path.py[:arg]`` (``get_config(arg)``) or a ``config.json`` record."""
+
+def load_config(spec: str, *, what: str = "--config"):
+  """A training config from ``path.py[:arg]`` (``get_config(arg)``) or a ``config.json`` record (local
+  or a URL)."""
   import ml_collections  # noqa: PLC0415
 
-  path, _, arg = spec.partition(":")
+  scheme = paths.url_scheme(spec)
+  head = len(scheme) + 3 if scheme else 0  # the scheme's ':' is not the argument separator
+  path, _, arg = spec[head:].partition(":")
+  path = spec[:head] + path
   if path.endswith(".json"):
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path} does not exist")
-  module_spec = importlib.util.spec_from_file_location("prima_convert_config", path)
+    record = paths.resolve(path, what=what)
+    if not record.exists():
+      raise FileNotFoundError(f"{what}={path}: no such file")
+    try:
+      return ml_collections.ConfigDict(json.loads(record.read_text()))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{what}={path} is not valid JSON: {e}") from None
+  local = paths.local_only(path, what=what, why="python's import of a config file")
+  if not paths.resolve(local, what=what).exists():
+    raise FileNotFoundError(f"{what}={path}: config file does not exist")
+  module_spec = importlib.util.spec_from_file_location("prima_convert_config", local)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   config = module.get_config(arg) if arg else module.get_config()
   if "model" not in config:
-    raise ValueError(f"{spec} is not a training config (it has no 'model' section)")
+    raise ValueError(f"{what}={spec} is not a training config (it has no 'model' section)")
   return config
-
-
-def _workdir_record(step_dir: str) -> str | None:
-  """``WORKDIR/config.json`` for ``WORKDIR/checkpoints/<step>``."""
-  from prima_jax.workdir import CONFIG_RECORD  # noqa: PLC0415
-
-  for up in (os.path.dirname(os.path.dirname(step_dir)), os.path.dirname(step_dir), step_dir):
-    candidate = os.path.join(up, CONFIG_RECORD)
-    if os.path.exists(candidate):
-      return candidate
-  return None
 
 
 def to_torch(args) -> int:
   from prima_jax.convert import torch_io  # noqa: PLC0415
 
-  step_dir = torch_io.find_step_dir(args.checkpoint, args.step)
-  config_spec = args.config or _workdir_record(step_dir)
-  if config_spec is None:
-    raise ValueError(f"no --config and no config.json record next to {step_dir}")
-  config = load_config(config_spec)
+  # Paths first: a bad --out or --checkpoint is reported before any model or weight is touched.
+  out = torch_io.check_output(args.out, overwrite=args.overwrite)
+  workdir, step_dir = torch_io.locate(args.checkpoint, args.step)
+  config = load_config(args.config) if args.config else workdir.load_config()
+  config_note = args.config or str(workdir.config_path)
   t0 = time.time()
   source = torch_io.CheckpointParams(step_dir)
   size = sum(int(s[1].itemsize) * int(__import__("numpy").prod(s[0])) for s in source.shapes.values())
   print(f"reading {step_dir} ({len(source.shapes)} parameters, {size / 2 ** 20:.1f} MiB) with config "
-        f"{config_spec}", flush=True)
-  with torch_io.atomic_output(args.out, overwrite=args.overwrite) as tmp:
+        f"{config_note}", flush=True)
+  with torch_io.atomic_output(out, overwrite=args.overwrite) as tmp:
     written = torch_io.export_params(config.model, source, tmp, layout=args.layout,
                                      merge_lora=args.merge_lora, dtype=args.dtype,
                                      max_shard_bytes=torch_io.parse_size(args.max_shard_size),
                                      group_bytes=torch_io.parse_size(args.read_size),
                                      log=lambda s: print(s, flush=True))
   for sub, files in written.items():
-    print(f"wrote {os.path.join(os.path.abspath(args.out), sub)}: {len(files)} files")
+    print(f"wrote {out / sub if sub else out}: {len(files)} files")
   print(f"done in {time.time() - t0:.1f} s", flush=True)
   return 0
+
+
+SOURCE_FLAGS = ("prima", "instructblip", "sam", "llama", "extra", "hf")
 
 
 def from_torch(args) -> int:
   from prima_jax.convert import layouts, torch_io  # noqa: PLC0415
 
+  # Paths first: the workdir (local or gs://, where Orbax writes) and every source.
+  out = Workdir(args.out, what="--out")
+  torch_io.check_output(out.path, overwrite=args.overwrite)
+  given = {flag: paths.resolve(getattr(args, flag), what=f"--{flag}")
+           for flag in SOURCE_FLAGS if getattr(args, flag)}
+  if not given:
+    raise ValueError("from-torch needs at least one of " + ", ".join(f"--{f}" for f in SOURCE_FLAGS))
+  hf = given.get("hf")
+  if hf is not None:
+    for sub in layouts.HF_DIRS:
+      if not (hf / sub).is_dir():
+        raise FileNotFoundError(f"--hf={hf} has no {sub}/ directory")
+  dirs = {flag: given.get(flag) or (hf / sub if hf is not None else None)
+          for flag, sub in (("instructblip", "instructblip"), ("sam", "sam"), ("extra", "prima_extra"))}
   config = load_config(args.config)
   cfg = config.model
   sources = []
 
-  def add(label: str, directory: str, files) -> None:
+  def add(label: str, flag: str, directory, files) -> None:
+    what = f"--{flag}" if flag in given else "--hf"
     for tf in files:
-      found = torch_io.safetensors_files(directory, tf.name) if os.path.isdir(directory) else None
+      found = torch_io.safetensors_files(directory, tf.name) if directory.is_dir() else None
       if tf.name == layouts.ADAPTER_FILE and found is None:
         continue  # no adapters: they are initialised (LoRA B = 0, i.e. the base model)
-      state = torch_io.open_state_dict(directory, tf.name)
+      state = torch_io.open_state_dict(directory, tf.name, what=what)
       sources.append((f"{label}:{tf.name}", tf, state))
 
-  if args.prima:
-    sources.append(("prima", layouts.prima_layout(cfg)[0], torch_io.open_state_dict(args.prima)))
-  if args.llama:
-    add("llama", args.llama, layouts.llama_files(cfg))
-  if args.hf:
-    for sub in layouts.HF_DIRS:
-      if not os.path.isdir(os.path.join(args.hf, sub)):
-        raise FileNotFoundError(f"--hf {args.hf} has no {sub}/ directory")
-  instructblip = args.instructblip or (os.path.join(args.hf, "instructblip") if args.hf else None)
-  sam = args.sam or (os.path.join(args.hf, "sam") if args.hf else None)
-  extra = args.extra or (os.path.join(args.hf, "prima_extra") if args.hf else None)
-  if instructblip:
-    add("instructblip", instructblip, layouts.instructblip_files(cfg))
-  if sam:
-    add("sam", sam, [layouts.sam_file(cfg)])
-  if extra:
-    add("prima_extra", extra, [layouts.extra_file(cfg)])
-  if not sources:
-    raise ValueError("from-torch needs at least one of --prima, --instructblip, --sam, --llama, --extra, "
-                     "--hf")
+  if "prima" in given:
+    sources.append(("prima", layouts.prima_layout(cfg)[0],
+                    torch_io.open_state_dict(given["prima"], what="--prima")))
+  if "llama" in given:
+    add("llama", "llama", given["llama"], layouts.llama_files(cfg))
+  if dirs["instructblip"] is not None:
+    add("instructblip", "instructblip", dirs["instructblip"], layouts.instructblip_files(cfg))
+  if dirs["sam"] is not None:
+    add("sam", "sam", dirs["sam"], [layouts.sam_file(cfg)])
+  if dirs["extra"] is not None:
+    add("prima_extra", "extra", dirs["extra"], [layouts.extra_file(cfg)])
   t0 = time.time()
-  with torch_io.atomic_output(args.out, overwrite=args.overwrite) as tmp:
-    report = torch_io.import_params(config, sources, tmp, strict=args.strict,
+  with torch_io.atomic_output(out.path, overwrite=args.overwrite) as tmp:
+    report = torch_io.import_params(config, sources, Workdir(tmp, what="--out"), strict=args.strict,
                                     source_note=", ".join(label for label, _, _ in sources),
                                     group_bytes=torch_io.parse_size(args.write_size))
-  print(f"wrote {os.path.abspath(args.out)}/checkpoints/0 in {time.time() - t0:.1f} s")
+  print(f"wrote {out.checkpoints / '0'} in {time.time() - t0:.1f} s")
   print(f"{len(report.loaded)} parameters loaded from {', '.join(label for label, _, _ in sources)}")
   print(f"freshly initialised ({len(report.initialised)}): " + (", ".join(report.initialised) or "none"))
   if report.missing:
@@ -158,7 +171,7 @@ def parser() -> argparse.ArgumentParser:
                  help="parameter bytes written at a time (peak memory: a few times this)")
   for s in (t, f):
     s.add_argument("--config", required=s is f, help="config file (path.py[:arg]) or config.json record")
-    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--out", required=True, help="output directory (local or a URL such as gs://bucket/x)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--strict", action="store_true", help="unexpected keys are an error (default: reported)")
   return p
@@ -171,7 +184,8 @@ def main(argv=None) -> int:
   limit_malloc_arenas()
   try:
     return to_torch(args) if args.command == "to-torch" else from_torch(args)
-  except (ValueError, FileExistsError, FileNotFoundError) as e:
+  except (paths.PathError, NotAWorkdir, IncompatibleCheckpoint, ValueError, FileExistsError,
+          FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
 

@@ -75,12 +75,17 @@ def main() -> None:
   p.add_argument("--max-shard-size", default="50MB")
   p.add_argument("--read-size", default="32MB", help="to-torch --read-size")
   p.add_argument("--write-size", default="32MB", help="from-torch --write-size")
-  p.add_argument("--dir", default=None, help="scratch directory (default: a temporary one, deleted)")
+  p.add_argument("--dir", default=None, help="local scratch directory (default: a temporary one, deleted)")
   args = p.parse_args()
 
+  from prima_jax import paths  # noqa: PLC0415
   from prima_jax.convert import torch_io  # noqa: PLC0415
 
-  root = args.dir or tempfile.mkdtemp(prefix="prima_convert_bench-")
+  try:  # the benchmark measures files on local disk (os.walk) and runs conversions in child processes
+    root = (paths.local_only(args.dir, what="--dir", why="the benchmark (it sizes the files on disk)")
+            if args.dir else tempfile.mkdtemp(prefix="prima_convert_bench-"))
+  except paths.PathError as e:
+    sys.exit(f"error: {e}")
   try:
     config = bench_config(args.size_mb)
     names = torch_io.abstract_params(config.model)

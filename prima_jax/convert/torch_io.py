@@ -8,7 +8,7 @@ whatever the checkpoint size. Import (:func:`import_params`) reads safetensors l
 parameters at a time (:class:`CheckpointWriter`, Orbax partial saves): peak memory is a few groups,
 not the checkpoint.
 
-Checkpoint layout written by import (the training layout, :mod:`prima_jax.training.checkpoint`)::
+Checkpoint layout written by import (the training workdir layout, :mod:`prima_jax.workdir`)::
 
   OUT/config.json                       the training config record
   OUT/checkpoints/0/state               {step, params (trainable), opt_state (fresh), rng}
@@ -17,6 +17,11 @@ Checkpoint layout written by import (the training layout, :mod:`prima_jax.traini
 
 Export reads trained parameters from ``<step>/state`` (``params``) and frozen ones from
 ``WORKDIR/frozen``; a parameter found in neither is an error naming it.
+
+Every path is an ``etils.epath.Path`` from :mod:`prima_jax.paths`: checkpoints, safetensors files and
+output directories may be local or on an object store (``gs://``). Safetensors files are read by byte
+range through file objects and written as streams; only the exporter's scratch data (one shard's
+tensor bytes before its header is known) lives on local disk.
 """
 
 from __future__ import annotations
@@ -29,11 +34,14 @@ import re
 import shutil
 import struct
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from prima_jax import paths
 from prima_jax.convert import layouts
 from prima_jax.convert.state_dict import (
   LoadReport,
@@ -44,7 +52,7 @@ from prima_jax.convert.state_dict import (
   is_floating,
   path_str,
 )
-from prima_jax.workdir import nest_paths
+from prima_jax.workdir import NotAWorkdir, Workdir, nest_paths
 
 GB = 1 << 30
 MB = 1 << 20
@@ -74,35 +82,55 @@ def np_dtype(name: str | None):
   return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-# --- output directories -----------------------------------------------------------------------
+# --- paths and output directories -------------------------------------------------------------
+
+
+def as_path(path: str | os.PathLike, *, what: str = "path") -> epath.Path:
+  """``path`` on the path layer (:func:`prima_jax.paths.resolve`; an epath is kept as it is)."""
+  return path if isinstance(path, epath.Path) else paths.resolve(path, what=what)
+
+
+def _remove_tree(path: epath.Path) -> None:
+  with contextlib.suppress(OSError):
+    if path.exists():
+      path.rmtree()
+
+
+def check_output(out: str | os.PathLike, *, overwrite: bool = False, what: str = "--out") -> epath.Path:
+  """``out`` resolved; FileExistsError when it exists and ``overwrite`` is False (nothing is written)."""
+  out = as_path(out, what=what)
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"{what}={out} exists; pass --overwrite to replace it")
+  return out
 
 
 @contextlib.contextmanager
-def atomic_output(out: str, *, overwrite: bool = False) -> Iterator[str]:
-  """Yields a fresh temporary directory next to ``out``; renames it to ``out`` when the body succeeds,
+def atomic_output(out: str | os.PathLike, *, overwrite: bool = False,
+                  what: str = "--out") -> Iterator[epath.Path]:
+  """Yields a fresh temporary directory next to ``out``; moves it to ``out`` when the body succeeds,
   deletes it when the body raises (no partial output is ever left at ``out``).
+
+  Locally the move is a rename. On an object store (no rename) the finished objects are copied to
+  ``out`` and the temporary prefix deleted: ``out`` appears only after the whole body succeeded.
 
   Raises:
     FileExistsError when ``out`` exists and ``overwrite`` is False (checked before any work).
   """
-  out = os.path.abspath(out)
-  if os.path.exists(out) and not overwrite:
-    raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+  out = check_output(out, overwrite=overwrite, what=what)
+  tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+  tmp.mkdir(parents=True)
   try:
     yield tmp
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_tree(tmp)
     raise
   old = None
-  if os.path.exists(out):
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-    os.rename(out, os.path.join(old, "x"))
-  os.rename(tmp, out)
+  if out.exists():
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    out.rename(old)
+  tmp.rename(out)
   if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_tree(old)
 
 
 # --- safetensors ------------------------------------------------------------------------------
@@ -111,22 +139,31 @@ def atomic_output(out: str, *, overwrite: bool = False) -> Iterator[str]:
 class SafetensorsWriter:
   """Writes tensors one at a time into safetensors shards of at most ``max_shard_bytes`` of data.
 
-  Each tensor's bytes go straight to a scratch data file; a shard is completed by writing its
-  header and copying the data after it (in 64 MiB chunks), so no tensor is held after :meth:`add`
+  Each tensor's bytes go straight to a scratch data file on local disk (``directory`` itself when it
+  is local, else a local temporary directory); a shard is completed by streaming its header and the
+  scratch data (in 64 MiB chunks) into ``directory``, so no tensor is held after :meth:`add`
   returns. :meth:`close` names the shards ``{name}-0000k-of-0000n.safetensors`` and writes
   ``{name}.safetensors.index.json`` (``single_file``: one ``{name}.safetensors``, no index).
   """
 
-  def __init__(self, directory: str, name: str = layouts.MODEL_FILE, *, max_shard_bytes: int = 5 * 10 ** 9,
-               single_file: bool = False, metadata: Mapping[str, str] | None = None):
-    self.directory, self.name = directory, name
+  def __init__(self, directory: str | os.PathLike, name: str = layouts.MODEL_FILE, *,
+               max_shard_bytes: int = 5 * 10 ** 9, single_file: bool = False,
+               metadata: Mapping[str, str] | None = None):
+    self.directory, self.name = as_path(directory), name
     self.max_shard_bytes = None if single_file else max_shard_bytes
     self.single_file = single_file
     self.metadata = dict(metadata or {"format": "pt"})
-    os.makedirs(directory, exist_ok=True)
-    self._shards: list[tuple[str, list[str]]] = []  # (scratch file, keys)
+    self.directory.mkdir(parents=True, exist_ok=True)
+    self._scratch_tmp = None
+    if paths.is_local(self.directory):
+      self._scratch = self.directory
+    else:
+      self._scratch_tmp = tempfile.TemporaryDirectory(prefix="prima_jax_safetensors-")
+      self._scratch = epath.Path(self._scratch_tmp.name)
+    self._shards: list[tuple[epath.Path, list[str]]] = []  # (finished shard, keys)
     self._entries: dict = {}
     self._data = None
+    self._data_path: epath.Path | None = None
     self._offset = 0
     self.total_bytes = 0
     self._keys: set[str] = set()
@@ -141,78 +178,124 @@ class SafetensorsWriter:
     if self._data is not None and self.max_shard_bytes and self._offset + array.nbytes > self.max_shard_bytes:
       self._finish_shard()
     if self._data is None:
-      self._data = open(os.path.join(self.directory, f".{self.name}-{len(self._shards)}.data"), "wb")
-      self._entries, self._offset = {}, 0
+      self._start_shard()
     self._data.write(memoryview(array.reshape(-1).view(np.uint8)))
-    self._entries[key] = dict(dtype=dtype, shape=list(array.shape),
-                              data_offsets=[self._offset, self._offset + array.nbytes])
+    self._entries[key] = {"dtype": dtype, "shape": list(array.shape),
+                          "data_offsets": [self._offset, self._offset + array.nbytes]}
     self._offset += array.nbytes
     self.total_bytes += array.nbytes
     self._keys.add(key)
 
+  def _start_shard(self) -> None:
+    self._data_path = self._scratch / f".{self.name}-{len(self._shards)}.data"
+    self._data = self._data_path.open("wb")
+    self._entries, self._offset = {}, 0
+
   def _finish_shard(self) -> None:
-    data_path = self._data.name
     self._data.close()
     self._data = None
     header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
-    shard = data_path[:-len(".data")] + ".shard"
-    with open(shard, "wb") as out, open(data_path, "rb") as data:
+    shard = self.directory / f".{self.name}-{len(self._shards)}.shard"
+    with shard.open("wb") as out, self._data_path.open("rb") as data:
       out.write(struct.pack("<Q", len(header)))
       out.write(header)
       shutil.copyfileobj(data, out, 64 * MB)
-    os.remove(data_path)
+    self._data_path.unlink()
     self._shards.append((shard, list(self._entries)))
 
   def close(self) -> list[str]:
     """Finishes the last shard; returns the file names written (index last)."""
     if self._data is not None or not self._shards:
       if self._data is None:  # no tensor at all: an empty file still loads
-        self._data = open(os.path.join(self.directory, f".{self.name}-0.data"), "wb")
-        self._entries, self._offset = {}, 0
+        self._start_shard()
       self._finish_shard()
+    if self._scratch_tmp is not None:
+      self._scratch_tmp.cleanup()
     if self.single_file:
       if len(self._shards) != 1:
         raise AssertionError("single_file writer produced several shards")
       name = f"{self.name}.safetensors"
-      os.rename(self._shards[0][0], os.path.join(self.directory, name))
+      self._shards[0][0].rename(self.directory / name)
       return [name]
     n = len(self._shards)
     weight_map, names = {}, []
-    for i, (scratch, keys) in enumerate(self._shards):
+    for i, (shard, keys) in enumerate(self._shards):
       name = f"{self.name}-{i + 1:05d}-of-{n:05d}.safetensors"
-      os.rename(scratch, os.path.join(self.directory, name))
+      shard.rename(self.directory / name)
       names.append(name)
       weight_map.update({k: name for k in keys})
     index = f"{self.name}{INDEX_SUFFIX}"
-    with open(os.path.join(self.directory, index), "w") as f:
-      json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=1)
+    paths.write_text_atomic(self.directory / index, json.dumps(
+        {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=1))
     return names + [index]
+
+
+@functools.cache
+def _st_numpy_dtypes() -> dict[str, np.dtype]:
+  import ml_dtypes  # noqa: PLC0415
+
+  out = {code: np.dtype(name) for name, code in _ST_DTYPES.items() if name != "bfloat16"}
+  out["BF16"] = np.dtype(ml_dtypes.bfloat16)
+  return out
+
+
+class SafetensorsFile:
+  """One safetensors file (local or on an object store): its header, and tensors read by byte range
+  through a file object (nothing but the asked tensor is read)."""
+
+  def __init__(self, path: epath.Path):
+    self.path = path
+    with path.open("rb") as f:
+      head = f.read(8)
+      if len(head) != 8:
+        raise ValueError(f"{path} is not a safetensors file (shorter than its header size)")
+      (n,) = struct.unpack("<Q", head)
+      try:
+        header = json.loads(f.read(n))
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a safetensors file (its header is not JSON: {e})") from None
+    self.metadata = header.pop("__metadata__", None)
+    self.entries: dict[str, dict] = header
+    self._data_start = 8 + n
+
+  def shape_of(self, key: str) -> tuple[int, ...]:
+    return tuple(self.entries[key]["shape"])
+
+  def read(self, key: str) -> np.ndarray:
+    entry = self.entries[key]
+    dtype = _st_numpy_dtypes().get(entry["dtype"])
+    if dtype is None:
+      raise ValueError(f"{self.path}: tensor {key} has dtype {entry['dtype']}, which is not supported")
+    begin, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    if end - begin != int(np.prod(shape)) * dtype.itemsize:
+      raise ValueError(f"{self.path}: tensor {key} has {end - begin} bytes for shape {shape} {dtype}")
+    buffer = bytearray(end - begin)
+    with self.path.open("rb") as f:
+      f.seek(self._data_start + begin)
+      if f.readinto(buffer) != len(buffer):
+        raise ValueError(f"{self.path}: tensor {key} is truncated")
+    return np.frombuffer(buffer, dtype).reshape(shape)
 
 
 class SafetensorsStateDict(Mapping):
   """A read-only {key: numpy array} over safetensors files that reads a tensor only when asked."""
 
-  def __init__(self, files: Sequence[str]):
-    from safetensors import safe_open  # noqa: PLC0415
-
-    self._open = safe_open
-    self.files = list(files)
-    self._where: dict[str, str] = {}
+  def __init__(self, files: Sequence[str | os.PathLike]):
+    self.files = [SafetensorsFile(as_path(f)) for f in files]
+    self._where: dict[str, SafetensorsFile] = {}
     for file in self.files:
-      with safe_open(file, framework="numpy") as f:
-        for key in f.keys():
-          if key in self._where:
-            raise ValueError(f"tensor {key!r} is in both {self._where[key]} and {file}")
-          self._where[key] = file
+      for key in file.entries:
+        if key in self._where:
+          raise ValueError(f"tensor {key!r} is in both {self._where[key].path} and {file.path}")
+        self._where[key] = file
 
   def __getitem__(self, key: str) -> np.ndarray:
-    with self._open(self._where[key], framework="numpy") as f:
-      return f.get_tensor(key)
+    return self._where[key].read(key)
 
   def shape_of(self, key: str) -> tuple[int, ...]:
-    with self._open(self._where[key], framework="numpy") as f:
-      return tuple(f.get_slice(key).get_shape())
+    return self._where[key].shape_of(key)
 
   def __iter__(self):
     return iter(self._where)
@@ -221,35 +304,41 @@ class SafetensorsStateDict(Mapping):
     return len(self._where)
 
 
-def safetensors_files(path: str, name: str = layouts.MODEL_FILE) -> list[str] | None:
+def safetensors_files(path: str | os.PathLike, name: str = layouts.MODEL_FILE) -> list[epath.Path] | None:
   """The safetensors files of ``path``: a file, an index json, or a directory holding
   ``{name}.safetensors.index.json`` or ``{name}.safetensors``. None when the directory has neither."""
-  if os.path.isdir(path):
-    index = os.path.join(path, name + INDEX_SUFFIX)
-    single = os.path.join(path, name + ".safetensors")
-    if os.path.exists(index):
+  path = as_path(path)
+  if path.is_dir():
+    index = path / (name + INDEX_SUFFIX)
+    single = path / (name + ".safetensors")
+    if index.exists():
       path = index
-    elif os.path.exists(single):
+    elif single.exists():
       return [single]
     else:
       return None
-  if path.endswith(".json"):
-    with open(path) as f:
-      weight_map = json.load(f)["weight_map"]
-    base = os.path.dirname(path)
-    return [os.path.join(base, f) for f in dict.fromkeys(weight_map.values())]
+  if path.name.endswith(".json"):
+    weight_map = json.loads(path.read_text())["weight_map"]
+    return [path.parent / f for f in dict.fromkeys(weight_map.values())]
   return [path]
 
 
-def open_state_dict(path: str, name: str = layouts.MODEL_FILE) -> Mapping[str, Any]:
+def open_state_dict(path: str | os.PathLike, name: str = layouts.MODEL_FILE, *,
+                    what: str = "path") -> Mapping[str, Any]:
   """A lazy state dict: safetensors (file, sharded index, or directory), or a ``.bin`` / ``.pth`` / ``.pt``
-  file read with ``torch.load(weights_only=True, mmap=True)`` (no code from the file runs)."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist")
-  if path.endswith((".bin", ".pth", ".pt")):
+  file read with ``torch.load(weights_only=True)`` (no code from the file runs; memory-mapped when
+  local, read whole from an object store). ``what`` names the flag of ``path`` in errors."""
+  path = as_path(path, what=what)
+  if not path.exists():
+    raise FileNotFoundError(f"{what}={path} does not exist")
+  if path.name.endswith((".bin", ".pth", ".pt")):
     import torch  # noqa: PLC0415
 
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if paths.is_local(path):
+      state = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+    else:
+      with path.open("rb") as f:
+        state = torch.load(f, map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
       state = state["state_dict"]
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
@@ -257,7 +346,7 @@ def open_state_dict(path: str, name: str = layouts.MODEL_FILE) -> Mapping[str, A
     return state
   files = safetensors_files(path, name)
   if files is None:
-    raise FileNotFoundError(f"{path} holds no {name}.safetensors or {name}{INDEX_SUFFIX}")
+    raise FileNotFoundError(f"{what}={path} holds no {name}.safetensors or {name}{INDEX_SUFFIX}")
   return SafetensorsStateDict(files)
 
 
@@ -278,19 +367,28 @@ class ModuleParams:
     return {n: np.asarray(self._vars[n].get_value()) for n in names}
 
 
-def find_step_dir(path: str, step: int | None = None) -> str:
-  """The step directory for ``path`` (WORKDIR, WORKDIR/checkpoints or a step directory): the latest
-  step, or ``step``."""
-  from prima_jax.workdir import Workdir  # noqa: PLC0415
+def locate(path: str | os.PathLike, step: int | None = None, *,
+           what: str = "--checkpoint") -> tuple[Workdir, epath.Path]:
+  """(workdir, step directory) for ``path`` (WORKDIR, WORKDIR/checkpoints or a step directory): the
+  latest step, or ``step``.
 
-  _, step_dir, latest = Workdir.locate(path)
-  step_dir = str(step_dir)
+  Raises:
+    paths.PathError: an unusable URL; NotAWorkdir: no checkpoint there, or no step ``step``.
+  """
+  workdir, step_dir, latest = Workdir.locate(path, what=what)
   if step is None or step == latest:
-    return step_dir
-  candidate = os.path.join(os.path.dirname(step_dir), str(step))
-  if not os.path.isdir(os.path.join(candidate, "state")):
-    raise FileNotFoundError(f"no step {step} under {os.path.dirname(step_dir)}")
-  return candidate
+    return workdir, step_dir
+  steps = workdir.checkpoint_steps()
+  if step not in steps:
+    raise NotAWorkdir(f"{what}={path}: no step {step} in {workdir.checkpoints} (steps: "
+                      f"{', '.join(map(str, steps)) or 'none'})")
+  return workdir, workdir.checkpoints / str(step)
+
+
+def find_step_dir(path: str | os.PathLike, step: int | None = None, *,
+                  what: str = "--checkpoint") -> epath.Path:
+  """The step directory of :func:`locate`."""
+  return locate(path, step, what=what)[1]
 
 
 def _flatten(tree: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
@@ -308,24 +406,22 @@ class CheckpointParams:
   """The parameters of a training checkpoint, restored on the host a group of leaves at a time.
 
   Trained parameters come from ``<step>/state`` (subtree ``params``), frozen ones from
-  ``WORKDIR/frozen`` (see :mod:`prima_jax.training.checkpoint`). ``shapes`` comes from the Orbax
-  metadata (nothing is read); :meth:`read` restores only the named leaves (``partial_restore``) as
-  numpy arrays.
+  ``WORKDIR/frozen`` (see :mod:`prima_jax.workdir`). ``shapes`` comes from the Orbax metadata
+  (nothing is read); :meth:`read` restores only the named leaves (``partial_restore``) as numpy
+  arrays.
   """
 
-  def __init__(self, step_dir: str):
+  def __init__(self, step_dir: str | os.PathLike):
     import orbax.checkpoint as ocp  # noqa: PLC0415
 
-    from prima_jax.workdir import FROZEN as FROZEN_DIR  # noqa: PLC0415
-
+    workdir, step_dir, _ = Workdir.locate(step_dir)
     self.step_dir = step_dir
     self._ckpt = ocp.PyTreeCheckpointer()
     self._ocp = ocp
-    self._where: dict[str, tuple[str, tuple]] = {}
+    self._where: dict[str, tuple[epath.Path, tuple]] = {}
     self.shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-    frozen_dir = os.path.join(os.path.dirname(os.path.dirname(step_dir)), FROZEN_DIR)
-    for directory, subtree in ((os.path.join(step_dir, "state"), "params"), (frozen_dir, None)):
-      if not os.path.exists(os.path.join(directory, "_METADATA")):
+    for directory, subtree in ((step_dir / "state", "params"), (workdir.frozen, None)):
+      if not (directory / "_METADATA").exists():
         continue
       tree = self._ckpt.metadata(directory).item_metadata.tree
       for keys, leaf in _flatten(tree[subtree] if subtree else tree):
@@ -338,7 +434,7 @@ class CheckpointParams:
       raise ValueError(f"{step_dir} holds no parameters")
 
   def read(self, names: Iterable[str]) -> dict[str, np.ndarray]:
-    by_item: dict[str, dict[tuple, str]] = {}
+    by_item: dict[epath.Path, dict[tuple, str]] = {}
     for n in names:
       directory, keys = self._where[n]
       by_item.setdefault(directory, {})[keys] = n
@@ -454,7 +550,7 @@ def _plan(rules: Sequence[Rule], merge: bool) -> list[tuple[str, list[Rule], lis
   return plan
 
 
-def export_params(cfg, source, out_dir: str, *, layout: str = "prima", merge_lora: bool = False,
+def export_params(cfg, source, out_dir: str | os.PathLike, *, layout: str = "prima", merge_lora: bool = False,
                   dtype: str | None = None, max_shard_bytes: int = 5 * 10 ** 9, group_bytes: int = 256 * MB,
                   log: Callable[[str], None] = lambda s: None) -> dict[str, list[str]]:
   """Writes every parameter of ``source`` (:class:`CheckpointParams` or :class:`ModuleParams`) into
@@ -471,6 +567,7 @@ def export_params(cfg, source, out_dir: str, *, layout: str = "prima", merge_lor
     {directory relative to out_dir: files written}.
   """
   check_source(cfg, source.shapes)
+  out_dir = as_path(out_dir)
   cast = np_dtype(dtype)
   lora_cfg = cfg.lora
   merge = bool(merge_lora and lora_cfg.get("enabled", False))
@@ -478,7 +575,7 @@ def export_params(cfg, source, out_dir: str, *, layout: str = "prima", merge_lor
   written: dict[str, list[str]] = {}
   used: set[str] = set()
   for tf in layouts.layout_files(cfg, layout, merge_lora=merge):
-    directory = os.path.join(out_dir, tf.subdir)
+    directory = out_dir / tf.subdir if tf.subdir else out_dir
     writer = SafetensorsWriter(directory, tf.name, max_shard_bytes=max_shard_bytes,
                                single_file=tf.name == layouts.ADAPTER_FILE)
     plan = _plan(tf.rules, merge)
@@ -509,7 +606,8 @@ def export_params(cfg, source, out_dir: str, *, layout: str = "prima", merge_lor
       del values
       release_memory()
     written.setdefault(tf.subdir, []).extend(writer.close())
-    log(f"  {os.path.join(tf.subdir, tf.name)}: {len(plan)} tensors, {writer.total_bytes / MB:.1f} MiB")
+    log(f"  {'/'.join(p for p in (tf.subdir, tf.name) if p)}: {len(plan)} tensors, "
+        f"{writer.total_bytes / MB:.1f} MiB")
   unused = sorted(set(source.shapes) - used)
   if unused:
     raise AssertionError(f"layout {layout!r} left parameters unexported (a table bug): {unused[:20]}")
@@ -521,28 +619,28 @@ def model_config_record(cfg) -> dict:
   return json.loads(cfg.to_json_best_effort())
 
 
-def _write_configs(cfg, out_dir: str, layout: str, merged: bool, dtype: str | None) -> None:
+def _write_configs(cfg, out_dir: epath.Path, layout: str, merged: bool, dtype: str | None) -> None:
+  """The layout's config files (the HF ones as ``save_pretrained`` writes them: ``config.json`` of
+  ``to_json_string(use_diff=True)``), written atomically on the path layer."""
   from prima_jax.convert import instructblip, sam  # noqa: PLC0415
 
   lora_state = "none" if not cfg.lora.get("enabled", False) else ("merged" if merged else "peft")
-  info = dict(format="prima_jax", layout=layout, lora=lora_state, dtype=dtype or "as stored",
-              model=model_config_record(cfg))
+  info = json.dumps(dict(format="prima_jax", layout=layout, lora=lora_state, dtype=dtype or "as stored",
+                         model=model_config_record(cfg)), indent=1, sort_keys=True)
   if layout == "prima":
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-      json.dump(info, f, indent=1, sort_keys=True)
+    paths.write_text_atomic(out_dir / "config.json", info)
     return
   hf_dtype = dtype or "float32"
   ib = instructblip.hf_instructblip_config(cfg)
   ib.dtype = hf_dtype
-  ib.save_pretrained(os.path.join(out_dir, "instructblip"))
+  paths.write_text_atomic(out_dir / "instructblip" / "config.json", ib.to_json_string(use_diff=True))
   if lora_state == "peft":
-    with open(os.path.join(out_dir, "instructblip", "adapter_config.json"), "w") as f:
-      json.dump(layouts.adapter_config(cfg), f, indent=1, sort_keys=True)
+    paths.write_text_atomic(out_dir / "instructblip" / "adapter_config.json",
+                            json.dumps(layouts.adapter_config(cfg), indent=1, sort_keys=True))
   sam_cfg = sam.hf_sam_config(cfg.sam)
   sam_cfg.dtype = hf_dtype
-  sam_cfg.save_pretrained(os.path.join(out_dir, "sam"))
-  with open(os.path.join(out_dir, "prima_extra", "config.json"), "w") as f:
-    json.dump(info, f, indent=1, sort_keys=True)
+  paths.write_text_atomic(out_dir / "sam" / "config.json", sam_cfg.to_json_string(use_diff=True))
+  paths.write_text_atomic(out_dir / "prima_extra" / "config.json", info)
 
 
 # --- import ------------------------------------------------------------------------------------
@@ -617,13 +715,21 @@ class CheckpointWriter:
   ``group_bytes`` plus the fresh optimizer state of the trainable parameters, whatever the
   checkpoint size. :meth:`close` writes the optimizer state, step and RNG, and finalizes both items;
   until then nothing under ``out_dir`` is a checkpoint (:meth:`abort` removes the parts).
+
+  Object stores: Orbax's partial saves rename directories, which object stores cannot do, so a
+  workdir on one (``gs://``) is built in a local temporary directory (local disk: the checkpoint's
+  size) and uploaded by :meth:`close`, with the ``commit_success.txt`` files Orbax writes there to
+  mark a finished checkpoint uploaded last.
   """
 
-  def __init__(self, config, out_dir: str, *, group_bytes: int = 512 * MB):
+  def __init__(self, config, out_dir: str | os.PathLike | Workdir, *, group_bytes: int = 512 * MB):
+    # The trainable split is the training code's rule: a from-torch workdir must be one training resumes.
     from prima_jax.training.partition import trainable_filter  # noqa: PLC0415
-    from prima_jax.workdir import Workdir  # noqa: PLC0415
 
-    self.config, self.out_dir, self.group_bytes = config, out_dir, group_bytes
+    self.workdir = out_dir if isinstance(out_dir, Workdir) else Workdir(out_dir, what="--out")
+    self.config, self.group_bytes = config, group_bytes
+    self._staging = None if self.workdir.is_local else tempfile.TemporaryDirectory(prefix="prima_jax_import-")
+    self._build = self.workdir if self._staging is None else Workdir(self._staging.name)
     is_trainable = trainable_filter(config.train.trainable)
     frozen_dtype = np_dtype(config.train.get("frozen_dtype", ""))
     # name -> (tree path, shape, stored dtype, trainable)
@@ -638,10 +744,10 @@ class CheckpointWriter:
     self._buffers: dict[bool, dict[tuple, np.ndarray]] = {True: {}, False: {}}
     self._sizes = {True: 0, False: 0}
     self._written: set[str] = set()
-    self._step_dir = os.path.join(out_dir, "checkpoints", "0")
-    self._frozen_parts = os.path.join(out_dir, "frozen.parts")  # not hidden: Orbax globs for its parts
-    os.makedirs(os.path.dirname(self._step_dir), exist_ok=True)
-    Workdir(out_dir).write_config_record(config)
+    self._step_dir = self._build.checkpoints / "0"
+    self._frozen_parts = self._build.path / "frozen.parts"  # not hidden: Orbax globs for its parts
+    self._build.checkpoints.mkdir(parents=True, exist_ok=True)
+    self._build.write_config_record(config)
 
   def __contains__(self, name: str) -> bool:
     return name in self._written
@@ -676,20 +782,19 @@ class CheckpointWriter:
     del tree
     release_memory()
 
-  def close(self, meta: Mapping[str, Any]) -> str:
-    """Writes what is queued, the fresh optimizer state, step 0, the RNG and ``meta``; returns the
-    step directory.
+  def close(self, meta: Mapping[str, Any]) -> epath.Path:
+    """Writes what is queued, the fresh optimizer state, step 0, the RNG and ``meta`` (and uploads a
+    workdir built for an object store); returns the step directory.
 
     Raises:
       ValueError naming the parameters never added.
     """
     import jax  # noqa: PLC0415
     import orbax.checkpoint as ocp  # noqa: PLC0415
-    from etils import epath  # noqa: PLC0415
     from orbax.checkpoint.experimental.v1 import partial  # noqa: PLC0415
 
+    # The fresh optimizer state must be the one training builds, so that it restores the step.
     from prima_jax.training.optimizer import make_optimizer  # noqa: PLC0415
-    from prima_jax.workdir import FROZEN as FROZEN_DIR  # noqa: PLC0415
 
     missing = sorted(set(self._targets) - self._written)
     if missing:
@@ -708,26 +813,57 @@ class CheckpointWriter:
     partial.save(self._step_dir, rest)
     del opt_state, rest
     partial.finalize(self._step_dir)
-    os.makedirs(os.path.join(self._step_dir, "meta"))
-    ocp.JsonCheckpointHandler().save(epath.Path(self._step_dir) / "meta", args=ocp.args.JsonSave(dict(meta)))
+    (self._step_dir / "meta").mkdir(parents=True, exist_ok=True)
+    ocp.JsonCheckpointHandler().save(self._step_dir / "meta", args=ocp.args.JsonSave(dict(meta)))
+    # Orbax's own saves on an object store mark each item and then the step as committed.
+    finished = [self._step_dir / "state", self._step_dir / "meta"]
     if any(not t for *_, t in self._targets.values()):
       partial.finalize(self._frozen_parts)
       # The partial save's item directory is the pytree save_frozen writes: WORKDIR/frozen.
-      os.rename(os.path.join(self._frozen_parts, "state"), os.path.join(self.out_dir, FROZEN_DIR))
-      shutil.rmtree(self._frozen_parts)
-    return self._step_dir
+      (self._frozen_parts / "state").rename(self._build.frozen)
+      _remove_tree(self._frozen_parts)
+      finished.append(self._build.frozen)
+    finished.append(self._step_dir)
+    if self._staging is not None:
+      _upload(self._build.path, self.workdir.path,
+              commit=[d.relative_to(self._build.path) for d in finished])
+      self._staging.cleanup()
+    return self.workdir.checkpoints / "0"
 
   def abort(self) -> None:
     """Removes everything written so far (the parts of both items)."""
+    if self._staging is not None:
+      self._staging.cleanup()  # nothing was uploaded
+      return
     for path in (self._step_dir, self._frozen_parts):
-      for p in (path, path + ".partial_save"):
-        shutil.rmtree(p, ignore_errors=True)
+      for p in (path, path.parent / f"{path.name}.partial_save"):
+        _remove_tree(p)
+    checkpoints = self.workdir.checkpoints
     with contextlib.suppress(OSError):
-      os.rmdir(os.path.dirname(self._step_dir))  # checkpoints/, when empty
+      if paths.is_local(checkpoints) and checkpoints.exists() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()  # empty: object stores have no empty directories
 
 
-def write_checkpoint(config, values: Mapping[str, np.ndarray], out_dir: str, *,
-                     meta: Mapping[str, Any], group_bytes: int = 512 * MB) -> str:
+def _upload(local: epath.Path, target: epath.Path, *, commit: Sequence[os.PathLike]) -> None:
+  """Copies the files under the local directory ``local`` to ``target`` (an object-store prefix), then
+  writes Orbax's commit file into each finished checkpoint directory of ``commit`` (relative paths, in
+  order), as Orbax itself marks checkpoint items and steps complete on an object store."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  root = os.fspath(local)  # a local staging directory (os.walk: epath globs no '**')
+  for file in sorted(epath.Path(d) / f for d, _, files in os.walk(root) for f in files):
+    dest = target / file.relative_to(local)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("rb") as src, dest.open("wb") as out:
+      shutil.copyfileobj(src, out, 64 * MB)
+  for directory in commit:
+    final = target / directory
+    marker = final / ocp.path.atomicity.COMMIT_SUCCESS_FILE
+    marker.write_text(f"Checkpoint commit was successful to {final}")
+
+
+def write_checkpoint(config, values: Mapping[str, np.ndarray], out_dir: str | os.PathLike | Workdir, *,
+                     meta: Mapping[str, Any], group_bytes: int = 512 * MB) -> epath.Path:
   """Writes ``values`` ({parameter path string: array}) as a training checkpoint under ``out_dir``
   (layout in the module docstring) with :class:`CheckpointWriter`. Returns the step directory."""
   writer = CheckpointWriter(config, out_dir, group_bytes=group_bytes)
@@ -752,8 +888,9 @@ def _chunks(cfg, names: Sequence[str], group_bytes: int) -> Iterator[list[str]]:
     yield chunk
 
 
-def import_params(config, sources: Sequence[tuple[str, layouts.TensorFile, Mapping[str, Any]]], out_dir: str,
-                  *, strict: bool = False, source_note: str = "", group_bytes: int = 512 * MB) -> LoadReport:
+def import_params(config, sources: Sequence[tuple[str, layouts.TensorFile, Mapping[str, Any]]],
+                  out_dir: str | os.PathLike | Workdir, *, strict: bool = False, source_note: str = "",
+                  group_bytes: int = 512 * MB) -> LoadReport:
   """Builds a training checkpoint in ``out_dir`` from ``sources`` (see :func:`import_sources`);
   parameters no source supplies are freshly initialised (seed ``config.seed``) and listed in the
   returned report's ``initialised``.
@@ -779,9 +916,9 @@ def import_params(config, sources: Sequence[tuple[str, layouts.TensorFile, Mappi
   return report
 
 
-def load_params(path: str, model, *, step: int | None = None) -> None:
+def load_params(path: str | os.PathLike, model, *, step: int | None = None) -> None:
   """Fills an nnx ``Prima`` in place from the checkpoint at ``path`` (WORKDIR, WORKDIR/checkpoints or a
-  step directory) with :func:`prima_jax.training.checkpoint.restore_params`, after checking that every
+  step directory) with :meth:`prima_jax.workdir.Workdir.restore_params`, after checking that every
   parameter is in the checkpoint with the model's shape.
 
   ``model`` may be abstract (``nnx.eval_shape(lambda: Prima(cfg, rngs=...))``): nothing is initialised,
@@ -791,11 +928,9 @@ def load_params(path: str, model, *, step: int | None = None) -> None:
   import jax.numpy as jnp  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
 
-  from prima_jax.workdir import restore_params  # noqa: PLC0415
-
-  step_dir = find_step_dir(path, step)
+  workdir, step_dir = locate(path, step)
   check_source(model.cfg, CheckpointParams(step_dir).shapes)
-  restore_params(step_dir, model)
+  workdir.restore_params(model, step_dir)
   for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Param)))):
     value = var.get_value()
     if isinstance(value, jax.ShapeDtypeStruct):
