@@ -27,10 +27,11 @@ from prima_jax.data import preprocess
 from prima_jax.data.pipeline import DROP_REASONS
 from prima_jax.models.prima import Prima
 from prima_jax.training import checkpoint as ckpt_lib
+from prima_jax.training import data as data_lib
 from prima_jax.training import metrics as metrics_lib
 from prima_jax.training import visualize
 from prima_jax.training.loop import NonFiniteLoss, schema, train_and_evaluate
-from prima_jax.training.validate import ConfigError, build_mesh, check_batch, check_keys
+from prima_jax.training.validate import ConfigError, build_mesh, check_batch, check_keys, check_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -281,10 +282,13 @@ def test_training_on_an_object_store_workdir(object_store, tmp_path, data_dir):
   c = demo_test_config(data_dir, num_steps=2, trainable=trainable)
   c.eval.update(every=2, prediction_examples=1)
   c.checkpoint.every = 2
+  c.data.length_buckets = (160, 192)   # the demo's rows need 100-170 of the 256 tokens
   first = train_and_evaluate(c, url)
   assert first["final_step"] == 2
+  assert set(first["compiled_lengths"]) <= {160, 192, 256} and min(first["compiled_lengths"]) < 256
   c = demo_test_config(data_dir, num_steps=3, trainable=trainable)
   c.eval.every = 0
+  c.data.length_buckets = (160, 192)
   again = train_and_evaluate(c, url)
   assert again["start_step"] == 2 and again["final_step"] == 3
   stored = object_store.local(url)
@@ -408,3 +412,20 @@ def test_two_processes_train_like_one_and_resume_across_process_counts(tmp_path,
   for losses in (got, cont):
     np.testing.assert_allclose([losses[s] for s in range(1, 5)], [ref[s] for s in range(1, 5)], rtol=1e-6)
   assert max(diffs.values()) <= 1e-6, diffs
+
+
+def test_length_buckets_cut_only_padding():
+  mask = np.zeros((3, 16), bool)
+  mask[0, :5], mask[1, :9], mask[2, :2] = True, True, True
+  batch = dict(input_ids=np.where(mask, 7, 0), attention_mask=mask, labels=np.where(mask, 7, -100),
+               gt_masks=np.ones((3, 2, 4, 4)))
+  assert data_lib.bucket_length(batch, (4, 8, 12), 16) == 12
+  assert data_lib.bucket_length(batch, (4, 10), 16) == 10
+  assert data_lib.bucket_length(batch, (4, 8), 16) == 16           # max_length is always a bucket
+  cut = data_lib.fit_to_length(batch, 10)
+  assert cut["input_ids"].shape == (3, 10) and cut["gt_masks"].shape == (3, 2, 4, 4)
+  assert cut["attention_mask"].sum() == mask.sum() and (cut["labels"] != -100).sum() == mask.sum()
+  c = load_config("demo")
+  c.data.length_buckets = (64, 1000)
+  with pytest.raises(ConfigError, match=r"data.length_buckets=\(64, 1000\).*got \[1000\]"):
+    check_schedule(c)

@@ -57,3 +57,23 @@ def restore_drops(iterator, counts: dict[str, int]) -> None:
     counter = drop_counter(iterator)
     for reason, n in counts.items():
       counter.add(reason, n)
+
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def bucket_length(batch, buckets, max_length: int) -> int:
+  """The smallest of ``buckets`` (and ``max_length``) that holds every row's tokens of the *global*
+  batch (the longest row over all processes: a collective when multi-process)."""
+  mask = np.asarray(batch["attention_mask"])
+  last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)          # one past each row's last token
+  needed = np.asarray([int(np.max(np.where(mask.any(1), last, 0)))], np.int64)
+  if jax.process_count() > 1:
+    needed = np.asarray(multihost_utils.process_allgather(needed)).reshape(-1)
+  needed = int(needed.max())
+  return min(b for b in (*sorted(int(b) for b in buckets), max_length) if b >= needed)
+
+
+def fit_to_length(batch, length: int):
+  """``batch`` with its LLM token arrays cut to ``length`` (only padding is cut)."""
+  return {k: (v[:, :length] if k in TOKEN_KEYS else v) for k, v in batch.items()}

@@ -35,6 +35,9 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       llm_tokenizer="",          # LLaMA tokenizer.model / tokenizer.json
       bert_vocab="",             # BERT vocab.txt (Q-Former)
       max_length=512,            # LLM tokens (after image-slot expansion)
+      # Shorter LLM lengths a training batch may be cut to (one compiled step each): a global batch
+      # runs at the smallest bucket that holds its longest row. () = always max_length.
+      length_buckets=(),
       max_question_length=32,    # Q-Former tokens
       worker_count=0,            # Grain worker processes (0: threads in the training process)
       read_threads=2,

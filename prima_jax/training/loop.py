@@ -227,7 +227,16 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
   eval_ds, n_eval = data_lib.eval_dataset(config, model_cfg, tokenizers, ddir)
 
   # --- compile ---------------------------------------------------------------------------------
-  first = to_global_batch(next(train_iter), mesh) if start_step < t.num_steps else None
+  buckets = tuple(config.data.get("length_buckets", ()))
+
+  def next_batch():
+    """The next global batch, its LLM arrays cut to the smallest length bucket that holds it."""
+    local = next(train_iter)
+    if buckets:
+      local = data_lib.fit_to_length(local, data_lib.bucket_length(local, buckets, config.data.max_length))
+    return to_global_batch(local, mesh)
+
+  first = next_batch() if start_step < t.num_steps else None
   summary: dict[str, Any] = dict(start_step=start_step, final_step=start_step, evals=[], stopped=False,
                                  params_trainable=n_train, params_frozen=n_frozen, memory={})
   eval_sh = steps.batch_shardings(mesh, first if first is not None else next(iter(eval_ds)))
@@ -243,16 +252,28 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
       train_fn = steps.jit_train_step(
           steps.make_train_step(parts, tx, schedule, model_cfg.loss, grad_accum_steps=t.grad_accum_steps,
                                 mesh=mesh), state_sh, frozen_sh, batch_sh, mesh)
-      tc = time.time()
-      compiled = train_fn.lower(state, frozen, first).compile()
-      summary["memory"] = _memory_report(compiled)
-      flops = _flops(compiled)
-      if flops is not None:
-        flops *= t.grad_accum_steps  # cost analysis counts a scan body once
       peak = peak_flops(jax.devices()[0].device_kind)
-      writer.print(f"compiled the train step in {time.time() - tc:.1f} s; per device: "
-                   + ", ".join(f"{k} {v:.3f} GiB" for k, v in summary["memory"].items())
-                   + (f"; {flops / 1e9:.1f} GFLOP/step" if flops else ""))
+      programs: dict[int, tuple[Any, float | None]] = {}  # LLM length -> (compiled step, FLOPs)
+
+      def program(batch):
+        length = batch["input_ids"].shape[1]
+        if length not in programs:
+          tc = time.time()
+          compiled = train_fn.lower(state, frozen, batch).compile()
+          memory = _memory_report(compiled)
+          if not summary["memory"] or memory.get("peak_estimate_gib", 0) > summary["memory"].get(
+              "peak_estimate_gib", 0):
+            summary["memory"] = memory
+          flops = _flops(compiled)
+          if flops is not None:
+            flops *= t.grad_accum_steps  # cost analysis counts a scan body once
+          programs[length] = (compiled, flops)
+          writer.print(f"compiled the train step ({length} LLM tokens) in {time.time() - tc:.1f} s; "
+                       "per device: " + ", ".join(f"{k} {v:.3f} GiB" for k, v in memory.items())
+                       + (f"; {flops / 1e9:.1f} GFLOP/step" if flops else ""))
+        return programs[length]
+
+      program(first)
 
     def run_eval(step: int) -> None:
       m, first_eval = evaluate(eval_fn, state["params"], frozen, eval_ds, n_eval, mesh)
@@ -276,7 +297,8 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
     t_log, steps_since_log, t_loop = time.time(), 0, time.time()
     while step < t.num_steps:
       if batch is None:
-        batch = to_global_batch(next(train_iter), mesh)
+        batch = next_batch()
+      compiled, flops = program(batch)
       state, metrics = compiled(state, frozen, batch)
       batch = None
       step += 1
@@ -315,6 +337,7 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
         summary["stopped"] = True
         break
     checkpointer.wait()
+    summary["compiled_lengths"] = sorted(programs) if first is not None else []
     summary["final_step"] = step
     elapsed = time.time() - t_loop
     summary["steps_per_s"] = (step - start_step) / elapsed if elapsed > 0 and step > start_step else None

@@ -82,3 +82,8 @@ def check_schedule(config) -> None:
       raise ConfigError(f"{name} must be >= 1, got {v}")
   if config.eval.every < 0:
     raise ConfigError(f"eval.every must be >= 0, got {config.eval.every}")
+  buckets = tuple(config.data.get("length_buckets", ()))
+  bad = [b for b in buckets if not (isinstance(b, int) and 0 < b <= config.data.max_length)]
+  if bad:
+    raise ConfigError(f"data.length_buckets={buckets}: every bucket must be an int in "
+                      f"(0, data.max_length={config.data.max_length}], got {bad}")
