@@ -1,4 +1,4 @@
-"""PRIMA on M⁴Seg as SPEC §3 trains it: the full-size model (SPEC §1).
+"""PRIMA on M⁴Seg as the paper trains it: the full-size model.
 
   python -m prima_jax.train --config=configs/m4seg.py --workdir=gs://bucket/run \\
       --config.data.data_dir=DATA --config.data.llm_tokenizer=.../tokenizer.model \\
@@ -24,8 +24,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model = tiny_config() if arg == "tiny" else full_config()
   model.update(dtype="bfloat16", param_dtype="float32", remat=True)
   c = base_config(model)
-  c.data.update(kind="tfds", tokenizer="files", max_length=512, max_question_length=32, worker_count=8,
-                read_threads=4)
+  # The Q-Former reads up to 128 question tokens (LAVIS InstructBLIP's max_txt_len; left-truncated).
+  # LLM: at most 512 tokens after image-slot expansion, a batch of shorter rows runs at 256 or 384;
+  # longer examples are dropped and counted (the data builder prints the split's length distribution).
+  c.data.update(kind="tfds", tokenizer="files", max_length=512, length_buckets=(256, 384),
+                max_question_length=128, worker_count=8, read_threads=4)
   c.mesh.update(data=-1, fsdp=1, tensor=1)
   c.optimizer.update(learning_rate=3e-4, b1=0.9, b2=0.95, weight_decay=0.0, warmup_steps=100,
                      schedule="linear", end_factor=0.0, grad_clip_norm=1.0)
@@ -34,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.update(every=500, batch_size=16, num_batches=0)
   c.checkpoint.update(every=250, keep=3)
   if arg == "tiny":
-    c.data.update(worker_count=0, read_threads=2)
+    c.data.update(worker_count=0, read_threads=2, max_question_length=32, length_buckets=())
     c.train.update(batch_size=8, grad_accum_steps=2, num_steps=20)
     c.eval.update(every=10, batch_size=8)
     c.checkpoint.update(every=10)
