@@ -48,7 +48,7 @@ def _child(argv: list[str]) -> None:
 
 
 def bench_config(size_mb: float):
-  """A training config (SPEC §3 trainable split) whose parameters take about ``size_mb`` MB in float32."""
+  """A training config (the paper's trainable split) whose parameters take about ``size_mb`` MB in float32."""
   from prima_jax.models.configs import tiny_config  # noqa: PLC0415
   from prima_jax.training.defaults import TRAINABLE_PRIMA, base_config  # noqa: PLC0415
 

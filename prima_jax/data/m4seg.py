@@ -204,7 +204,7 @@ def unconfigured(inputs: Inputs, sources: Sources) -> dict[str, list[str]]:
 
 
 class M4Seg(tfds.core.GeneratorBasedBuilder):
-  """M⁴Seg: multi-image reasoning segmentation QA with one mask per ``[SEG]`` (SPEC §4)."""
+  """M⁴Seg: multi-image reasoning segmentation QA with one mask per ``[SEG]`` (docs/data.md)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First version: encoded original images, converted answers, RLE masks."}

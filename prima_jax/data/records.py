@@ -1,4 +1,4 @@
-"""The M⁴Seg record format (SPEC §4): loading, validation, answer conversion, masks and images.
+"""The M⁴Seg record format (docs/data.md): loading, validation, answer conversion, masks and images.
 
 A record (one element of ``Part_Segm/{prefix}_{split}.json``, or one parquet row with the same
 fields; a file whose columns are named otherwise is read through a field table, see

@@ -1,4 +1,4 @@
-"""A synthetic benchmark in exactly M⁴Seg's record format (SPEC §4), drawn procedurally.
+"""A synthetic benchmark in exactly M⁴Seg's record format (docs/data.md), drawn procedurally.
 
 Each example shows 2-5 small images of flat-coloured objects (ball, box, cone, cup, gift box, bottle) on a
 plain background. Cups have a ``handle``, gift boxes a ``ribbon`` and bottles a ``cap``: part-level masks.

@@ -2,7 +2,7 @@
 
 Every tokeniser is a :class:`Tokenizer`: a base model (sentencepiece ``tokenizer.model``, HF
 ``tokenizer.json`` or WordPiece ``vocab.txt``) plus *added tokens* with fixed ids that are split
-out of the text before the base model sees it. For the LLM these are SPEC §1's seven tokens at
+out of the text before the base model sees it. For the LLM these are the model's seven tokens at
 the ids the model uses (``configs.IM_START_ID`` .. ``configs.P_END_ID`` = 32000..32006), whatever
 the size of the base vocabulary, so ``vocab_size`` is always 32007 and the model config is unchanged.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from prima_jax.models import configs
 
-# SPEC §1 added tokens, in id order; their ids are the model's (configs.IM_START_ID ..).
+# The model's added tokens, in id order; their ids are the model's (configs.IM_START_ID ..).
 LLM_ADDED_TOKENS: tuple[str, ...] = ("<im_start>", "<im_end>", "<bbox>", "<point>", "[SEG]", "<p>", "</p>")
 LLM_ADDED_IDS: dict[str, int] = dict(zip(
     LLM_ADDED_TOKENS,
@@ -206,7 +206,7 @@ def _check_added_ids(name: str, found: Mapping[str, int]) -> None:
 
 
 def load_llama_tokenizer(path: PathLike) -> Tokenizer:
-  """The Vicuna/LLaMA tokeniser with SPEC §1's added tokens at ids 32000..32006.
+  """The Vicuna/LLaMA tokeniser with the model's added tokens at ids 32000..32006.
 
   Args:
     path: a sentencepiece ``tokenizer.model``, an HF ``tokenizer.json``, or a directory holding one

@@ -1,6 +1,6 @@
 """From generated token ids to grounded answers: [SEG] parsing and routing, mask post-processing.
 
-Routing rule (SPEC §2): a ``[SEG]`` belongs to image k named by the ``(IMAGEk)`` tag that *follows*
+Routing rule: a ``[SEG]`` belongs to image k named by the ``(IMAGEk)`` tag that *follows*
 it (the text between the ``[SEG]`` and the next added token or ``</s>`` must start with it); its
 phrase is the ``<p> ... </p>`` span closed after the previous ``[SEG]`` and before this one ("" when
 there is none). A ``[SEG]`` without such a tag (``missing_tag``, also when generation stopped right

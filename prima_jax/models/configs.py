@@ -1,6 +1,6 @@
 """The model config schema (ml_collections) and its two sizes: full PRIMA and tiny.
 
-One schema: :func:`full_config` builds every field with the published sizes (SPEC §1) and
+One schema: :func:`full_config` builds every field with the published sizes (README "The model") and
 :func:`tiny_config` overrides sizes only. Fields marked [?] are details the paper does not give;
 their defaults are our best inference and are documented where they are used.
 """
@@ -32,7 +32,7 @@ def full_config() -> ml_collections.ConfigDict:
       cross_attention_freq=2, encoder_width=1408, max_position_embeddings=512,
       layer_norm_eps=1e-12, num_query_tokens=32, max_text_length=128, pad_token_id=0,
   ))
-  # SQuARE internals are [?]: one pre-LN cross-attention block + FFN, zero-init output (SPEC §1).
+  # SQuARE internals are not in the paper: one pre-LN cross-attention block + FFN, zero-init output.
   c.square = ml_collections.ConfigDict(dict(
       enabled=True, depth=1, num_heads=12, mlp_dim=3072, layer_norm_eps=1e-6,
       query_init_std=0.02, zero_init_output=True,

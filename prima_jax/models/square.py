@@ -1,6 +1,6 @@
 """SQuARE: relational queries that attend across the features of all valid images of an example.
 
-The paper gives SQuARE's role, not its internals (SPEC §1, [?]). Our default: ``depth`` pre-LN
+The paper gives SQuARE's role, not its internals. Our default: ``depth`` pre-LN
 blocks of cross-attention (queries of width ``qformer.hidden_size`` attending to the concatenated
 EVA features of all valid images, K/V projected from ``vision.width``) + FFN, a final LayerNorm and
 a zero-initialised output projection, so that at initialisation SQuARE adds exactly zero to the

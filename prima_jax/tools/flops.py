@@ -59,7 +59,7 @@ from prima_jax.models.sam.sam import Sam
 from prima_jax.models.square import Square
 
 AGREEMENT_TOLERANCE = 0.02
-PAPER = dict(lisa=88.9, glamm=83.0, prima=62.0)        # SPEC §5, v1 efficiency table (TFLOPs)
+PAPER = dict(lisa=88.9, glamm=83.0, prima=62.0)        # the paper's v1 efficiency table (TFLOPs)
 PAPER_REDUCTION = (PAPER["glamm"] - PAPER["prima"]) / PAPER["glamm"]
 COMPONENTS = ("vision encoder", "SQuARE", "Q-Former", "projector", "LLM", "LLM decode", "[SEG] head",
               "SAM encoder", "SAM decoder")

@@ -9,7 +9,7 @@ import ml_collections
 
 # Parameter path patterns (substrings of "/"-joined paths; see prima_jax.training.partition).
 TRAINABLE_ALL = ("",)
-# SPEC §3: frozen EVA, Q-Former, LLM base and SAM image encoder; trainable SQuARE, the Q-Former -> LLM
+# Frozen EVA, Q-Former, LLM base and SAM image encoder; trainable SQuARE, the Q-Former -> LLM
 # projection, LoRA adapters, the [SEG] head and the SAM mask decoder.
 TRAINABLE_PRIMA = ("square/", "language_projection/", "/lora_a", "/lora_b", "seg_head/",
                    "sam/mask_decoder/")

@@ -1,4 +1,4 @@
-"""AdamW with warmup + decay and global-norm clipping (SPEC §3: 3e-4, β 0.9/0.95, warmup 100, linear)."""
+"""AdamW with warmup + decay and global-norm clipping (3e-4, β 0.9/0.95, warmup 100, linear)."""
 
 from __future__ import annotations
 
