@@ -128,5 +128,23 @@ def write_bytes_atomic(path: epath.Path, data: bytes) -> None:
       tmp.unlink()
 
 
+def copy_atomic(src: epath.Path, dst: epath.Path, *, chunk_bytes: int = 64 << 20) -> None:
+  """Copies file ``src`` to ``dst`` (either side local or a URL), streamed, published atomically
+  as :func:`write_bytes_atomic` does."""
+  import shutil  # noqa: PLC0415
+
+  src, dst = epath.Path(src), epath.Path(dst)
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  target = dst if not is_local(dst) else dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+  try:
+    with src.open("rb") as fin, target.open("wb") as fout:
+      shutil.copyfileobj(fin, fout, chunk_bytes)
+    if target != dst:
+      target.replace(dst)
+  finally:
+    if target != dst and target.exists():
+      target.unlink()
+
+
 def write_text_atomic(path: epath.Path, text: str) -> None:
   write_bytes_atomic(path, text.encode("utf-8"))

@@ -256,6 +256,13 @@ class Workdir:
     return synthetic_cache_dir(config)
 
 
+def local_cache_root(config) -> epath.Path:
+  """``data.cache_dir`` (default ``~/.cache/prima_jax``): local copies of what ArrayRecord must read
+  from local files (the synthetic benchmark of an object-store run, an object-store feature cache)."""
+  root = config.data.get("cache_dir", "") or os.path.join(os.path.expanduser("~"), ".cache", "prima_jax")
+  return epath.Path(paths.local_only(root, what="data.cache_dir", why="ArrayRecord's local reads"))
+
+
 def synthetic_cache_dir(config) -> epath.Path:
   """A local directory for the synthetic benchmark of ``config`` (``data.cache_dir``, default
   ``~/.cache/prima_jax``), named by a hash of the settings that generate it."""

@@ -379,17 +379,24 @@ def _str(value: Any) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def decode_example(raw: Mapping[str, Any]) -> GroundedExample:
+def decode_example(raw: Mapping[str, Any], *, decode_images: bool = True) -> GroundedExample:
   """What the data source returns for one index -> GroundedExample (images decoded with PIL).
 
   Images: uint8 [H_k, W_k, 3] RGB; masks: bool [H_k, W_k] in the frame of image ``mask_image[i]``.
+  ``decode_images=False`` (every tower's features cached) gives each image as a zero-copy placeholder
+  of its stored shape instead: its geometry without the cost of decoding it.
   """
   images, segs = raw["images"], raw["segs"]
+  if decode_images:
+    pixels = [rec.decode_image(bytes(data)) for data in images["encoded"]]
+  else:
+    pixels = [np.broadcast_to(np.zeros(3, np.uint8), (int(h), int(w), 3))
+              for h, w in zip(images["height"], images["width"])]
   example = GroundedExample(
       example_id=_str(raw["example_id"]),
       source=_str(raw["source"]),
       category=_str(raw["category"]),
-      images=[rec.decode_image(bytes(data)) for data in images["encoded"]],
+      images=pixels,
       image_ids=[_str(i) for i in images["id"]],
       question=_str(raw["question"]),
       answer=_str(raw["answer"]),

@@ -27,6 +27,7 @@ an error mid-stream: its row becomes a zero-weight blank, it is counted under on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -52,8 +53,12 @@ DROP_REASONS = (
     "prompt_too_long",    # the expanded prompt + answer exceeds max_length tokens
     "bad_prompt",         # the question / answer could not be encoded (e.g. a [SEG] without (IMAGEk))
     "seg_mask_mismatch",  # encoded [SEG] tokens disagree with the masks (count or image index)
+    "missing_features",   # an image is not in the feature cache (or its bytes changed since it was built)
 )
 DROPS_KEY = "_drops"      # per-batch drop tally [len(DROP_REASONS)] int64, popped before the user sees it
+# uint8 [B, N, S, S, 3] SAM-frame pixels of a batch whose SAM embeddings come from the feature cache,
+# for drawing predictions only (never sent to the device).
+DISPLAY_KEY = "display_sam_images"
 _LOGGED_PER_REASON = 10   # log the first drops of each reason per process, then count silently
 
 
@@ -121,13 +126,19 @@ class DropCounter:
 
 def prepare_example(ex: GroundedExample, *, cfg, tokenizers: tuple[Any, Any], train: bool,
                     rng: np.random.Generator | None, max_length: int,
-                    max_question_length: int) -> dict[str, np.ndarray]:
+                    max_question_length: int, cached: Mapping[str, Sequence[np.ndarray]] | None = None,
+                    display: bool = False) -> dict[str, np.ndarray]:
   """GroundedExample -> one unbatched example in the format of ``models.batch.collate``.
 
-  Returns ``eva_images`` float32 [n, V, V, 3] (V = vision.image_size), ``sam_images`` float32
-  [n, S, S, 3] (S = sam.image_size), ``sam_sizes`` int32 [n, 2], ``input_ids`` / ``labels`` int32
-  [l], ``qformer_input_ids`` int32 [t], ``seg_positions`` / ``seg_image_index`` int32 [m] and
-  ``gt_masks`` float32 [m, S, S] (mask i in the SAM frame of image ``seg_image_index[i]``).
+  Returns ``eva_images`` uint8 [n, V, V, 3] (V = vision.image_size; random-resized crop when
+  ``train``), ``sam_images`` uint8 [n, S, S, 3] (S = sam.image_size; zero padded), ``sam_sizes``
+  int32 [n, 2], ``input_ids`` / ``labels`` int32 [l], ``qformer_input_ids`` int32 [t],
+  ``seg_positions`` / ``seg_image_index`` int32 [m] and ``gt_masks`` uint8 [m, S, S] (mask i in the
+  SAM frame of image ``seg_image_index[i]``). Images are normalised on the device.
+
+  ``cached`` ({"sam_embeddings" / "eva_features": one array per image}, from the feature cache)
+  replaces that tower's images: they are neither resized nor returned (``display`` keeps the SAM
+  pixels under :data:`DISPLAY_KEY` for drawing).
 
   Raises:
     DropExample: the example cannot be used; ``reason`` is one of :data:`DROP_REASONS`.
@@ -164,20 +175,31 @@ def prepare_example(ex: GroundedExample, *, cfg, tokenizers: tuple[Any, Any], tr
                                            f"{seg_image.tolist()}, the masks belong to {list(ex.mask_image)}")
 
   size, s = cfg.vision.image_size, cfg.sam.image_size
-  eva = np.empty((n, size, size, 3), np.float32)
-  sam = np.empty((n, s, s, 3), np.float32)
+  cached = dict(cached or {})
+  out: dict[str, np.ndarray] = {k: np.stack(v) for k, v in cached.items()}
+  need_eva = "eva_features" not in cached
+  need_sam = "sam_embeddings" not in cached or display
+  if need_eva:
+    eva = out["eva_images"] = np.empty((n, size, size, 3), np.uint8)
+  if need_sam:
+    sam = out["sam_images" if "sam_embeddings" not in cached else DISPLAY_KEY] = np.empty((n, s, s, 3),
+                                                                                         np.uint8)
   sizes = np.empty((n, 2), np.int32)
   try:
     for k, image in enumerate(ex.images):
-      preprocess.eva_preprocess(image, size, train=train, rng=rng, out=eva[k])
-      sizes[k] = preprocess.sam_preprocess(image, s, out=sam[k])[1]
-    gt = np.empty((m, s, s), np.float32)
+      if need_eva:
+        eva[k] = preprocess.eva_resize(image, size, train=train, rng=rng)
+      if need_sam:
+        sizes[k] = preprocess.sam_resize(image, s, out=sam[k])[1]
+      else:  # the geometry alone, from the image's shape (cached towers never decode the pixels)
+        sizes[k] = preprocess.sam_resized_size(image.shape[0], image.shape[1], s)
+    gt = np.empty((m, s, s), np.uint8)
     for i, mask in enumerate(ex.masks):
       preprocess.mask_to_sam_frame(mask, s, out=gt[i])
   except ValueError as e:
     raise DropExample("bad_image", f"{where}: {e}") from e
   return dict(
-      eva_images=eva, sam_images=sam, sam_sizes=sizes,
+      out, sam_sizes=sizes,
       input_ids=np.asarray(enc["input_ids"], np.int32),
       labels=np.asarray(enc["labels"], np.int32),
       qformer_input_ids=np.asarray(enc["qformer_input_ids"], np.int32),
@@ -187,9 +209,16 @@ def prepare_example(ex: GroundedExample, *, cfg, tokenizers: tuple[Any, Any], tr
   )
 
 
-def _default_decode(raw: Any) -> GroundedExample:
+def _default_decode(raw: Any, decode_images: bool = True) -> GroundedExample:
   from prima_jax.data.m4seg import decode_example  # noqa: PLC0415 (optional until the data exists)
-  return decode_example(raw)
+  return decode_example(raw, decode_images=decode_images)
+
+
+def _encoded_images(item: Any) -> list[bytes] | None:
+  """The encoded image bytes of a raw M⁴Seg record (None for other items)."""
+  if isinstance(item, Mapping) and isinstance(item.get("images"), Mapping) and "encoded" in item["images"]:
+    return [bytes(b) for b in item["images"]["encoded"]]
+  return None
 
 
 class PrepareTransform:
@@ -198,16 +227,25 @@ class PrepareTransform:
   Source items that are already :class:`GroundedExample` are used as they are; others go through
   ``decode`` (default ``prima_jax.data.m4seg.decode_example``). Any exception in ``decode`` counts
   as ``decode_error``; in preparation only :class:`DropExample` is caught (anything else is a bug).
+
+  With a ``feature_cache`` (:class:`prima_jax.data.features.FeatureCache`) every image's features
+  of the cached towers are read from it (an image it lacks drops the example as ``missing_features``);
+  when every tower is cached and ``display`` is off, the default decode does not decode the images.
   """
 
   def __init__(self, *, cfg, tokenizers, train: bool, max_length: int, max_question_length: int,
-               decode: Callable[[Any], GroundedExample] | None = None):
+               decode: Callable[[Any], GroundedExample] | None = None, augment: bool | None = None,
+               feature_cache=None, display: bool = False):
     self.cfg = cfg
     self.tokenizers = tuple(tokenizers)
     self.train = train
+    self.augment = train if augment is None else augment
     self.max_length = max_length
     self.max_question_length = max_question_length
-    self.decode = decode or _default_decode
+    self.feature_cache = feature_cache
+    self.display = display
+    all_cached = feature_cache is not None and set(feature_cache.towers) == {"sam", "eva"} and not display
+    self.decode = decode or functools.partial(_default_decode, decode_images=not all_cached)
     self._logged: dict[str, int] = {}
 
   def _drop(self, reason: str, example_id: str, message: str) -> Dropped:
@@ -218,6 +256,20 @@ class PrepareTransform:
                   " (further drops of this reason are counted, not logged)"
                   if n + 1 == _LOGGED_PER_REASON else "")
     return Dropped(reason, example_id, message)
+
+  def _cached(self, ex: GroundedExample, encoded: list[bytes] | None) -> dict[str, list[np.ndarray]]:
+    from prima_jax.data import features  # noqa: PLC0415
+
+    out: dict[str, list[np.ndarray]] = {k: [] for k in self.feature_cache.keys}
+    for k, image_id in enumerate(ex.image_ids):
+      digest = features.image_digest(encoded[k]) if encoded is not None else None
+      try:
+        got = self.feature_cache.get(features.image_key(ex.source, image_id), digest)
+      except features.MissingFeatures as e:
+        raise DropExample("missing_features", f"example {ex.example_id!r}: {e.args[0]}") from e
+      for key, value in got.items():
+        out[key].append(value)
+    return out
 
   def __call__(self, item: Any, rng: np.random.Generator | None = None) -> dict[str, np.ndarray] | Dropped:
     if isinstance(item, GroundedExample):
@@ -231,8 +283,12 @@ class PrepareTransform:
           record_id = record_id.decode("utf-8", "replace")
         return self._drop("decode_error", str(record_id), f"{type(e).__name__}: {e}")
     try:
-      return prepare_example(ex, cfg=self.cfg, tokenizers=self.tokenizers, train=self.train, rng=rng,
-                             max_length=self.max_length, max_question_length=self.max_question_length)
+      cached = None
+      if self.feature_cache is not None:
+        cached = self._cached(ex, None if isinstance(item, GroundedExample) else _encoded_images(item))
+      return prepare_example(ex, cfg=self.cfg, tokenizers=self.tokenizers, train=self.augment, rng=rng,
+                             max_length=self.max_length, max_question_length=self.max_question_length,
+                             cached=cached, display=self.display)
     except DropExample as e:
       return self._drop(e.reason, ex.example_id, e.message)
 
@@ -241,8 +297,12 @@ class PrepareTransform:
 # Batching with dropped examples zero-weighted, and the drop tally
 
 
-def blank_example(cfg, *, question_length: int = 1) -> dict[str, np.ndarray]:
+def blank_example(cfg, *, question_length: int = 1, feature_cache=None,
+                  display: bool = False) -> dict[str, np.ndarray]:
   """The stand-in for a dropped example: one black image, its image slots, no label, no [SEG].
+
+  With a ``feature_cache`` the cached towers' arrays are zeros of the cache's shapes and dtype (so
+  every batch has one dtype and shape: no recompilation).
 
   It keeps the batch's static shape and the global data order (every global batch holds the same
   stream positions whatever the number of processes) and contributes nothing to any loss or metric:
@@ -252,13 +312,23 @@ def blank_example(cfg, *, question_length: int = 1) -> dict[str, np.ndarray]:
   size, s = cfg.vision.image_size, cfg.sam.image_size
   ids = np.asarray([p.im_start_id] + [p.image_token_id] * cfg.qformer.num_query_tokens + [p.im_end_id],
                    np.int32)
+  images: dict[str, np.ndarray] = dict(eva_images=np.zeros((1, size, size, 3), np.uint8),
+                                       sam_images=np.zeros((1, s, s, 3), np.uint8))
+  if feature_cache is not None:
+    for key, shape in feature_cache.shapes.items():
+      images[key] = np.zeros((1, *shape), feature_cache.dtype)
+    if "eva_features" in images:
+      del images["eva_images"]
+    if "sam_embeddings" in images:
+      pixels = images.pop("sam_images")
+      if display:
+        images[DISPLAY_KEY] = pixels
   return dict(
-      eva_images=np.zeros((1, size, size, 3), np.float32), sam_images=np.zeros((1, s, s, 3), np.float32),
-      sam_sizes=np.asarray([[s, s]], np.int32), input_ids=ids,
+      images, sam_sizes=np.asarray([[s, s]], np.int32), input_ids=ids,
       labels=np.full(len(ids), IGNORE_LABEL, np.int32),
       qformer_input_ids=np.full(question_length, cfg.qformer.pad_token_id, np.int32),
       seg_positions=np.zeros(0, np.int32), seg_image_index=np.zeros(0, np.int32),
-      gt_masks=np.zeros((0, s, s), np.float32))
+      gt_masks=np.zeros((0, s, s), np.uint8))
 
 
 class CollateFn:
@@ -272,7 +342,8 @@ class CollateFn:
   def __call__(self, examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     p = self.cfg.prima
     return collate(list(examples), self.cfg, num_images=p.max_images, length=self.max_length,
-                   text_length=self.max_question_length, max_masks=p.max_masks)
+                   text_length=self.max_question_length, max_masks=p.max_masks,
+                   extra_image_keys=(DISPLAY_KEY,))
 
 
 class _FilledBatchIterDataset(grain.IterDataset):
@@ -412,7 +483,8 @@ def make_dataset(source: Sequence[Any] | grain.MapDataset, *, cfg, tokenizers: t
                  shard_index: int | None = None, shard_count: int | None = None,
                  shuffle: bool | None = None, decode: Callable[[Any], GroundedExample] | None = None,
                  read_threads: int = 2, max_consecutive_drops: int = 1000,
-                 start_batch: int = 0) -> grain.IterDataset:
+                 start_batch: int = 0, augment: bool | None = None, feature_cache=None,
+                 display: bool = False) -> grain.IterDataset:
   """This process's share of a global sequence of batches that depends on (seed, position) only.
 
   The global stream is the source shuffled with ``seed`` (a new order every epoch), repeated
@@ -442,6 +514,10 @@ def make_dataset(source: Sequence[Any] | grain.MapDataset, *, cfg, tokenizers: t
     read_threads: threads decoding and preprocessing examples (per process).
     max_consecutive_drops: raise instead of running on when this many examples in a row are dropped.
     start_batch: the first global batch to yield (resume).
+    augment: random-resized crops for EVA (default ``train``; off lets EVA's features be cached).
+    feature_cache: a :class:`prima_jax.data.features.FeatureCache`: its towers' features replace
+      their images (those towers' image preprocessing is skipped).
+    display: with a SAM feature cache, still keep the SAM-frame pixels (``DISPLAY_KEY``) for drawing.
 
   Returns:
     An IterDataset whose iterator (:class:`DropCountingIterator`) yields batches in the
@@ -466,14 +542,16 @@ def make_dataset(source: Sequence[Any] | grain.MapDataset, *, cfg, tokenizers: t
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   prepare = PrepareTransform(cfg=cfg, tokenizers=tokenizers, train=train, max_length=max_length,
-                             max_question_length=max_question_length, decode=decode)
+                             max_question_length=max_question_length, decode=decode, augment=augment,
+                             feature_cache=feature_cache, display=display)
   ds = ds.random_map(prepare, seed=seed) if train else ds.map(prepare)
   ds = _ProcessSlice(ds, local=batch_size, index=shard_index, count=shard_count, start_batch=start_batch)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=max(2 * read_threads, batch_size)))
   it = _FilledBatchIterDataset(it, batch_size,
                                CollateFn(cfg, max_length=max_length, max_question_length=max_question_length),
-                               blank_example(cfg), max_consecutive_drops)
+                               blank_example(cfg, feature_cache=feature_cache, display=display),
+                               max_consecutive_drops)
   if worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return _CountDropsIterDataset(it)

@@ -18,19 +18,16 @@ import math
 import numpy as np
 from PIL import Image
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SAM_MEAN = (123.675, 116.28, 103.53)
-SAM_STD = (58.395, 57.12, 57.375)
+# The normalisation constants belong to the model's input contract (the jitted step normalises uint8
+# batches with the same float32 numbers): x_normalised = x_uint8 * scale + offset.
+from prima_jax.models.batch import CLIP_MEAN, CLIP_STD, SAM_MEAN, SAM_STD  # noqa: F401 (re-exported)
+from prima_jax.models.batch import EVA_OFFSET as _EVA_OFFSET
+from prima_jax.models.batch import EVA_SCALE as _EVA_SCALE
+from prima_jax.models.batch import SAM_OFFSET as _SAM_OFFSET
+from prima_jax.models.batch import SAM_SCALE as _SAM_SCALE
 
 EVA_TRAIN_SCALE = (0.5, 1.0)
 EVA_TRAIN_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-
-# x_normalised = x_uint8 * scale + offset, folded once (float32).
-_EVA_SCALE = (1.0 / (255.0 * np.asarray(CLIP_STD, np.float64))).astype(np.float32)
-_EVA_OFFSET = (-np.asarray(CLIP_MEAN, np.float64) / np.asarray(CLIP_STD, np.float64)).astype(np.float32)
-_SAM_SCALE = (1.0 / np.asarray(SAM_STD, np.float64)).astype(np.float32)
-_SAM_OFFSET = (-np.asarray(SAM_MEAN, np.float64) / np.asarray(SAM_STD, np.float64)).astype(np.float32)
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -123,6 +120,31 @@ def sam_resized_size(height: int, width: int, size: int) -> tuple[int, int]:
   return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+def _sam_resized(image: np.ndarray, size: int) -> np.ndarray:
+  image = _check_image(image)
+  h, w = sam_resized_size(image.shape[0], image.shape[1], size)
+  if (h, w) == image.shape[:2]:
+    return image
+  return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+
+
+def sam_resize(image: np.ndarray, size: int,
+               out: np.ndarray | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+  """The uint8 half of :func:`sam_preprocess`: uint8 [H, W, 3] -> (uint8 [size, size, 3] with zeros
+  at the bottom/right, (h, w) of the resized image). ``out``: an optional uint8 [size, size, 3]."""
+  resized = _sam_resized(image, size)
+  h, w = resized.shape[:2]
+  if out is None:
+    out = np.zeros((size, size, 3), np.uint8)
+  else:
+    if out.shape != (size, size, 3) or out.dtype != np.uint8:
+      raise ValueError(f"out must be a uint8 [{size}, {size}, 3] array, got {out.dtype} {out.shape}")
+    out[h:] = 0
+    out[:h, w:] = 0
+  out[:h, :w] = resized
+  return out, (h, w)
+
+
 def sam_preprocess(image: np.ndarray, size: int,
                    out: np.ndarray | None = None) -> tuple[np.ndarray, tuple[int, int]]:
   """SAM input: uint8 [H, W, 3] -> (float32 [size, size, 3], (h, w) of the resized image).
@@ -130,11 +152,8 @@ def sam_preprocess(image: np.ndarray, size: int,
   Bilinear resize so the longest side is ``size``, SAM normalisation, zeros at the bottom/right.
   ``out`` (optional, C-contiguous float32 [size, size, 3]) receives the result without a copy.
   """
-  image = _check_image(image)
-  h, w = sam_resized_size(image.shape[0], image.shape[1], size)
-  resized = image
-  if (h, w) != image.shape[:2]:
-    resized = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+  resized = _sam_resized(image, size)
+  h, w = resized.shape[:2]
   if out is None:
     out = np.zeros((size, size, 3), np.float32)
   else:
@@ -146,9 +165,9 @@ def sam_preprocess(image: np.ndarray, size: int,
 
 
 def mask_to_sam_frame(mask: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
-  """bool [H, W] mask -> float32 [size, size] in the frame of :func:`sam_preprocess` (nearest).
+  """bool [H, W] mask -> float32 [size, size] (1 inside) in the frame of :func:`sam_preprocess` (nearest).
 
-  ``out`` (optional, C-contiguous float32 [size, size]) receives the result without a copy.
+  ``out`` (optional, C-contiguous float32 or uint8 [size, size]) receives the result without a copy.
   """
   mask = np.asarray(mask)
   if mask.ndim != 2 or mask.shape[0] < 1 or mask.shape[1] < 1:
@@ -160,8 +179,10 @@ def mask_to_sam_frame(mask: np.ndarray, size: int, out: np.ndarray | None = None
   if out is None:
     out = np.zeros((size, size), np.float32)
   else:
-    _check_out(out, (size, size))
-    out[h:] = 0.0
-    out[:h, w:] = 0.0
+    if out.shape != (size, size) or out.dtype not in (np.float32, np.uint8) or not out.flags.c_contiguous:
+      raise ValueError(f"out must be a C-contiguous float32 or uint8 [{size}, {size}] array, "
+                       f"got {out.dtype} {out.shape}")
+    out[h:] = 0
+    out[:h, w:] = 0
   np.not_equal(small, 0, out=out[:h, :w], casting="unsafe")
   return out

@@ -7,8 +7,14 @@ S = SAM input size):
 ===================== ====================== ==========================================================
 key                   shape / dtype          meaning
 ===================== ====================== ==========================================================
-eva_images            [B, N, H, W, 3] float  EVA-normalised images (H = W = vision.image_size)
-sam_images            [B, N, S, S, 3] float  SAM-normalised images, longest side resized to S, padded
+eva_images            [B, N, H, W, 3] uint8  EVA input pixels (H = W = vision.image_size), or float:
+                                             already CLIP-normalised
+sam_images            [B, N, S, S, 3] uint8  SAM input pixels, longest side resized to S, zero padded,
+                                             or float: already SAM-normalised (padding 0)
+eva_features          [B, N, T, E] float     instead of eva_images: cached ``ln_vision`` output
+                                             (T = 1 + (H / patch)^2, E = vision.width)
+sam_embeddings        [B, N, g, g, C] float  instead of sam_images: cached SAM image embeddings
+                                             (g = S / patch, C = sam.out_channels)
 image_valid           [B, N] bool            real image (True) or padding; real images come first
 sam_sizes             [B, N, 2] int          (height, width) of the resized image inside the S x S frame
 input_ids             [B, L] int             prompt + answer; image slots hold prima.image_token_id
@@ -19,8 +25,14 @@ qformer_attention_mask[B, T] bool
 seg_positions         [B, M] int             index in input_ids of each [SEG] token (after expansion)
 seg_image_index       [B, M] int             image (0-based) each [SEG] is routed to
 seg_valid             [B, M] bool            real [SEG] slot
-gt_masks              [B, M, S, S] float     ground-truth mask of each [SEG] in the SAM frame (training)
+gt_masks              [B, M, S, S] uint8     ground-truth mask (0 / 1) of each [SEG] in the SAM frame
+                                             (training; any dtype with 1 = inside works)
 ===================== ====================== ==========================================================
+
+uint8 images travel to the device at a quarter of the float32 bytes and are normalised inside the
+jitted step (:func:`normalise_eva`, :func:`normalise_sam`: the same constants and the same float32
+arithmetic as the host preprocessing). A batch carries either ``eva_images`` or ``eva_features``
+and either ``sam_images`` or ``sam_embeddings``: a tower whose output is given is not run.
 
 Each example's k-th ``<image>`` owns ``qformer.num_query_tokens`` consecutive image slots; the
 j-th slot of an example receives token ``j % nq`` of image ``j // nq``.
@@ -32,13 +44,54 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-INPUT_KEYS = ("eva_images", "sam_images", "image_valid", "sam_sizes", "input_ids", "attention_mask",
+INPUT_KEYS = ("image_valid", "sam_sizes", "input_ids", "attention_mask",
               "qformer_input_ids", "qformer_attention_mask", "seg_positions", "seg_image_index",
               "seg_valid")
+# One of each pair: the tower's input images, or its cached output.
+TOWER_KEYS = (("eva_images", "eva_features"), ("sam_images", "sam_embeddings"))
+IMAGE_KEYS = tuple(k for pair in TOWER_KEYS for k in pair)  # per-image arrays, [B, N, ...]
 TRAINING_KEYS = ("labels", "gt_masks")
 IGNORE_LABEL = -100
+
+# Normalisation of each tower's uint8 input (EVA-CLIP: /255 then CLIP mean / std; SAM: mean / std
+# on the 0-255 scale), folded into x * scale + offset in float32.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SAM_MEAN = (123.675, 116.28, 103.53)
+SAM_STD = (58.395, 57.12, 57.375)
+EVA_SCALE = (1.0 / (255.0 * np.asarray(CLIP_STD, np.float64))).astype(np.float32)
+EVA_OFFSET = (-np.asarray(CLIP_MEAN, np.float64) / np.asarray(CLIP_STD, np.float64)).astype(np.float32)
+SAM_SCALE = (1.0 / np.asarray(SAM_STD, np.float64)).astype(np.float32)
+SAM_OFFSET = (-np.asarray(SAM_MEAN, np.float64) / np.asarray(SAM_STD, np.float64)).astype(np.float32)
+
+
+def normalise_eva(images: jax.Array) -> jax.Array:
+  """uint8 EVA input [..., H, W, 3] -> float32 CLIP-normalised; a float input is returned as it is."""
+  if images.dtype != jnp.uint8:
+    return images
+  return images.astype(jnp.float32) * EVA_SCALE + EVA_OFFSET
+
+
+def normalise_sam(images: jax.Array, sizes: jax.Array) -> jax.Array:
+  """uint8 SAM input [..., S, S, 3] -> float32 SAM-normalised with zeros outside the resized image
+  (``sizes`` [..., 2] = its height, width), as ``Sam.preprocess`` pads; float input is returned as it is."""
+  if images.dtype != jnp.uint8:
+    return images
+  s = images.shape[-2]
+  inside = ((jnp.arange(s)[:, None] < sizes[..., 0, None, None])
+            & (jnp.arange(s)[None, :] < sizes[..., 1, None, None]))
+  return jnp.where(inside[..., None], images.astype(jnp.float32) * SAM_SCALE + SAM_OFFSET, 0.0)
+
+
+def tower_key(batch: Mapping[str, Any], pair: tuple[str, str]) -> str:
+  """Which key of ``pair`` (images, cached output) ``batch`` carries; ValueError if neither or both."""
+  present = [k for k in pair if k in batch]
+  if len(present) != 1:
+    raise ValueError(f"batch needs exactly one of {list(pair)}, has {present or 'neither'}")
+  return present[0]
 
 
 def _is_concrete(x: Any) -> bool:
@@ -55,6 +108,8 @@ def validate_batch(batch: Mapping[str, Any], cfg, *, training: bool = False) -> 
   missing = [k for k in keys if k not in batch]
   if missing:
     raise ValueError(f"batch is missing fields {missing}")
+  eva_key, sam_key = (tower_key(batch, pair) for pair in TOWER_KEYS)
+  keys = keys + (eva_key, sam_key)
   shape = {k: tuple(np.shape(batch[k])) for k in keys}
 
   def fail(field, msg):
@@ -65,14 +120,22 @@ def validate_batch(batch: Mapping[str, Any], cfg, *, training: bool = False) -> 
     if len(got) != len(expected) or any(e is not None and g != e for g, e in zip(got, expected)):
       fail(field, f"shape {got}, expected {tuple('?' if e is None else e for e in expected)}")
 
-  if len(shape["eva_images"]) != 5:
-    fail("eva_images", f"shape {shape['eva_images']}, expected [batch, images, height, width, 3]")
-  b, n = shape["eva_images"][:2]
+  if len(shape["image_valid"]) != 2:
+    fail("image_valid", f"shape {shape['image_valid']}, expected [batch, images]")
+  b, n = shape["image_valid"]
   if n > cfg.prima.max_images:
-    fail("eva_images", f"{n} images per example, more than max_images={cfg.prima.max_images}")
+    fail(eva_key, f"{n} images per example, more than max_images={cfg.prima.max_images}")
   size, s = cfg.vision.image_size, cfg.sam.image_size
-  expect("eva_images", (b, n, size, size, 3))
-  expect("sam_images", (b, n, s, s, 3))
+  if eva_key == "eva_images":
+    expect("eva_images", (b, n, size, size, 3))
+  else:
+    tokens = 1 + (size // cfg.vision.patch_size) ** 2
+    expect("eva_features", (b, n, tokens, cfg.vision.width))
+  if sam_key == "sam_images":
+    expect("sam_images", (b, n, s, s, 3))
+  else:
+    g = s // cfg.sam.patch_size
+    expect("sam_embeddings", (b, n, g, g, cfg.sam.out_channels))
   expect("image_valid", (b, n))
   expect("sam_sizes", (b, n, 2))
   if len(shape["input_ids"]) != 2 or shape["input_ids"][0] != b:
@@ -141,23 +204,26 @@ def validate_batch(batch: Mapping[str, Any], cfg, *, training: bool = False) -> 
 
 def collate(examples: list[Mapping[str, np.ndarray]], cfg, *, num_images: int | None = None,
             length: int | None = None, text_length: int | None = None,
-            max_masks: int | None = None) -> dict[str, np.ndarray]:
+            max_masks: int | None = None, extra_image_keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
   """Pads unbatched examples to one static-shape batch (right padding everywhere).
 
-  Each example holds ``eva_images`` [n_i, H, W, 3], ``sam_images`` [n_i, S, S, 3], ``sam_sizes``
-  [n_i, 2], ``input_ids`` / ``labels`` [l_i], ``qformer_input_ids`` [t_i], ``seg_positions`` /
-  ``seg_image_index`` [m_i] and optionally ``gt_masks`` [m_i, S, S]. Sizes default to the largest
-  in the batch (``num_images``: prima.max_images is the usual choice for a fixed shape).
+  Each example holds per-image arrays [n_i, ...] (``eva_images`` [n_i, H, W, 3] or ``eva_features``,
+  ``sam_images`` [n_i, S, S, 3] or ``sam_embeddings``: the :data:`IMAGE_KEYS` of the first example,
+  in their dtype), ``sam_sizes`` [n_i, 2], ``input_ids`` / ``labels`` [l_i], ``qformer_input_ids``
+  [t_i], ``seg_positions`` / ``seg_image_index`` [m_i] and optionally ``gt_masks`` [m_i, S, S]
+  (stored as uint8). ``extra_image_keys``: more per-image arrays to pad the same way when present.
+  Sizes default to the largest in the batch (``num_images``: prima.max_images is the usual choice
+  for a fixed shape).
   """
-  n = num_images or max(len(e["eva_images"]) for e in examples)
+  n = num_images or max(len(e["sam_sizes"]) for e in examples)
   length = length or max(len(e["input_ids"]) for e in examples)
   t = text_length or max(len(e["qformer_input_ids"]) for e in examples)
   m = max_masks or max(1, max(len(e["seg_positions"]) for e in examples))
   b = len(examples)
-  size, s = cfg.vision.image_size, cfg.sam.image_size
-  out = dict(
-      eva_images=np.zeros((b, n, size, size, 3), np.float32),
-      sam_images=np.zeros((b, n, s, s, 3), np.float32),
+  s = cfg.sam.image_size
+  image_keys = [k for k in (*IMAGE_KEYS, *extra_image_keys) if k in examples[0]]
+  out = {k: np.zeros((b, n, *examples[0][k].shape[1:]), examples[0][k].dtype) for k in image_keys}
+  out.update(
       image_valid=np.zeros((b, n), bool),
       sam_sizes=np.zeros((b, n, 2), np.int32),
       input_ids=np.full((b, length), cfg.llm.pad_token_id, np.int32),
@@ -168,16 +234,18 @@ def collate(examples: list[Mapping[str, np.ndarray]], cfg, *, num_images: int | 
       seg_positions=np.zeros((b, m), np.int32),
       seg_image_index=np.zeros((b, m), np.int32),
       seg_valid=np.zeros((b, m), bool),
-      gt_masks=np.zeros((b, m, s, s), np.float32),
+      gt_masks=np.zeros((b, m, s, s), np.uint8),
   )
   for i, e in enumerate(examples):
-    k, l_i, t_i, m_i = len(e["eva_images"]), len(e["input_ids"]), len(e["qformer_input_ids"]), \
+    k, l_i, t_i, m_i = len(e["sam_sizes"]), len(e["input_ids"]), len(e["qformer_input_ids"]), \
         len(e["seg_positions"])
     if k > n or l_i > length or t_i > t or m_i > m:
       raise ValueError(f"example {i} ({k} images, {l_i} tokens, {t_i} question tokens, {m_i} [SEG]) "
                        f"does not fit the batch shape ({n}, {length}, {t}, {m})")
-    out["eva_images"][i, :k] = e["eva_images"]
-    out["sam_images"][i, :k] = e["sam_images"]
+    for key in image_keys:
+      if key not in e:
+        raise ValueError(f"example {i} has no {key!r} (the first example of the batch has)")
+      out[key][i, :k] = e[key]
     out["image_valid"][i, :k] = True
     out["sam_sizes"][i, :k] = e["sam_sizes"]
     out["input_ids"][i, :l_i] = e["input_ids"]

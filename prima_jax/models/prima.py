@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prima_jax.models import layers
-from prima_jax.models.batch import validate_batch
+from prima_jax.models.batch import TOWER_KEYS, normalise_eva, normalise_sam, tower_key, validate_batch
 from prima_jax.models.eva_vit import EvaViT
 from prima_jax.models.llama import Llama
 from prima_jax.models.qformer import QFormer
@@ -56,6 +56,23 @@ def merge_image_tokens(text_embeds: jax.Array, input_ids: jax.Array, image_token
   return jnp.where(is_slot[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
+def eva_features(vision: EvaViT, eva_images: jax.Array) -> jax.Array:
+  """The EVA tower: images [b, n, H, W, 3] (uint8, or float already normalised) -> ``ln_vision``
+  features [b, n, T, E]. The feature cache stores exactly this (``prima_jax.data.cache``)."""
+  b, n = eva_images.shape[:2]
+  features = vision(normalise_eva(eva_images.reshape(b * n, *eva_images.shape[2:])))
+  return features.reshape(b, n, *features.shape[1:])
+
+
+def sam_image_embeddings(image_encoder: nnx.Module, sam_images: jax.Array, sam_sizes: jax.Array) -> jax.Array:
+  """The SAM tower: images [b, n, S, S, 3] (uint8 with the resized sizes [b, n, 2], or float already
+  normalised and padded) -> image embeddings [b, n, g, g, C]. The feature cache stores exactly this."""
+  b, n = sam_images.shape[:2]
+  images = normalise_sam(sam_images, sam_sizes)
+  emb = image_encoder(images.reshape(b * n, *images.shape[2:]))
+  return emb.reshape(b, n, *emb.shape[1:])
+
+
 def gather_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
   """hidden [b, l, d], positions [b, m] -> [b, m, d]."""
   return jnp.take_along_axis(hidden, positions[..., None], axis=1)
@@ -87,6 +104,11 @@ class Prima(nnx.Module):
                             **kw)
     self.sam = Sam(cfg.sam, attention_implementation=attn, remat=cfg.remat, **kw)
 
+  def _compute(self, x: jax.Array) -> jax.Array:
+    """``x`` at the compute dtype (a cached tower output enters as the tower's own output would)."""
+    dtype = layers.dtype_of(self.cfg.dtype)
+    return x if dtype is None else x.astype(dtype)
+
   # --- image side -------------------------------------------------------------------------------
 
   def image_tokens(self, eva_images: jax.Array, image_valid: jax.Array, qformer_input_ids: jax.Array,
@@ -95,8 +117,16 @@ class Prima(nnx.Module):
 
     eva_images [b, n, H, W, 3], image_valid [b, n], qformer_* [b, t] -> [b, n, nq, llm_width].
     """
-    b, n = eva_images.shape[:2]
-    features = self.vision(eva_images.reshape(b * n, *eva_images.shape[2:]))  # [b*n, tokens, E]
+    return self.image_tokens_from_features(eva_features(self.vision, eva_images), image_valid,
+                                           qformer_input_ids, qformer_attention_mask)
+
+  def image_tokens_from_features(self, features: jax.Array, image_valid: jax.Array,
+                                 qformer_input_ids: jax.Array,
+                                 qformer_attention_mask: jax.Array) -> jax.Array:
+    """SQuARE -> Q-Former -> projection on EVA features [b, n, T, E] -> [b, n, nq, llm_width]."""
+    b, n = features.shape[:2]
+    # Cached features (stored in bfloat16) enter at the compute dtype, as EVA's own output would.
+    features = self._compute(features).reshape(b * n, *features.shape[2:])  # [b*n, tokens, E]
     features = constrain(features, ("batch", "length", "act_embed"))
     nq = self.cfg.qformer.num_query_tokens
     queries = self.qformer.query_tokens[...].astype(features.dtype)[None]  # [1, nq, D]
@@ -111,11 +141,24 @@ class Prima(nnx.Module):
     tokens = self.language_projection(out)
     return tokens.reshape(b, n, nq, tokens.shape[-1])
 
-  def sam_embeddings(self, sam_images: jax.Array) -> jax.Array:
-    """sam_images [b, n, S, S, 3] -> [b, n, h, w, C]."""
-    b, n = sam_images.shape[:2]
-    emb = self.sam.encode(sam_images.reshape(b * n, *sam_images.shape[2:]))
-    return emb.reshape(b, n, *emb.shape[1:])
+  def sam_embeddings(self, sam_images: jax.Array, sam_sizes: jax.Array | None = None) -> jax.Array:
+    """sam_images [b, n, S, S, 3] (uint8 needs ``sam_sizes`` [b, n, 2]) -> [b, n, h, w, C]."""
+    if sam_images.dtype == jnp.uint8 and sam_sizes is None:
+      raise ValueError("uint8 sam_images need sam_sizes (the padding is zeroed after normalisation)")
+    return sam_image_embeddings(self.sam.image_encoder, sam_images, sam_sizes)
+
+  def batch_image_tokens(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Image tokens [b, n, nq, d] of a batch: from ``eva_features`` when it carries them, else EVA runs."""
+    features = (batch["eva_features"] if tower_key(batch, TOWER_KEYS[0]) == "eva_features"
+                else eva_features(self.vision, batch["eva_images"]))
+    return self.image_tokens_from_features(features, batch["image_valid"], batch["qformer_input_ids"],
+                                           batch["qformer_attention_mask"])
+
+  def batch_sam_embeddings(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """SAM embeddings [b, n, g, g, C] of a batch: ``sam_embeddings`` when given, else SAM's encoder runs."""
+    if tower_key(batch, TOWER_KEYS[1]) == "sam_embeddings":
+      return batch["sam_embeddings"]
+    return self.sam_embeddings(batch["sam_images"], batch["sam_sizes"])
 
   def decode_masks(self, sam_embeddings: jax.Array, seg_embeddings: jax.Array,
                    seg_image_index: jax.Array) -> jax.Array:
@@ -158,21 +201,20 @@ class Prima(nnx.Module):
       low_res_masks [b, m, 4h, 4w] and mask_logits [b, m, S, S] (upscaled to the SAM frame).
     """
     validate_batch(batch, self.cfg)
-    tokens = self.image_tokens(batch["eva_images"], batch["image_valid"], batch["qformer_input_ids"],
-                               batch["qformer_attention_mask"])
-    return self.answer_and_masks(self.embed_prompt(batch["input_ids"], tokens), batch)
+    return self.answer_and_masks(self.embed_prompt(batch["input_ids"], self.batch_image_tokens(batch)), batch)
 
   def answer_and_masks(self, embeds: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """The language and mask side of the forward pass, from the embedded prompt [b, l, d].
 
-    Uses ``attention_mask``, ``seg_positions``, ``seg_image_index`` and ``sam_images`` of ``batch``;
+    Uses ``attention_mask``, ``seg_positions``, ``seg_image_index`` and ``sam_images`` (or
+    ``sam_embeddings``) of ``batch``;
     returns what :meth:`__call__` returns.
     """
     embeds = constrain(embeds, ("batch", "length", "act_embed"))
     logits, hidden, _ = self.llm(embeds, attention_mask=batch["attention_mask"].astype(bool))
     seg_hidden = gather_positions(hidden, self.seg_hidden_positions(batch["seg_positions"]))
     seg_embeddings = self.seg_head(seg_hidden)
-    low_res = self.decode_masks(self.sam_embeddings(batch["sam_images"]), seg_embeddings,
+    low_res = self.decode_masks(self._compute(self.batch_sam_embeddings(batch)), seg_embeddings,
                                 batch["seg_image_index"])
     mask_logits = upscale_masks(low_res, self.cfg.sam.image_size)
     return dict(logits=logits, seg_hidden=seg_hidden, seg_embeddings=seg_embeddings,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import jax
@@ -14,7 +15,46 @@ from prima_jax.workdir import open_split
 log = logging.getLogger(__name__)
 
 
-def train_dataset(config, model_cfg, tokenizers, directory, *, start_batch: int = 0):
+def open_feature_cache(config, frozen, model_cfg=None):
+  """The run's :class:`~prima_jax.data.features.FeatureCache` (``data.feature_cache``), or None.
+
+  Serves SAM's embeddings, and EVA's features when the cache has them and ``data.eva_augment`` is
+  off. The cache must have been computed from the run's frozen weights (``frozen``: the frozen
+  parameters' pure dict) with the model's sizes and preprocessing.
+
+  Raises:
+    ConfigError: no complete cache there, a cached tower is trained, EVA features with
+      ``eva_augment`` on, or a manifest that does not match (one line each).
+  """
+  from prima_jax.data import features  # noqa: PLC0415
+  from prima_jax.training.validate import ConfigError  # noqa: PLC0415
+  from prima_jax.workdir import local_cache_root  # noqa: PLC0415
+
+  d = config.data
+  path = d.get("feature_cache", "")
+  if not path:
+    return None
+  model_cfg = config.model if model_cfg is None else model_cfg
+  try:
+    manifest = features.read_manifest(path)
+    have = tuple(manifest["depends_on"]["towers"]) if manifest else ()
+    if "eva" in have and d.eva_augment:
+      raise ConfigError(f"data.feature_cache={path} holds EVA features, which random-resized crops "
+                        "(data.eva_augment=True) would change every step: set "
+                        "--config.data.eva_augment=False, or build a SAM-only cache (python -m prima_jax.data.cache --towers=sam)")
+    key = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    cache = features.FeatureCache.open(path, local_dir=local_cache_root(config) / f"feature_cache-{key}")
+    fingerprints = {t: features.tree_fingerprint(features.tower_params(frozen, t)) for t in cache.towers}
+    expected = features.depends_on(model_cfg, cache.towers, manifest["depends_on"]["dtype"], fingerprints)
+    features.check_manifest(manifest, expected, str(path))
+  except ValueError as e:  # CacheMismatch, an unusable cache directory, a trained tower
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f"data.feature_cache: {e}" if "feature_cache" not in str(e) else str(e)) from e
+  return cache
+
+
+def train_dataset(config, model_cfg, tokenizers, directory, *, start_batch: int = 0, feature_cache=None):
   """Infinite, shuffled batches: this process's ``train.batch_size // process_count`` rows of each
   global batch, starting at global batch ``start_batch``."""
   d = config.data
@@ -22,12 +62,13 @@ def train_dataset(config, model_cfg, tokenizers, directory, *, start_batch: int 
                       batch_size=config.train.batch_size // jax.process_count(), train=True,
                       seed=config.seed, max_length=d.max_length, max_question_length=d.max_question_length,
                       num_epochs=None, worker_count=d.worker_count, read_threads=d.read_threads,
-                      start_batch=start_batch)
+                      start_batch=start_batch, augment=d.eva_augment, feature_cache=feature_cache)
 
 
-def eval_dataset(config, model_cfg, tokenizers, directory):
+def eval_dataset(config, model_cfg, tokenizers, directory, *, feature_cache=None, display: bool = False):
   """(dataset, number of batches): a fixed, unshuffled pass over the same global batches whatever the
-  number of processes (the split's whole global batches; the remainder is not evaluated)."""
+  number of processes (the split's whole global batches; the remainder is not evaluated).
+  ``display``: keep the SAM pixels of a SAM-cached batch for drawing predictions."""
   d = config.data
   src = open_split(directory, d.eval_split)
   num = len(src) // config.eval.batch_size
@@ -39,7 +80,8 @@ def eval_dataset(config, model_cfg, tokenizers, directory):
   ds = make_dataset(src, cfg=model_cfg, tokenizers=tokenizers,
                     batch_size=config.eval.batch_size // jax.process_count(), train=False,
                     seed=config.seed, max_length=d.max_length, max_question_length=d.max_question_length,
-                    num_epochs=None, shuffle=False, worker_count=0, read_threads=d.read_threads)
+                    num_epochs=None, shuffle=False, worker_count=0, read_threads=d.read_threads,
+                    feature_cache=feature_cache, display=display)
   return ds, num
 
 

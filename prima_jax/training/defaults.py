@@ -39,6 +39,12 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       # runs at the smallest bucket that holds its longest row. () = always max_length.
       length_buckets=(),
       max_question_length=32,    # Q-Former tokens
+      # Random-resized crops for EVA's training input (LAVIS's train transform). Off: the eval-mode
+      # resize, which lets EVA's features be cached.
+      eva_augment=True,
+      # A frozen-tower feature cache (python -m prima_jax.data.cache): its SAM (and EVA, with
+      # eva_augment off) features replace those towers in the train and eval steps. "" = online.
+      feature_cache="",
       worker_count=0,            # Grain worker processes (0: threads in the training process)
       read_threads=2,
       # synthetic benchmark sizes (kind="synthetic")

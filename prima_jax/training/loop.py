@@ -3,6 +3,7 @@ state, resume, train with periodic eval and checkpoints, stop cleanly on SIGTERM
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
@@ -16,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from prima_jax import workdir as workdir_lib
-from prima_jax.data.pipeline import to_global_batch
+from prima_jax.data.pipeline import DISPLAY_KEY, to_global_batch
 from prima_jax.models.configs import full_config
 from prima_jax.models.prima import Prima
 from prima_jax.training import checkpoint as ckpt_lib
@@ -107,10 +108,15 @@ def evaluate(eval_fn, params, frozen, eval_ds, num_batches: int, mesh) -> tuple[
   for _ in range(num_batches):
     batch = next(it)
     first = batch if first is None else first
-    sums = _host(eval_fn(params, frozen, to_global_batch(batch, mesh)))
+    sums = _host(eval_fn(params, frozen, to_global_batch(device_part(batch), mesh)))
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + v
   return steps.summarize_eval(totals), first
+
+
+def device_part(batch: dict) -> dict:
+  """The batch without its display-only arrays (pixels kept for drawing when SAM is cached)."""
+  return {k: v for k, v in batch.items() if k != DISPLAY_KEY}
 
 
 def _eval_line(step: int, m: dict[str, float]) -> str:
@@ -118,6 +124,62 @@ def _eval_line(step: int, m: dict[str, float]) -> str:
           f"(ce {m['ce']:.3f} bce {m['bce']:.3f} dice {m['dice']:.3f})"
           f" | mIoU {m['miou']:.3f} cIoU {m['ciou']:.3f} | token acc {m['token_accuracy']:.3f}"
           f" | [SEG] acc {m['seg_token_accuracy']:.3f} | {int(m['masks'])} masks")
+
+
+@dataclasses.dataclass
+class InitialParameters:
+  """The model split into trainable / frozen parameters on the mesh (see :func:`initial_parameters`)."""
+  parts: ModelParts
+  params: Any            # trainable, pure dict of jax.Array
+  frozen: Any            # frozen, pure dict of jax.Array
+  param_sh: Any
+  frozen_sh: Any
+  restored_frozen: bool  # the frozen parameters came from WORKDIR/frozen
+
+
+def initial_parameters(config, wd: workdir_lib.Workdir, mesh, model_cfg=None) -> InitialParameters:
+  """The parameters a run starts from (before any checkpoint is restored over the trainable ones).
+
+  A workdir made by ``prima_jax.convert from-torch`` (or an earlier start of this run) holds the frozen
+  parameters: they are restored instead of initialised (never both in memory). Otherwise they are
+  initialised from ``config.seed`` and written once to ``WORKDIR/frozen``, for prediction, export and
+  the feature cache (``prima_jax.data.cache`` calls this too, so it sees the same frozen weights).
+
+  Raises:
+    ConfigError: a ``train.trainable`` pattern matches no parameter.
+  """
+  t = config.train
+  model_cfg = config.model if model_cfg is None else model_cfg
+
+  def create() -> Prima:
+    return Prima(model_cfg, rngs=nnx.Rngs(config.seed))
+
+  abstract = nnx.eval_shape(create)
+  unmatched = unmatched_patterns(abstract, t.trainable)
+  if unmatched:
+    raise ConfigError(f"train.trainable patterns {unmatched} match no parameter")
+  parts = ModelParts.split(abstract, t.trainable)
+  param_sh = pure_shardings(parts.trainable, mesh)
+  frozen_sh = pure_shardings(parts.frozen, mesh)
+  rep = replicated(mesh)
+
+  def init():
+    p = ModelParts.split(create(), t.trainable)
+    cast_state(p.frozen, t.frozen_dtype)
+    return p.trainable.to_pure_dict(), p.frozen.to_pure_dict(), p.rest
+
+  abstract_frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                 jax.eval_shape(init)[1], frozen_sh)
+  restored_frozen = wd.restore_frozen(abstract_frozen)
+  with jax.set_mesh(mesh):
+    if restored_frozen is None:
+      params, frozen, rest = jax.jit(init, out_shardings=(param_sh, frozen_sh, rep))()
+      wd.save_frozen(frozen)
+    else:
+      frozen = restored_frozen
+      params, rest = jax.jit(lambda: (lambda p, _, r: (p, r))(*init()), out_shardings=(param_sh, rep))()
+  parts.rest = rest
+  return InitialParameters(parts, params, frozen, param_sh, frozen_sh, restored_frozen is not None)
 
 
 def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
@@ -157,37 +219,11 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
   wd.write_config_record(config)
 
   # --- abstract model -> shardings -> sharded initialisation ------------------------------------
-  def create() -> Prima:
-    return Prima(model_cfg, rngs=nnx.Rngs(config.seed))
-
-  abstract = nnx.eval_shape(create)
-  unmatched = unmatched_patterns(abstract, t.trainable)
-  if unmatched:
-    raise ConfigError(f"train.trainable patterns {unmatched} match no parameter")
-  parts = ModelParts.split(abstract, t.trainable)
-  param_sh = pure_shardings(parts.trainable, mesh)
-  frozen_sh = pure_shardings(parts.frozen, mesh)
+  model = initial_parameters(config, wd, mesh, model_cfg)
+  parts, params, frozen = model.parts, model.params, model.frozen
+  param_sh, frozen_sh, restored_frozen = model.param_sh, model.frozen_sh, model.restored_frozen
   rep = replicated(mesh)
-
-  def init():
-    p = ModelParts.split(create(), t.trainable)
-    cast_state(p.frozen, t.frozen_dtype)
-    return p.trainable.to_pure_dict(), p.frozen.to_pure_dict(), p.rest
-
-  # A workdir made by `prima_jax.convert from-torch` (or an earlier start of this run) holds the frozen
-  # parameters: they are restored instead of initialised (never both in memory). Otherwise they are
-  # initialised from the seed and written once, for prediction and export.
-  abstract_frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                 jax.eval_shape(init)[1], frozen_sh)
-  restored_frozen = wd.restore_frozen(abstract_frozen)
-  with jax.set_mesh(mesh):
-    if restored_frozen is None:
-      params, frozen, rest = jax.jit(init, out_shardings=(param_sh, frozen_sh, rep))()
-      wd.save_frozen(frozen)
-    else:
-      frozen = restored_frozen
-      params, rest = jax.jit(lambda: (lambda p, _, r: (p, r))(*init()), out_shardings=(param_sh, rep))()
-  parts.rest = rest
+  cache = data_lib.open_feature_cache(config, frozen, model_cfg)
   n_train, n_frozen = count(params), count(frozen)
   tx, schedule = make_optimizer(config.optimizer, t.num_steps)
   opt_sh = steps.opt_state_shardings(tx, jax.eval_shape(tx.init, params), param_sh, mesh)
@@ -201,8 +237,11 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
                         is_main=is_main)
   writer.print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} over {jax.process_count()} "
                f"process(es); mesh {dict(mesh.shape)}; params: {n_train:,} trainable, {n_frozen:,} frozen")
-  if restored_frozen is not None:
+  if restored_frozen:
     writer.print(f"frozen parameters from {wd.frozen}")
+  if cache is not None:
+    writer.print(f"feature cache {cache.where}: {len(cache)} images; the {' and '.join(cache.towers)} "
+                 "tower(s) do not run in the train and eval steps")
 
   # --- resume, then the data iterators at the restored global position --------------------------
   checkpointer = ckpt_lib.Checkpointer(wd.checkpoints, keep=config.checkpoint.keep,
@@ -222,9 +261,11 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
     drops = dict(data_meta.get("drops", {})) if data_meta else {}
     writer.print(f"resumed from {checkpointer.directory}/{latest} "
                  f"(step {start_step}, global batch {data_pos}; saved {meta.get('time', '?')})")
-  train_iter = iter(data_lib.train_dataset(config, model_cfg, tokenizers, ddir, start_batch=data_pos))
+  train_iter = iter(data_lib.train_dataset(config, model_cfg, tokenizers, ddir, start_batch=data_pos,
+                                           feature_cache=cache))
   data_lib.restore_drops(train_iter, drops)
-  eval_ds, n_eval = data_lib.eval_dataset(config, model_cfg, tokenizers, ddir)
+  eval_ds, n_eval = data_lib.eval_dataset(config, model_cfg, tokenizers, ddir, feature_cache=cache,
+                                          display=bool(config.eval.prediction_examples))
 
   # --- compile ---------------------------------------------------------------------------------
   buckets = tuple(config.data.get("length_buckets", ()))
@@ -238,8 +279,9 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
 
   first = next_batch() if start_step < t.num_steps else None
   summary: dict[str, Any] = dict(start_step=start_step, final_step=start_step, evals=[], stopped=False,
-                                 params_trainable=n_train, params_frozen=n_frozen, memory={})
-  eval_sh = steps.batch_shardings(mesh, first if first is not None else next(iter(eval_ds)))
+                                 params_trainable=n_train, params_frozen=n_frozen, memory={},
+                                 cached_towers=list(cache.towers) if cache is not None else [])
+  eval_sh = steps.batch_shardings(mesh, first if first is not None else device_part(next(iter(eval_ds))))
   eval_fn = steps.jit_eval_step(steps.make_eval_step(parts, model_cfg.loss, model_cfg.prima.seg_token_id),
                                 param_sh, frozen_sh, eval_sh, mesh)
   predict_fn = jax.jit(steps.make_predict_step(parts), in_shardings=(param_sh, frozen_sh, eval_sh),
@@ -268,6 +310,7 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
           if flops is not None:
             flops *= t.grad_accum_steps  # cost analysis counts a scan body once
           programs[length] = (compiled, flops)
+          summary.setdefault("step_flops", {})[length] = flops
           writer.print(f"compiled the train step ({length} LLM tokens) in {time.time() - tc:.1f} s; "
                        "per device: " + ", ".join(f"{k} {v:.3f} GiB" for k, v in memory.items())
                        + (f"; {flops / 1e9:.1f} GFLOP/step" if flops else ""))
@@ -282,7 +325,7 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
       writer.print(_eval_line(step, m))
       if config.eval.prediction_examples:
         logits = np.asarray(jax.device_get(predict_fn(state["params"], frozen,
-                                                      to_global_batch(first_eval, mesh))))
+                                                      to_global_batch(device_part(first_eval), mesh))))
         if is_main:
           write_predictions(wd.predictions / f"step_{step}", first_eval,
                             logits[:len(first_eval["seg_valid"])], config.eval.prediction_examples)

@@ -8,6 +8,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from prima_jax.data.pipeline import DISPLAY_KEY
 from prima_jax.data.preprocess import SAM_MEAN, SAM_STD
 
 PRED_COLOR = np.asarray((255, 40, 40), np.float32)
@@ -15,7 +16,10 @@ GT_COLOR = np.asarray((40, 220, 60), np.float32)
 
 
 def sam_to_uint8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """SAM-normalised [S, S, 3] float -> uint8 [h, w, 3], the resized image without the padding."""
+  """SAM input [S, S, 3] (uint8 pixels, or SAM-normalised float) -> uint8 [h, w, 3], the resized image
+  without the padding."""
+  if image.dtype == np.uint8:
+    return image[:size[0], :size[1]]
   pixels = image * np.asarray(SAM_STD, np.float32) + np.asarray(SAM_MEAN, np.float32)
   return np.clip(pixels[:size[0], :size[1]], 0, 255).round().astype(np.uint8)
 
@@ -33,7 +37,11 @@ def example_panels(batch: Mapping[str, np.ndarray], mask_logits: np.ndarray, b: 
   for j in np.flatnonzero(batch["seg_valid"][b]):
     k = int(batch["seg_image_index"][b, j])
     h, w = (int(v) for v in batch["sam_sizes"][b, k])
-    image = sam_to_uint8(batch["sam_images"][b, k], (h, w))
+    # A batch whose SAM embeddings come from the feature cache carries the pixels only for display
+    # (``DISPLAY_KEY``); without them the masks are drawn on grey.
+    pixels = batch.get("sam_images", batch.get(DISPLAY_KEY))
+    image = (sam_to_uint8(pixels[b, k], (h, w)) if pixels is not None
+             else np.full((h, w, 3), 128, np.uint8))
     pred = overlay(image, mask_logits[b, j, :h, :w] > 0, PRED_COLOR)
     gt = overlay(image, batch["gt_masks"][b, j, :h, :w] > 0.5, GT_COLOR)
     panels.append(np.concatenate([pred, np.full((h, 2, 3), 255, np.uint8), gt], axis=1))
