@@ -339,6 +339,7 @@ def test_bench_runs(capsys):
   bench.main(["--only", "tiny", "--batches", "1"])
   out = capsys.readouterr().out
   assert "samples/s" in out and "image decode" in out and "tokenisation" in out
+  assert "with cached SAM features" in out and "with cached EVA + SAM features" in out
 
 
 def test_synthetic_benchmark_through_the_tfds_source(cfg, tmp_path):

@@ -9,24 +9,29 @@ decoded by ``m4seg.decode_example``) for
   (640 x 480 / 480 x 640) per example,
 
 and prints samples/s (wall clock, and per CPU-second of the process, which is the per-core rate
-and less sensitive to other load on the machine), then the CPU time per example of each stage
-measured on its own (one thread): image decode, mask decode, EVA resize, SAM resize,
-normalisation + padding, masks to the SAM frame, tokenisation, collation. The tokenisers are the
-synthetic ones (no Vicuna file here).
+and less sensitive to other load on the machine), the same for the pipeline reading a SAM and a
+SAM + EVA feature cache (``prima_jax.data.features`` on disk) instead of preprocessing those towers'
+images, then the CPU time per example of each stage measured on its own (one thread): image decode,
+mask decode, EVA resize, SAM resize, normalisation + padding (on the device since images travel as
+uint8; timed here for comparison), masks to the SAM frame, tokenisation, collation. The tokenisers
+are the synthetic ones (no Vicuna file here).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import tempfile
 import time
 from collections.abc import Callable
 
+import ml_dtypes
 import numpy as np
+from etils import epath
 from PIL import Image
 
-from prima_jax.data import m4seg, preprocess
+from prima_jax.data import features, m4seg, preprocess
 from prima_jax.data import records as rec
 from prima_jax.data.pipeline import CollateFn, make_dataset, prepare_example
 from prima_jax.data.prompt import encode_example
@@ -91,12 +96,33 @@ def make_records(count: int, *, sizes: list[tuple[int, int]], num_images: int, n
   return records
 
 
+def random_feature_cache(records, cfg, towers: tuple[str, ...], directory: str) -> features.FeatureCache:
+  """A complete cache (bfloat16, random values of the right shapes) of every image in ``records``,
+  in the on-disk format training reads: what the pipeline pays for reading cached features."""
+  rng = np.random.default_rng(0)
+  shapes = features.feature_shapes(cfg, towers)
+  entries = []
+  for raw in records:
+    for image_id, data in zip(raw["images"]["id"], raw["images"]["encoded"]):
+      arrays = {k: rng.standard_normal(shape, np.float32).astype(ml_dtypes.bfloat16)
+                for k, shape in shapes.items()}
+      entries.append((features.image_key(raw["source"], image_id), features.image_digest(data), arrays))
+  root = epath.Path(directory)
+  features.write_shard(root, 0, entries)
+  manifest = dict(depends_on=dict(towers=sorted(towers), dtype="bfloat16"), complete=True,
+                  shapes={k: list(v) for k, v in shapes.items()},
+                  shards=[dict(keys=[e[0] for e in entries], digests=[e[1] for e in entries])])
+  (root / features.MANIFEST).write_text(json.dumps(manifest))
+  return features.FeatureCache.open(root)
+
+
 def pipeline_samples_per_s(records, cfg, toks, *, batch_size: int, batches: int, threads: int,
-                           max_length: int) -> tuple[float, float]:
+                           max_length: int, feature_cache=None) -> tuple[float, float]:
   """(samples per wall-clock second, samples per CPU second of this process = per busy core)."""
   ds = make_dataset(records, cfg=cfg, tokenizers=toks, batch_size=batch_size, train=True, seed=0,
                     max_length=max_length, max_question_length=cfg.qformer.max_text_length,
-                    shard_index=0, shard_count=1, read_threads=threads)
+                    shard_index=0, shard_count=1, read_threads=threads, feature_cache=feature_cache,
+                    augment=feature_cache is None or "eva" not in feature_cache.towers)
   it = iter(ds)
   next(it)  # warm-up (thread pool start, first allocations)
   start, cpu_start = time.perf_counter(), time.process_time()
@@ -161,6 +187,13 @@ def run(name: str, cfg, records, toks, *, batch_size: int, batches: int, threads
   print(f"{name}: EVA {cfg.vision.image_size} px + SAM {cfg.sam.image_size} px, {n_img} images / example, "
         f"batch {batch_size}, {threads} pipeline thread(s) + the consumer: {per_s:.1f} samples/s wall, "
         f"{per_cpu_s:.1f} samples per CPU-second (= per busy core)")
+  for towers in (("sam",), ("eva", "sam")):
+    with tempfile.TemporaryDirectory() as tmp:
+      cache = random_feature_cache(records, cfg, towers, tmp)
+      c_s, c_cpu = pipeline_samples_per_s(records, cfg, toks, batch_size=batch_size, batches=batches,
+                                          threads=threads, max_length=max_length, feature_cache=cache)
+    print(f"  with cached {' + '.join(t.upper() for t in towers)} features: {c_s:.1f} samples/s wall "
+          f"({c_s / per_s:.2f}x), {c_cpu:.1f} samples per CPU-second ({c_cpu / per_cpu_s:.2f}x)")
   times = stage_times(records[:max(batch_size, 12)], cfg, toks, max_length=max_length, batch_size=batch_size)
   total = sum(times.values())
   print(f"  stages, CPU time of one thread: {1e3 * total:.1f} ms / example = {1 / total:.1f} samples/s")

@@ -266,7 +266,9 @@ def build(config, frozen: dict, data_dir: str | os.PathLike, out: str | os.PathL
       for j, (shard_index, ref) in enumerate(chunk):
         pending.setdefault(shard_index, {})[ref.key] = (ref, {k: x[j] for k, x in outputs.items()})
         if len(pending[shard_index]) == len(shards[shard_index]):
-          _write_shard(root, shard_index, shards[shard_index], pending.pop(shard_index))
+          done_values = pending.pop(shard_index)
+          feat.write_shard(root, shard_index, [(r.key, r.digest, done_values[r.key][1])
+                                               for r in shards[shard_index]])
           written += 1
       computed += len(chunk)
       progress.update(len(chunk) * jax.process_count())
@@ -287,30 +289,6 @@ def build(config, frozen: dict, data_dir: str | os.PathLike, out: str | os.PathL
                  wall_s=wall, images_per_s=computed / wall if wall > 0 and computed else None,
                  bytes_per_image=_bytes_per_image(root, shards))
   return summary
-
-
-def _write_shard(root: epath.Path, index: int, refs: Sequence[ImageRef], values: dict) -> None:
-  """Writes one shard (plan order) to a local temporary file, then publishes it atomically."""
-  import tempfile  # noqa: PLC0415
-
-  from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
-
-  target = root / feat.shard_name(index)
-  local_dir = root if paths.is_local(root) else epath.Path(tempfile.mkdtemp(prefix="prima_cache_"))
-  tmp = local_dir / f".{target.name}.tmp-{os.getpid()}"
-  writer = ArrayRecordWriter(os.fspath(tmp), "group_size:1")
-  try:
-    for ref in refs:
-      got_ref, arrays = values[ref.key]
-      writer.write(feat.encode_record(ref.key, got_ref.digest, arrays))
-    writer.close()
-    if paths.is_local(root):
-      tmp.replace(target)
-    else:
-      paths.copy_atomic(tmp, target)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
 
 
 def _bytes_per_image(root: epath.Path, shards: Sequence[Sequence[ImageRef]]) -> float | None:

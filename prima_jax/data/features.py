@@ -187,6 +187,36 @@ def decode_record(data: bytes) -> tuple[str, str, dict[str, np.ndarray]]:
   return header["key"], header["digest"], arrays
 
 
+def write_shard(root: epath.Path, index: int,
+                records: Sequence[tuple[str, str, Mapping[str, np.ndarray]]]) -> epath.Path:
+  """Writes shard ``index`` of the cache in ``root`` ((key, digest, arrays) in plan order) to a local
+  temporary file and publishes it atomically (renamed locally, uploaded whole to an object store)."""
+  import tempfile  # noqa: PLC0415
+
+  from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
+
+  root = epath.Path(root)
+  target = root / shard_name(index)
+  local = paths.is_local(root)
+  tmp_dir = root if local else epath.Path(tempfile.mkdtemp(prefix="prima_cache_"))
+  tmp = tmp_dir / f".{target.name}.tmp-{os.getpid()}"
+  writer = ArrayRecordWriter(os.fspath(tmp), "group_size:1")  # one record per chunk: cheap random reads
+  try:
+    for key, digest, arrays in records:
+      writer.write(encode_record(key, digest, arrays))
+    writer.close()
+    if local:
+      tmp.replace(target)
+    else:
+      paths.copy_atomic(tmp, target)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+    if not local:
+      tmp_dir.rmdir()
+  return target
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading
 

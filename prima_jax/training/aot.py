@@ -41,21 +41,31 @@ _MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor (overrides config.me
 flags.DEFINE_integer("fake_devices", 0, "Pretend the CPU has this many devices.")
 
 
-def abstract_batch(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(config, batch_size: int, cached: tuple[str, ...] = (),
+                   cache_dtype=jnp.bfloat16) -> dict[str, jax.ShapeDtypeStruct]:
+  """The pipeline's batch as ShapeDtypeStructs: uint8 images and masks, or for each tower in
+  ``cached`` ("sam", "eva") its cached features in ``cache_dtype`` instead of its images."""
+  from prima_jax.data.features import TOWERS, feature_shapes  # noqa: PLC0415
+
   m = config.model
   n, s, v, mm = m.prima.max_images, m.sam.image_size, m.vision.image_size, m.prima.max_masks
   length, t = config.data.max_length, config.data.max_question_length
-  f32, i32 = jnp.float32, jnp.int32
-  shapes = dict(eva_images=((n, v, v, 3), f32), sam_images=((n, s, s, 3), f32), image_valid=((n,), bool),
+  u8, i32 = jnp.uint8, jnp.int32
+  shapes = dict(eva_images=((n, v, v, 3), u8), sam_images=((n, s, s, 3), u8), image_valid=((n,), bool),
                 sam_sizes=((n, 2), i32), input_ids=((length,), i32), attention_mask=((length,), bool),
                 labels=((length,), i32), qformer_input_ids=((t,), i32), qformer_attention_mask=((t,), bool),
                 seg_positions=((mm,), i32), seg_image_index=((mm,), i32), seg_valid=((mm,), bool),
-                gt_masks=((mm, s, s), f32))
+                gt_masks=((mm, s, s), u8))
+  for tower in cached:
+    key = TOWERS[tower][0]
+    del shapes["sam_images" if tower == "sam" else "eva_images"]
+    shapes[key] = ((n, *feature_shapes(m, (tower,))[key]), cache_dtype)
   return {k: jax.ShapeDtypeStruct((batch_size, *shape), dtype) for k, (shape, dtype) in shapes.items()}
 
 
-def compile_train_step(config, mesh):
-  """The compiled train step on abstract state and batch; returns (compiled, seconds)."""
+def compile_train_step(config, mesh, cached: tuple[str, ...] = ()):
+  """The compiled train step on abstract state and batch (``cached``: towers whose features the batch
+  carries, see :func:`abstract_batch`); returns (compiled, seconds)."""
   t = config.train
   abstract = nnx.eval_shape(lambda: Prima(config.model, rngs=nnx.Rngs(0)))
   parts = ModelParts.split(abstract, t.trainable)
@@ -76,7 +86,7 @@ def compile_train_step(config, mesh):
   state = dict(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=params,
                opt_state=jax.tree.map(sds, opt_abstract, opt_sh),
                rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
-  batch = abstract_batch(config, t.batch_size)
+  batch = abstract_batch(config, t.batch_size, cached)
   batch_sh = steps.batch_shardings(mesh, batch)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch.items()}
   fn = steps.jit_train_step(steps.make_train_step(parts, tx, schedule, config.model.loss,

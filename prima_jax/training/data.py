@@ -41,7 +41,8 @@ def open_feature_cache(config, frozen, model_cfg=None):
     if "eva" in have and d.eva_augment:
       raise ConfigError(f"data.feature_cache={path} holds EVA features, which random-resized crops "
                         "(data.eva_augment=True) would change every step: set "
-                        "--config.data.eva_augment=False, or build a SAM-only cache (python -m prima_jax.data.cache --towers=sam)")
+                        "--config.data.eva_augment=False, or build a SAM-only cache "
+                        "(python -m prima_jax.data.cache --towers=sam)")
     key = hashlib.sha256(str(path).encode()).hexdigest()[:12]
     cache = features.FeatureCache.open(path, local_dir=local_cache_root(config) / f"feature_cache-{key}")
     fingerprints = {t: features.tree_fingerprint(features.tower_params(frozen, t)) for t in cache.towers}

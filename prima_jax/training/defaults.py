@@ -11,6 +11,10 @@ import ml_collections
 TRAINABLE_ALL = ("",)
 # Frozen EVA, Q-Former, LLM base and SAM image encoder; trainable SQuARE, the Q-Former -> LLM
 # projection, LoRA adapters, the [SEG] head and the SAM mask decoder.
+# Everything but the two image towers (EVA with ln_vision, SAM's image encoder): their outputs can
+# then come from the feature cache (python -m prima_jax.data.cache).
+TRAINABLE_ALL_BUT_TOWERS = ("square/", "qformer/", "language_projection/", "llm/", "seg_head/",
+                            "sam/prompt_encoder/", "sam/mask_decoder/")
 TRAINABLE_PRIMA = ("square/", "language_projection/", "/lora_a", "/lora_b", "seg_head/",
                    "sam/mask_decoder/")
 
