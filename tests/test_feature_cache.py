@@ -296,3 +296,18 @@ def test_display_pixels_stay_on_the_host(built):
   np.testing.assert_array_equal(batch[DISPLAY_KEY], online["sam_images"])
   del init
   assert jnp.asarray(batch["sam_embeddings"]).shape[:2] == online["sam_images"].shape[:2]
+
+
+def test_cache_on_an_object_store(built, object_store, tmp_path):
+  """Built into gs:// (shards uploaded whole), read through a local copy: the same features."""
+  config, init = built["config"], _frozen(built)
+  url = "gs://bucket/features"
+  kw = dict(splits=("val",), towers=("sam",), dtype="float32", shard_images=64)
+  cache_lib.build(config, init.frozen, built["data_dir"], url, **kw)
+  cache_lib.build(config, init.frozen, built["data_dir"], tmp_path / "local", **kw)
+  remote = feat.FeatureCache.open(url, local_dir=tmp_path / "copy")
+  local = feat.FeatureCache.open(tmp_path / "local")
+  assert list((tmp_path / "copy").glob("shard-*.array_record")) and len(remote) == len(local) > 0
+  for i, key in enumerate(sorted(local._index)):  # noqa: SLF001
+    if i % 5 == 0:
+      np.testing.assert_array_equal(remote.get(key)["sam_embeddings"], local.get(key)["sam_embeddings"])
