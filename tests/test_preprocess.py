@@ -153,3 +153,26 @@ def test_out_arrays_are_filled_completely():
                                 pp.eva_preprocess(image, 28, train=False))
   with pytest.raises(ValueError, match="out must be"):
     pp.sam_preprocess(image, 64, out=np.zeros((64, 64, 3), np.float64))
+
+
+def test_device_normalisation_of_uint8_equals_the_host_preprocessing():
+  """The jitted step's normalisation of uint8 batches (models.batch) against the host float32 path:
+  the same constants and arithmetic, so within one float32 rounding (XLA may fuse to an FMA)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from prima_jax.models.batch import normalise_eva, normalise_sam  # noqa: PLC0415
+
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+  eva_u8 = pp.eva_resize(image, 28, train=False)
+  np.testing.assert_allclose(np.asarray(jax.jit(normalise_eva)(jnp.asarray(eva_u8))),
+                             pp.eva_preprocess(image, 28, train=False), rtol=0, atol=1e-6)
+  sam_u8, hw = pp.sam_resize(image, 64)
+  host, host_hw = pp.sam_preprocess(image, 64)
+  assert hw == host_hw == (45, 64) and not sam_u8[45:].any()
+  device = np.asarray(jax.jit(normalise_sam)(jnp.asarray(sam_u8), jnp.asarray(hw)))
+  np.testing.assert_allclose(device, host, rtol=0, atol=1e-5)
+  assert not device[45:].any()  # the padding is 0 after normalisation, as SAM pads
+  # float input is already normalised: passed through unchanged
+  np.testing.assert_array_equal(np.asarray(normalise_eva(jnp.asarray(host))), host)
