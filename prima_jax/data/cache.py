@@ -4,6 +4,9 @@ r"""Compute the frozen towers' image features once: ``python -m prima_jax.data.c
       --config.data.data_dir=DATA --config.data.eva_augment=False [--out=DATA/feature_cache] \
       [--splits=train,val] [--dtype=bfloat16] [--shard_images=128] [--batch_per_device=8]
 
+Takes the training command's flags (``--config``, ``--workdir``, and the multi-host ones:
+``--coordinator_address`` ... or auto-detection on TPU pods and SLURM); every process runs it.
+
 then ``python -m prima_jax.train ... --config.data.feature_cache=DATA/feature_cache``.
 
 For every distinct image (``source/image id``) of the chosen splits of a built M⁴Seg dataset it
@@ -39,6 +42,7 @@ import jax
 import ml_dtypes
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -239,9 +243,10 @@ def build(config, frozen: dict, data_dir: str | os.PathLike, out: str | os.PathL
 
   # This process's images, shard by shard; every process runs the same number of steps (collectives).
   queue = [(i, ref) for i in mine for ref in shards[i]]
-  steps = math.ceil(len(queue) / local_batch)
+  queue_lengths = np.asarray([len(queue)])
   if jax.process_count() > 1:
-    steps = int(np.max(multihost_utils.process_allgather(np.asarray([steps]))))
+    queue_lengths = np.asarray(multihost_utils.process_allgather(queue_lengths)).reshape(-1)
+  steps = math.ceil(int(queue_lengths.max()) / local_batch)
   written, computed, pending = 0, 0, {}
   t0 = time.time()
   pool = concurrent.futures.ThreadPoolExecutor(read_threads)
@@ -271,7 +276,8 @@ def build(config, frozen: dict, data_dir: str | os.PathLike, out: str | os.PathL
                                                for r in shards[shard_index]])
           written += 1
       computed += len(chunk)
-      progress.update(len(chunk) * jax.process_count())
+      before = np.minimum(queue_lengths, step * local_batch).sum()
+      progress.update(int(np.minimum(queue_lengths, (step + 1) * local_batch).sum() - before))
       if stop_after_shards is not None and written >= stop_after_shards:
         break
   finally:
@@ -336,39 +342,46 @@ def run(config, workdir: str, *, out: str | None, splits: Sequence[str] | None, 
 
 
 def main(argv) -> int:
-  from ml_collections import config_flags  # noqa: PLC0415
+  from prima_jax import train as train_cli  # noqa: PLC0415 (its flags: --config, --workdir, multi-host)
 
   del argv
-  config = flags.FLAGS["config"].value
   f = flags.FLAGS
-  try:
-    summary = run(config, f.workdir, out=f.out, splits=[s for s in (f.splits or "").split(",") if s],
-                  dtype=f.dtype, shard_images=f.shard_images, batch_per_device=f.batch_per_device,
-                  towers=[t for t in (f.towers or "").split(",") if t])
-  except (ValueError, feat.CacheMismatch, paths.PathError) as e:
+  try:  # before anything is started or written: a bad --workdir or --out is one line
+    paths.resolve(f.workdir, what="--workdir")
+    if f.out:
+      paths.resolve(f.out, what="--out")
+  except paths.PathError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  del config_flags
-  rate = f"{summary['images_per_s']:.1f} images/s" if summary.get("images_per_s") else "nothing to compute"
-  print(f"feature cache {summary['out']}: {summary['images']} images in {summary['shards']} shards "
-        f"({summary['shards_done_before']} already done), towers {summary['towers']}, {summary['dtype']}; "
-        f"{rate}; {summary['bytes_per_image'] / 2 ** 20:.3f} MiB per image")
+  train_cli.initialize_distributed()
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax / TFDS progress chatter
+  try:
+    splits = [s for s in (f.splits or "").split(",") if s]
+    summary = run(f["config"].value, f.workdir, out=f.out, splits=splits, dtype=f.dtype,
+                  shard_images=f.shard_images, batch_per_device=f.batch_per_device,
+                  towers=[t for t in (f.towers or "").split(",") if t])
+  except (ValueError, paths.PathError) as e:  # CacheMismatch and ConfigError are ValueErrors
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if jax.process_index() == 0:
+    rate = f"{summary['images_per_s']:.1f} images/s" if summary.get("images_per_s") else "nothing to compute"
+    per_image = summary["bytes_per_image"] or 0
+    print(f"feature cache {summary['out']}: {summary['images']} images in {summary['shards']} shards "
+          f"({summary['shards_done_before']} already done), towers {summary['towers']}, {summary['dtype']}; "
+          f"{rate}; {per_image / 2 ** 20:.4f} MiB per image")
   return 0
 
 
 def _define_flags() -> None:
-  from ml_collections import config_flags  # noqa: PLC0415
+  """The training command's flags (``--config``, ``--workdir``, multi-host) plus the cache's own."""
+  from prima_jax import train  # noqa: F401, PLC0415 (defines them)
 
-  config_flags.DEFINE_config_file("config", None, "Training config file (path[:arg]).", lock_config=False)
-  flags.DEFINE_string("workdir", None, "The run's directory: its frozen weights (WORKDIR/frozen) are "
-                                       "used, or initialised there from config.seed.")
   flags.DEFINE_string("out", None, "Cache directory (default: DATA_DIR/feature_cache).")
   flags.DEFINE_string("splits", None, "Comma-separated splits (default: data.train_split,data.eval_split).")
   flags.DEFINE_string("towers", None, "sam and/or eva (default: sam, plus eva when data.eva_augment is off).")
   flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Storage dtype of the features.")
   flags.DEFINE_integer("shard_images", 128, "Images per ArrayRecord shard (the unit of resumption).")
   flags.DEFINE_integer("batch_per_device", 8, "Images per device per jitted step.")
-  flags.mark_flags_as_required(["config", "workdir"])
 
 
 if __name__ == "__main__":
