@@ -1,8 +1,8 @@
 """The frozen-tower feature cache: builder (prima_jax.data.cache), storage (prima_jax.data.features),
 the pipeline and the train step reading it."""
 
-import importlib.util
 import copy
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -226,9 +226,10 @@ def test_images_missing_from_the_cache_are_counted_and_dropped(built, tmp_path):
   unseen = {feat.image_key(train[0]["source"].decode(), x.decode()) for x in train[0]["images"]["id"]}
   assert unseen - val_keys, "the synthetic splits share no image"
   d = config.data
-  ds = make_dataset(mixed, cfg=config.model, tokenizers=workdir_lib.load_tokenizers(config, built["data_dir"]),
-                    batch_size=4, train=False, seed=0, max_length=d.max_length,
-                    max_question_length=d.max_question_length, num_epochs=1, feature_cache=cache)
+  toks = workdir_lib.load_tokenizers(config, built["data_dir"])
+  ds = make_dataset(mixed, cfg=config.model, tokenizers=toks, batch_size=4, train=False, seed=0,
+                    max_length=d.max_length, max_question_length=d.max_question_length, num_epochs=1,
+                    feature_cache=cache)
   it = iter(ds)
   batch = next(it)
   assert it.drops.counts["missing_features"] == 1 and it.drops.total == 1
