@@ -158,7 +158,7 @@ class Prima(nnx.Module):
     """SAM embeddings [b, n, g, g, C] of a batch: ``sam_embeddings`` when given, else SAM's encoder runs."""
     if tower_key(batch, TOWER_KEYS[1]) == "sam_embeddings":
       return batch["sam_embeddings"]
-    return self.sam_embeddings(batch["sam_images"], batch["sam_sizes"])
+    return self.sam_embeddings(batch["sam_images"], batch.get("sam_sizes"))
 
   def decode_masks(self, sam_embeddings: jax.Array, seg_embeddings: jax.Array,
                    seg_image_index: jax.Array) -> jax.Array:
