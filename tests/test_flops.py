@@ -1,6 +1,8 @@
 """FLOP accounting (prima_jax.tools.flops) and the LISA/GLaMM-style baselines (prima_jax.models.baselines)."""
 
 import dataclasses
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -203,3 +205,119 @@ def test_cli_prints_the_table_on_the_tiny_config():
   assert all(name in header for name in ("PRIMA", "GLaMM joint", "GLaMM per-image", "LISA joint"))
   total = next(line for line in out.splitlines() if line.startswith("total")).split()[1:]
   assert len(total) == 5 and all(float(v) > 0 for v in total)
+
+
+# --- the compiled training step (--training) -----------------------------------------------------
+
+TRAINING_CLI = [sys.executable, "-m", "prima_jax.tools.flops", "--config=configs/m4seg.py:tiny", "--training",
+                "--json", "--fake_devices=2", "--mesh=1,2,1"]
+
+
+def _m4seg(arg):
+  spec = importlib.util.spec_from_file_location("m4seg_config", os.path.join(REPO, "configs", "m4seg.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def training_cli(tmp_path_factory):
+  """The CLI run, started before the in-process compiles so that the two overlap (XLA compiles the
+  step on about one core); output to files, not pipes, so that the child never blocks on them."""
+  d = tmp_path_factory.mktemp("training_cli")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # --fake_devices sets the count
+  with open(d / "stdout", "w") as out, open(d / "stderr", "w") as err:
+    proc = subprocess.Popen(TRAINING_CLI, cwd=REPO, stdout=out, stderr=err, text=True,
+                            env=dict(env, JAX_PLATFORMS="cpu"))
+  yield proc, d
+  if proc.poll() is None:
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny_training(training_cli):
+  del training_cli  # started first
+  config = _m4seg("tiny")
+  return config, flops.training_costs(config, images=3)
+
+
+def test_training_costs_drop_by_the_cached_towers_forward(tiny_training):
+  config, costs = tiny_training
+  print(flops.describe_training(config, costs))
+  assert list(costs) == ["online", "sam_cached", "sam_eva_cached"]
+  # conftest's 8 CPU devices, mesh data=-1: the recipe's micro-batch 8 / 2 / 8 shards -> 1 per device.
+  for c in costs.values():
+    assert (c["examples_per_device"], c["devices"], c["global_batch"], c["images"]) == (1, 8, 8, 3)
+    assert c["memory_gib_per_device"] >= c["temp_gib_per_device"] > 0 and c["compile_s"] > 0
+    assert c["tflops_per_example"] == pytest.approx(c["flops_per_example"] / 1e12)
+  online, sam, both = (costs[k]["flops_per_example"] for k in flops.TRAINING_VARIANTS)
+  assert online > sam > both > 0
+  # Independent check: the per-component lowering (module_flops, inference dtypes = the recipe's bf16
+  # frozen towers) of each tower's forward over the example's max_images images. A frozen tower gets
+  # no gradient, so caching it must save exactly its forward, plus the in-step preprocessing of its
+  # uint8 images (cast, mean/std, SAM's valid-region padding), at most ~7 % of the forward at these
+  # tiny widths and negligible at full size. The lower bound allows the 1 % by which compiling
+  # (fusion, simplification) moves XLA's count (test_lowered_count_matches_compiled_count); the upper
+  # bound 1.25 x forward fails if the tower were recomputed by remat (2 x) or differentiated (>= 3 x).
+  cfg = flops.inference_config(config.model)
+  model, n, dtype = flops.Model("PRIMA", "prima", cfg), 3, jnp.bfloat16
+  s, v = cfg.sam.image_size, cfg.vision.image_size
+  counter = flops.Counter()
+  sam_forward = counter.component(model, "sam", lambda m, x: m.encode(x), flops._spec((n, s, s, 3), dtype))
+  eva_forward = counter.component(model, "vision", lambda m, x: m(x), flops._spec((n, v, v, 3), dtype))
+  for saved, forward in ((online - sam, sam_forward), (sam - both, eva_forward)):
+    assert 0.99 * forward <= saved <= 1.25 * forward, (saved, forward, saved / forward)
+
+
+def test_training_cli_prints_one_json_object(training_cli):
+  proc, d = training_cli
+  proc.wait(timeout=900)
+  stdout, stderr = (d / "stdout").read_text(), (d / "stderr").read_text()
+  print(stdout[-4000:], stderr[-4000:])
+  assert proc.returncode == 0
+  costs = json.loads(stdout)   # the whole of stdout: one object, the logs went to stderr
+  assert list(costs) == ["online", "sam_cached", "sam_eva_cached"]
+  for c in costs.values():
+    assert {"tflops_per_example", "memory_gib_per_device", "temp_gib_per_device", "compile_s",
+            "examples_per_device"} <= set(c)
+    # --fake_devices=2 --mesh=1,2,1: 2 fsdp shards, the recipe's micro-batch 8 / 2 / 2 = 2 per device.
+    assert (c["devices"], c["examples_per_device"], c["global_batch"]) == (2, 2, 4)
+  assert (costs["online"]["tflops_per_example"] > costs["sam_cached"]["tflops_per_example"]
+          > costs["sam_eva_cached"]["tflops_per_example"])
+
+
+def test_training_config_compiles_one_micro_batch():
+  config = _m4seg("tiny")
+  cfg, mesh, micro = flops.training_config(config, images=2)
+  assert (micro, cfg.train.batch_size, cfg.train.grad_accum_steps) == (1, 8, 1)   # 8 / 2 / 8 shards
+  assert cfg.model.prima.max_images == 2 and config.model.prima.max_images == 3   # a copy
+  assert (cfg.model.remat, cfg.train.frozen_dtype) == (True, "bfloat16")
+  cfg, mesh, micro = flops.training_config(config, images=3, micro_batch=3, mesh_shape=(2, 2, 2))
+  assert (dict(mesh.shape), micro, cfg.train.batch_size) == ({"data": 2, "fsdp": 2, "tensor": 2}, 3, 12)
+
+
+def test_training_refuses_to_cache_a_trained_tower():
+  config = _m4seg("tiny")
+  with config.unlocked():
+    config.train.trainable = ("",)   # every parameter trained, the towers included
+  with pytest.raises(ValueError, match="not frozen"):
+    flops.training_costs(config, variants=("sam_cached",))
+
+
+def test_compiled_cost_refuses_loops_and_threefry_is_unrolled():
+  """JAX's CPU threefry is a 5-step fori_loop (the train step's dropout and key folding); under
+  unrolled_threefry_on_cpu it lowers as on TPU, and any other loop is refused."""
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  draw = jax.jit(lambda k: jax.random.bernoulli(jax.random.wrap_key_data(k), 0.5, (64,)))
+  if jax.devices()[0].platform == "cpu":
+    with pytest.raises(flops.LoopInProgram):
+      flops.compiled_cost(draw.lower(key).compile(), devices=1, batch_size=1)
+  fresh = jax.jit(lambda k: jax.random.bernoulli(jax.random.wrap_key_data(k), 0.5, (64,)))   # not lowered yet
+  with flops.unrolled_threefry_on_cpu():
+    compiled = fresh.lower(key).compile()
+  assert flops.compiled_cost(compiled, devices=1, batch_size=1)["flops_per_example"] > 0
+  x = jax.ShapeDtypeStruct((8, 8), jnp.float32)
+  scanned = jax.jit(lambda x: jax.lax.scan(lambda c, _: (jnp.tanh(c @ c), None), x, None, length=3)[0])
+  with pytest.raises(flops.LoopInProgram):
+    flops.compiled_cost(scanned.lower(x).compile(), devices=1, batch_size=1)

@@ -2,6 +2,14 @@ r"""Per-example FLOPs of PRIMA, GLaMM-style and LISA-style models, counted by XL
 
   python -m prima_jax.tools.flops --config=configs/m4seg.py \
       [--images=3 --prompt-tokens=100 --answer-tokens=64 --masks=3 --generate --sweep]
+  python -m prima_jax.tools.flops --config=configs/m4seg.py --training \
+      [--images=3 --micro_batch=K --mesh=data,fsdp,tensor --fake_devices=N --json]
+
+``--training`` (:func:`training_costs`) instead compiles the config's train step (forward + backward +
+optimizer update as XLA compiles it, remat included; one micro-batch, no gradient-accumulation scan) on
+abstract inputs for three batches: ``online`` (uint8 images for EVA and SAM), ``sam_cached`` (cached
+SAM image embeddings) and ``sam_eva_cached`` (cached SAM and EVA features), and prints the compiled
+FLOPs per example and the per-device memory of each.
 
 Every component of each model (vision encoder, SQuARE, Q-Former, projector, LLM, [SEG] head, SAM
 image encoder, SAM mask decoder) is lowered separately at full size with ``jax.ShapeDtypeStruct``
@@ -35,10 +43,14 @@ masks are split across the passes).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import functools
 import itertools
+import json
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,7 +58,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
@@ -615,6 +627,167 @@ def sweep(models: Sequence[Model], base: Protocol, top: int = 8) -> str:
   return "\n".join(lines)
 
 
+# --- training step (compiled) --------------------------------------------------------------------
+
+# Variant -> the towers whose features the batch carries instead of their images (see
+# prima_jax.training.aot.abstract_batch); no cached tower runs in the step.
+TRAINING_VARIANTS: dict[str, tuple[str, ...]] = {"online": (), "sam_cached": ("sam",),
+                                                 "sam_eva_cached": ("sam", "eva")}
+_HLO_WHILE = re.compile(r"\swhile\(")
+
+
+def _gib(b: float) -> float:
+  return b / 2 ** 30
+
+
+def training_config(config: ml_collections.ConfigDict, *, images: int, micro_batch: int | None = None,
+                    mesh_shape: Sequence[int] | None = None):
+  """(config, mesh, micro_batch): a copy of the training ``config`` whose step is ONE micro-batch.
+
+  ``model.prima.max_images = images``; ``mesh_shape`` (data, fsdp, tensor) overrides ``config.mesh``;
+  ``train.batch_size = micro_batch`` x the data-parallel shards (mesh data x fsdp) and
+  ``train.grad_accum_steps = 1`` (no scan: XLA would count a scan body once). ``micro_batch``
+  defaults to the recipe's micro-batch per shard, batch_size // grad_accum_steps // shards (>= 1).
+  Everything else (dtypes, remat, frozen dtype, trainable set, LLM / question lengths) is kept.
+  """
+  from prima_jax.training.validate import build_mesh  # noqa: PLC0415
+
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.model.prima.max_images = int(images)
+    if mesh_shape is not None:
+      data, fsdp, tensor = (int(x) for x in mesh_shape)
+      config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+    mesh = build_mesh(config)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    t = config.train
+    if micro_batch is None:
+      micro_batch = max(1, t.batch_size // t.grad_accum_steps // shards)
+    if micro_batch < 1:
+      raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    t.batch_size, t.grad_accum_steps = int(micro_batch) * shards, 1
+  return config, mesh, int(micro_batch)
+
+
+@contextlib.contextmanager
+def unrolled_threefry_on_cpu():
+  """Within: JAX lowers the threefry PRNG hash on CPU unrolled, as it does on TPU and GPU.
+
+  On CPU JAX emits threefry as a 5-step ``fori_loop`` (a while loop, whose body XLA's cost analysis
+  counts once); the train step draws dropout masks and folds keys with it. Dropping the CPU-specific
+  rule (a private JAX table) selects the default unrolled lowering: the same numbers, no loop. With a
+  JAX that lacks the table nothing changes and :func:`compiled_cost` refuses the loop instead.
+  """
+  try:
+    from jax._src.interpreters import mlir  # noqa: PLC0415
+    from jax._src.random.threefry2x32 import threefry2x32_p  # noqa: PLC0415
+    table = mlir._platform_specific_lowerings["cpu"]
+  except (ImportError, AttributeError):
+    yield
+    return
+  rule = table.pop(threefry2x32_p, None)
+  try:
+    yield
+  finally:
+    if rule is not None:
+      table[threefry2x32_p] = rule
+
+
+def compiled_cost(compiled, *, devices: int, batch_size: int) -> dict[str, float]:
+  """FLOPs per example and per-device memory of a compiled, sharded train step.
+
+  ``cost_analysis()['flops']`` is the per-device program's count, so the step costs that x ``devices``
+  and an example that / ``batch_size`` (the global batch).
+
+  Raises:
+    LoopInProgram: the optimized HLO has a while loop, whose body XLA counts once.
+  """
+  if _HLO_WHILE.search(compiled.as_text()):
+    raise LoopInProgram("the compiled train step contains a while loop (scan / fori_loop); XLA counts "
+                        "its body once, so its FLOPs would be undercounted")
+  flops = _flops_of(compiled) * devices / batch_size
+  m = compiled.memory_analysis()
+  peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+  return dict(flops_per_example=flops, tflops_per_example=flops / 1e12, memory_gib_per_device=_gib(peak),
+              temp_gib_per_device=_gib(m.temp_size_in_bytes),
+              argument_gib_per_device=_gib(m.argument_size_in_bytes))
+
+
+def training_costs(config: ml_collections.ConfigDict, *, images: int = Protocol.images,
+                   micro_batch: int | None = None, mesh_shape: Sequence[int] | None = None,
+                   variants: Sequence[str] = tuple(TRAINING_VARIANTS), log: Callable[[str], Any] | None = None
+                   ) -> dict[str, dict[str, Any]]:
+  """Compiled training-step cost of each of ``variants`` (keys of :data:`TRAINING_VARIANTS`).
+
+  The train step of :func:`training_config`'s config (one micro-batch, forward + backward + optimizer
+  update as XLA compiles it, remat included) on abstract state and batch (nothing allocated), via
+  :func:`prima_jax.training.aot.compile_train_step`. Returns variant -> :func:`compiled_cost` plus
+  ``compile_s``, ``examples_per_device`` (the micro-batch per data shard), ``global_batch``,
+  ``devices``, ``images`` and ``llm_length``.
+  """
+  from prima_jax.data.features import tower_params  # noqa: PLC0415
+  from prima_jax.models.prima import Prima  # noqa: PLC0415
+  from prima_jax.training import aot  # noqa: PLC0415
+  from prima_jax.training.partition import ModelParts  # noqa: PLC0415
+
+  config, mesh, micro = training_config(config, images=images, micro_batch=micro_batch,
+                                        mesh_shape=mesh_shape)
+  unknown = [v for v in variants if v not in TRAINING_VARIANTS]
+  if unknown:
+    raise ValueError(f"unknown variant(s) {unknown}; choose from {list(TRAINING_VARIANTS)}")
+  towers = sorted({t for v in variants for t in TRAINING_VARIANTS[v]})
+  if towers:  # a trained tower's features change every step: caching it is no variant of this recipe
+    abstract = nnx.eval_shape(lambda: Prima(config.model, rngs=nnx.Rngs(0)))
+    frozen = nnx.to_pure_dict(ModelParts.split(abstract, config.train.trainable).frozen)
+    for tower in towers:
+      tower_params(frozen, tower)
+  devices, batch = int(mesh.devices.size), int(config.train.batch_size)
+  out = {}
+  for name in variants:
+    if log:
+      log(f"compiling the {name} train step ({micro} example(s) per device, {devices} device(s))")
+    with unrolled_threefry_on_cpu():
+      compiled, seconds = aot.compile_train_step(config, mesh, TRAINING_VARIANTS[name])
+    out[name] = dict(compiled_cost(compiled, devices=devices, batch_size=batch), compile_s=seconds,
+                     examples_per_device=micro, global_batch=batch, devices=devices, images=int(images),
+                     llm_length=int(config.data.max_length))
+    del compiled
+    if log:
+      log(f"{name}: {out[name]['tflops_per_example']:.4g} TFLOPs/example, "
+          f"{out[name]['memory_gib_per_device']:.2f} GiB/device, compiled in {seconds:.0f} s")
+  return out
+
+
+def describe_training(config: ml_collections.ConfigDict, costs: dict[str, dict[str, Any]],
+                      mesh_shape: dict[str, int] | None = None) -> str:
+  """The printed table of :func:`training_costs`."""
+  first = next(iter(costs.values()))
+  m, t = config.model, config.train
+  recipe_micro = t.batch_size // t.grad_accum_steps
+  lines = [
+      "training step, compiled (forward + backward + optimizer update as XLA compiles it, remat "
+      f"{'on' if m.remat else 'off'}); compute {m.dtype}, params {m.param_dtype}, frozen towers "
+      f"{t.frozen_dtype or m.param_dtype}",
+      f"{first['images']} image(s)/example, LLM length {first['llm_length']}, Q-Former text "
+      f"{config.data.max_question_length} tokens, {m.prima.max_masks} mask slots; per micro-batch of "
+      f"{first['examples_per_device']} examples per device (global {first['global_batch']} on "
+      f"{first['devices']} x {jax.devices()[0].device_kind}"
+      + (f", mesh {mesh_shape}" if mesh_shape else "") + f"); the recipe: global batch {t.batch_size} in "
+      f"{t.grad_accum_steps} micro-batches of {recipe_micro}",
+  ]
+  scale, unit = _unit(max(c["flops_per_example"] for c in costs.values()))
+  base = costs.get("online", {}).get("flops_per_example")
+  lines.append(f"{'variant':<16}{unit + '/example':>18}{'vs online':>11}{'GiB/device':>12}{'temp GiB':>10}"
+               f"{'compile s':>11}")
+  for name, c in costs.items():
+    ratio = f"{c['flops_per_example'] / base:.3f}" if base else "-"
+    lines.append(f"{name:<16}{c['flops_per_example'] / scale:>18.3f}{ratio:>11}"
+                 f"{c['memory_gib_per_device']:>12.2f}{c['temp_gib_per_device']:>10.2f}{c['compile_s']:>11.1f}")
+  lines.append("FLOPs: XLA cost analysis of the compiled per-device program x devices / global batch; "
+               "memory: arguments + outputs - aliased + temporaries (peak estimate)")
+  return "\n".join(lines)
+
+
 # --- CLI ------------------------------------------------------------------------------------------
 
 
@@ -635,6 +808,22 @@ def run(model_cfg: ml_collections.ConfigDict, p: Protocol, *, do_sweep: bool = F
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
+  if _TRAINING.value:
+    if _FAKE_DEVICES.value:
+      jax.config.update("jax_platforms", "cpu")   # JAX read JAX_PLATFORMS at import, before aot set it
+      if jax.device_count() != _FAKE_DEVICES.value:
+        raise app.UsageError(f"--fake_devices={_FAKE_DEVICES.value}: JAX sees {jax.device_count()} devices")
+    if "train" not in config:
+      raise app.UsageError("--training needs a training config (with train, data, mesh): configs/m4seg.py")
+    shape = tuple(int(x) for x in _MESH.value.split(",")) if _MESH.value else None
+    costs = training_costs(config, images=_IMAGES.value, micro_batch=_MICRO_BATCH.value, mesh_shape=shape,
+                           log=logging.info)
+    if _JSON.value:
+      print(json.dumps(costs), flush=True)
+    else:
+      mesh = dict(zip(("data", "fsdp", "tensor"), shape)) if shape else dict(config.mesh)
+      print(describe_training(config, costs, mesh), flush=True)
+    return
   model_cfg = config.model if "model" in config else config
   question = _QUESTION.value
   if question is None:
@@ -644,9 +833,22 @@ def main(argv) -> None:
   print(run(model_cfg, p, do_sweep=_SWEEP.value), flush=True)
 
 
+def _flag(define: Callable[..., flags.FlagHolder], name: str, *args, **kwargs) -> flags.FlagHolder:
+  """``define(name, ...)``, or a holder of the flag when an imported module has defined it already."""
+  if name in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+  return define(name, *args, **kwargs)
+
+
 if __name__ == "__main__":
   # Flags are defined only when run as a program, so that importing the module defines none.
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]); its `model` is PRIMA.")
+  # prima_jax.training.aot (the --training compiler) defines --config, --mesh and --fake_devices on
+  # import, and sets XLA_FLAGS for --fake_devices from sys.argv before any JAX backend starts (importing
+  # jax does not start one); it is imported first and those flags are shared.
+  from prima_jax.training import aot  # noqa: F401
+
+  _CONFIG = _flag(config_flags.DEFINE_config_file, "config", None,
+                  "Config file (path[:arg]); its `model` is PRIMA.")
   _IMAGES = flags.DEFINE_integer("images", Protocol.images, "Images per example.")
   _PROMPT = flags.DEFINE_integer("prompt-tokens", Protocol.prompt_tokens,
                                  "Text tokens of the prompt (image tokens and delimiters come on top).")
@@ -656,5 +858,16 @@ if __name__ == "__main__":
   _QUESTION = flags.DEFINE_integer("question-tokens", None,
                                    "Q-Former text tokens (default: the config's data.max_question_length).")
   _SWEEP = flags.DEFINE_bool("sweep", False, "Also sweep protocols (analytic) for the paper's saving.")
+  _TRAINING = flags.DEFINE_bool("training", False,
+                                "Compile the config's train step (one micro-batch) online, with cached SAM "
+                                "embeddings, and with cached SAM + EVA features; print FLOPs/example and "
+                                "memory/device.")
+  _JSON = flags.DEFINE_bool("json", False, "--training: print one JSON object (logs go to stderr).")
+  _MICRO_BATCH = flags.DEFINE_integer("micro_batch", None,
+                                      "--training: examples per device (default: the recipe's micro-batch "
+                                      "per data shard).")
+  _MESH = _flag(flags.DEFINE_string, "mesh", None, "--training: data,fsdp,tensor (overrides config.mesh).")
+  _FAKE_DEVICES = _flag(flags.DEFINE_integer, "fake_devices", 0,
+                        "--training: pretend the CPU has this many devices.")
   flags.mark_flags_as_required(["config"])
   app.run(main)
