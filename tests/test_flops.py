@@ -257,9 +257,10 @@ def test_training_costs_drop_by_the_cached_towers_forward(tiny_training):
   # frozen towers) of each tower's forward over the example's max_images images. A frozen tower gets
   # no gradient, so caching it must save exactly its forward, plus the in-step preprocessing of its
   # uint8 images (cast, mean/std, SAM's valid-region padding), at most ~7 % of the forward at these
-  # tiny widths and negligible at full size. The lower bound allows the 1 % by which compiling
-  # (fusion, simplification) moves XLA's count (test_lowered_count_matches_compiled_count); the upper
-  # bound 1.25 x forward fails if the tower were recomputed by remat (2 x) or differentiated (>= 3 x).
+  # tiny widths and negligible at full size. The lower bound allows the ~1 % by which compiling
+  # (fusion, simplification) moves XLA's count (test_lowered_count_matches_compiled_count; at full
+  # size, m4seg 3 images: SAM saved 18.12 vs 18.08 TFLOPs forward, EVA 1.56 vs 1.58); the upper bound
+  # 1.25 x forward fails if the tower were recomputed by remat (2 x) or differentiated (>= 3 x).
   cfg = flops.inference_config(config.model)
   model, n, dtype = flops.Model("PRIMA", "prima", cfg), 3, jnp.bfloat16
   s, v = cfg.sam.image_size, cfg.vision.image_size
@@ -267,7 +268,7 @@ def test_training_costs_drop_by_the_cached_towers_forward(tiny_training):
   sam_forward = counter.component(model, "sam", lambda m, x: m.encode(x), flops._spec((n, s, s, 3), dtype))
   eva_forward = counter.component(model, "vision", lambda m, x: m(x), flops._spec((n, v, v, 3), dtype))
   for saved, forward in ((online - sam, sam_forward), (sam - both, eva_forward)):
-    assert 0.99 * forward <= saved <= 1.25 * forward, (saved, forward, saved / forward)
+    assert 0.98 * forward <= saved <= 1.25 * forward, (saved, forward, saved / forward)
 
 
 def test_training_cli_prints_one_json_object(training_cli):
