@@ -39,7 +39,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
@@ -125,9 +124,8 @@ def _tower_fn(model_cfg, towers: Sequence[str], dtype: np.dtype, frozen: dict) -
   return fn, params
 
 
-def _prepare(ref: ImageRef, sources, model_cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(EVA uint8 [V, V, 3] eval resize, SAM uint8 [S, S, 3], resized (h, w)) of one image."""
-  data = bytes(sources[ref.split][ref.record]["images"]["encoded"][ref.position])
+def _prepare(data: bytes, model_cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """An image's file bytes -> (EVA uint8 [V, V, 3] eval resize, SAM uint8 [S, S, 3], resized (h, w))."""
   image = rec.decode_image(data)
   eva = preprocess.eva_resize(image, model_cfg.vision.image_size, train=False)
   sam, hw = preprocess.sam_resize(image, model_cfg.sam.image_size)
@@ -193,7 +191,7 @@ def build(config, frozen: dict, data_dir: str | os.PathLike, out: str | os.PathL
   if "eva" in towers and config.data.eva_augment:
     raise ValueError("EVA features cannot be cached while data.eva_augment is on (random-resized crops "
                      "make them change every epoch): set --config.data.eva_augment=False or cache sam only")
-  np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+  np_dtype = feat.storage_dtype(dtype)
   root = paths.resolve(out, what="--out")
   mesh = mesh or jax.make_mesh((jax.device_count(),), ("data",),
                                axis_types=(jax.sharding.AxisType.Auto,))
@@ -252,7 +250,10 @@ def build(config, frozen: dict, data_dir: str | os.PathLike, out: str | os.PathL
   pool = concurrent.futures.ThreadPoolExecutor(read_threads)
 
   def load(chunk):
-    return list(pool.map(lambda item: _prepare(item[1], sources, model_cfg), chunk))
+    # Each record is read once per chunk, however many of its images the chunk holds.
+    records = {(r.split, r.record): sources[r.split][r.record] for _, r in chunk}
+    encoded = [bytes(records[(r.split, r.record)]["images"]["encoded"][r.position]) for _, r in chunk]
+    return list(pool.map(lambda data: _prepare(data, model_cfg), encoded))
 
   next_chunk = queue[:local_batch]
   next_prepared = pool.submit(load, next_chunk) if next_chunk else None

@@ -72,7 +72,8 @@ def shard_name(index: int) -> str:
   return f"shard-{index:05d}.array_record"
 
 
-def _dtype(name: str) -> np.dtype:
+def storage_dtype(name: str) -> np.dtype:
+  """A cache's dtype name (``bfloat16``, ``float32``, a numpy dtype string) -> numpy dtype."""
   return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
@@ -181,7 +182,7 @@ def decode_record(data: bytes) -> tuple[str, str, dict[str, np.ndarray]]:
   body = memoryview(data)[_HEADER_BYTES + n:]
   arrays = {}
   for name, (dtype, shape, offset) in header["arrays"].items():
-    dt = _dtype(dtype)
+    dt = storage_dtype(dtype)
     size = int(np.prod(shape)) * dt.itemsize
     arrays[name] = np.frombuffer(body[offset:offset + size], dt).reshape(shape)
   return header["key"], header["digest"], arrays
@@ -234,7 +235,7 @@ class FeatureCache:
   def __init__(self, shard_paths: Sequence[str], index: Mapping[str, tuple[int, str]],
                towers: Sequence[str], where: str, *, shapes: Mapping[str, Sequence[int]], dtype: str):
     self.shapes = {k: tuple(v) for k, v in shapes.items()}  # batch key -> per-image shape
-    self.dtype = _dtype(dtype)
+    self.dtype = storage_dtype(dtype)
     self._shard_paths = list(shard_paths)
     self._index = dict(index)
     self.towers = tuple(towers)
