@@ -1,4 +1,4 @@
-"""Name tables for the LAVIS / GLaMM-style names of EVA ViT-g and the BERT Q-Former (README).
+"""Name tables for the LAVIS / GLaMM-style names of EVA ViT-g and the BERT Q-Former (docs/convert.md).
 
 LAVIS (and PRIMA's ``*ForCausalLM``, under ``model.``) names the vision side
 ``visual_encoder.{cls_token, pos_embed, patch_embed.proj, blocks.{i}.{norm1, norm2, attn.qkv,

@@ -3,7 +3,7 @@
 A layout is a list of :class:`TensorFile` -- one safetensors destination each (a directory and a
 file name) with its rule table. Two layouts:
 
-``prima`` -- one state dict in the GLaMM / PRIMA ``*ForCausalLM`` names (README):
+``prima`` -- one state dict in the GLaMM / PRIMA ``*ForCausalLM`` names (docs/convert.md):
 
 ==============================================  ===============================================
 ``model.visual_encoder.*``                      EVA ViT-g, LAVIS names (:mod:`.lavis`)

@@ -1,4 +1,4 @@
-"""Start a PRIMA from pretrained PyTorch components in transformers layouts (README "Training").
+"""Start a PRIMA from pretrained PyTorch components in transformers layouts (docs/training.md).
 
 PRIMA is initialised from two published models: EVA ViT-g, Q-Former, query tokens and the
 Q-Former -> LLM projection from InstructBLIP-Vicuna-7B, and LLM + SAM from GLaMM. This module

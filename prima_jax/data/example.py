@@ -20,7 +20,7 @@ class GroundedExample:
     image_ids: the source dataset's image id of each image (as strings).
     question: the question text.
     answer: the answer with every grounded mention as ``<p> phrase </p> [SEG] (IMAGEk)`` and a
-      repeated mention as ``(IMAGEk)`` (README "How an answer is grounded").
+      repeated mention as ``(IMAGEk)`` (docs/inference.md, "How an answer is grounded").
     phrases: the phrase of each ``[SEG]``, in answer order.
     mask_image: 0-based image index of each ``[SEG]``, in answer order.
     masks: bool [H_k, W_k] per ``[SEG]``, in the frame of image ``mask_image[i]``.

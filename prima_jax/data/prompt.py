@@ -1,4 +1,4 @@
-"""The Vicuna v1 prompt of PRIMA (README) and its encoding into the model's unbatched example format.
+"""The Vicuna v1 prompt of PRIMA (docs/model.md) and its encoding into the model's unbatched example format.
 
 Text: ``SYSTEM USER: The <image> (IMAGE1) and <image> (IMAGE2) provide an overview of the
 pictures.\\n{question} ASSISTANT: {answer}</s>``. Tokens: ``<s>``, the prompt with each ``<image>``

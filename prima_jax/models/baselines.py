@@ -1,7 +1,7 @@
 """LISA- and GLaMM-style reasoning-segmentation models built from PRIMA's own LLM, [SEG] head and SAM.
 
 Both baselines are LLaVA-style: each image goes through a CLIP ViT-L/14, its penultimate-layer patch
-tokens are projected into the LLM width and replace that image's slots in the prompt (README "The model"):
+tokens are projected into the LLM width and replace that image's slots in the prompt (docs/model.md):
 
 =========== ======== ================ ============= =====================================
 style       CLIP px  tokens / image   projector     source

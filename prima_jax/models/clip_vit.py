@@ -1,6 +1,6 @@
 """CLIP ViT vision encoder (Hugging Face ``CLIPVisionModel`` math and names) and the LLaVA projector.
 
-The image side of the single-image baselines LISA and GLaMM (README "The model", "Visual tokens per image"):
+The image side of the single-image baselines LISA and GLaMM (docs/model.md, "Visual tokens per image"):
 OpenAI CLIP ViT-L/14 (width 1024, depth 24, 16 heads, MLP 4096, quick-GELU, LayerNorm eps 1e-5).
 At 336 px it makes 24 x 24 = 576 patch tokens + CLS = 577; at 224 px 16 x 16 = 256 + CLS.
 

@@ -1,6 +1,6 @@
 """The model config schema (ml_collections) and its two sizes: full PRIMA and tiny.
 
-One schema: :func:`full_config` builds every field with the published sizes (README "The model") and
+One schema: :func:`full_config` builds every field with the published sizes (docs/model.md) and
 :func:`tiny_config` overrides sizes only. Fields marked [?] are details the paper does not give;
 their defaults are our best inference and are documented where they are used.
 """

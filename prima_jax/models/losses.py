@@ -1,4 +1,4 @@
-"""PRIMA's training loss: ce_weight * CE + bce_weight * BCE + dice_weight * DICE (README "Training").
+"""PRIMA's training loss: ce_weight * CE + bce_weight * BCE + dice_weight * DICE (docs/training.md).
 
 Pure functions over arrays; padding tokens, padding masks and the padded area of the SAM frame
 never contribute.
@@ -60,7 +60,7 @@ def reduce_mask_losses(per_mask: jax.Array, seg_valid: jax.Array, seg_image_inde
 
   ``per_mask``: plain mean over all valid masks of the batch (GLaMM). ``per_image``: mean over the
   masks of each (example, image) pair first, then over the pairs that have masks, so an image
-  with many masks does not dominate (the multi-image version, README "Training").
+  with many masks does not dominate (the multi-image version, docs/training.md).
   """
   valid = seg_valid.astype(jnp.float32)
   if reduction == "per_mask":
