@@ -8,8 +8,8 @@ A similarity model is any callable ``sim(a, b) -> float64 [len(a), len(b)]`` of 
   Normalisation lowercases, drops instance suffixes (``desk_1's drawer_1`` -> ``desk drawer``), the
   possessive ``'s``, the words ``a an the of`` and a plural ``s``, so a phrase and its paraphrase by
   word order score high (``desk_1's drawer_1`` vs ``drawer of the desk``: 1.0).
-- :class:`EmbeddingSimilarity`: GLaMM's definition (docs/metrics.md), the cosine of the mean-pooled last hidden
-  states of a local transformers encoder (``bert-base-uncased`` for numbers comparable with GLaMM).
+- :class:`EmbeddingSimilarity`: GLaMM's definition (docs/metrics.md): the cosine of the mean-pooled last
+  hidden states of a local transformers encoder (``bert-base-uncased`` for numbers comparable with GLaMM).
 
 ``make_similarity("default")`` or ``make_similarity("/path/to/bert-base-uncased")`` picks one.
 """
