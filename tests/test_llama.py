@@ -118,6 +118,37 @@ def test_default_positions_and_remat_match():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
 
 
+@pytest.mark.parametrize("policy", ["dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_policies_match_and_recompute_less(policy):
+  """Every remat policy gives the plain gradients; XLA's compiled FLOPs show what each recomputes."""
+  cfg = _llm_cfg(2)
+  seed = _seed()
+  mask = jnp.ones((2, 8), bool)
+  ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, (2, 8))
+  models = {name: llama.Llama(cfg, remat=name, rngs=nnx.Rngs(seed))
+            for name in (False, "full", policy)}
+
+  def loss(m):
+    logits, _, _ = m(m.embed(ids), attention_mask=mask)
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 0])
+
+  def compiled_flops(m):
+    graph, state = nnx.split(m)
+    fn = jax.jit(jax.grad(lambda s: loss(nnx.merge(graph, s))))
+    return fn.lower(state).compile().cost_analysis()["flops"]
+
+  flops = {name: compiled_flops(m) for name, m in models.items()}
+  grads = {name: nnx.value_and_grad(loss)(m) for name, m in models.items()}
+  for name in ("full", policy):
+    np.testing.assert_allclose(grads[False][0], grads[name][0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads[False][1],
+                 grads[name][1])
+  # "full" runs every layer's forward again; a dots policy keeps (some) matmul outputs instead.
+  assert flops["full"] > flops[policy] >= flops[False] * 0.999, flops
+  with pytest.raises(ValueError, match="unknown remat policy"):
+    llama.Llama(cfg, remat="dots", rngs=nnx.Rngs(seed))
+
+
 def _last_real(mask: np.ndarray) -> np.ndarray:
   return mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
 

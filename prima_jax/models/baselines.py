@@ -77,6 +77,7 @@ def baseline_config(style: str, model_cfg: ml_collections.ConfigDict | None = No
   c.attention_implementation = ml_collections.FieldReference(model_cfg.attention_implementation,
                                                              field_type=str)
   c.remat = model_cfg.remat
+  c.remat_policy = model_cfg.get("remat_policy", "full")
   c.baseline = ml_collections.ConfigDict(dict(style=style))
   c.clip = clip
   for name in ("llm", "lora", "sam", "prima"):
@@ -99,11 +100,12 @@ class SegBaseline(Prima):
     attn = cfg.attention_implementation
     if cfg.sam.prompt_embed_dim != cfg.sam.out_channels:
       raise ValueError("sam.prompt_embed_dim must equal sam.out_channels")
-    self.vision = clip_vit.ClipVisionTower(cfg.clip, attention_implementation=attn, remat=cfg.remat, **kw)
+    remat = layers.remat_setting(cfg)
+    self.vision = clip_vit.ClipVisionTower(cfg.clip, attention_implementation=attn, remat=remat, **kw)
     self.projector = clip_vit.ClipProjector(cfg.clip.width, cfg.llm.hidden_size, cfg.clip.projector, **kw)
-    self.llm = Llama(cfg.llm, cfg.lora, attention_implementation=attn, remat=cfg.remat, **kw)
+    self.llm = Llama(cfg.llm, cfg.lora, attention_implementation=attn, remat=remat, **kw)
     self.seg_head = SegHead(cfg.llm.hidden_size, cfg.prima.seg_head_hidden, cfg.sam.prompt_embed_dim, **kw)
-    self.sam = Sam(cfg.sam, attention_implementation=attn, remat=cfg.remat, **kw)
+    self.sam = Sam(cfg.sam, attention_implementation=attn, remat=remat, **kw)
 
   def image_tokens(self, clip_images: jax.Array) -> jax.Array:
     """CLIP -> select_layer patch tokens -> projector: [b, n, H, W, 3] -> [b, n, tokens, llm_width]."""

@@ -101,13 +101,14 @@ class ClipVisionTower(nnx.Module):
     dtype: compute dtype (None: the parameters' dtype).
     param_dtype: storage dtype of the parameters.
     attention_implementation: passed to :func:`prima_jax.models.attention.dot_product_attention`.
-    remat: recompute each block in the backward pass.
+    remat: recompute each block in the backward pass: False, True ("full") or a policy name of
+      ``layers.REMAT_POLICIES``.
   """
 
   def __init__(self, cfg, *, dtype: Any = None, param_dtype: Any = jnp.float32,
-               attention_implementation: str | None = None, remat: bool = False, rngs: nnx.Rngs):
+               attention_implementation: str | None = None, remat: bool | str = False, rngs: nnx.Rngs):
     self.num_patches = num_patches(cfg)
-    self.remat = remat
+    self.remat = layers.remat_policy_name(remat)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     p = cfg.patch_size
     self.patch_embed = layers.conv(3, cfg.width, (p, p), strides=p, padding="VALID", use_bias=False,
@@ -138,7 +139,7 @@ class ClipVisionTower(nnx.Module):
     cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (batch, 1, width))
     x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...].astype(x.dtype)[None]
     x = sharding.constrain(self.pre_layrnorm(x), ACT_AXES)
-    apply = nnx.remat(_apply_layer) if self.remat else _apply_layer
+    apply = layers.remat(_apply_layer, self.remat)
     hidden = [x]
     for layer in self.layers:
       x = apply(layer, x)

@@ -20,6 +20,9 @@ def full_config() -> ml_collections.ConfigDict:
   c.param_dtype = "float32"    # storage dtype of parameters
   c.attention_implementation = ml_collections.FieldReference(None, field_type=str)
   c.remat = False              # gradient checkpointing of transformer blocks
+  # What a rematerialised block keeps for its backward: "full" (nothing: recompute it all),
+  # "dots_saveable" or "dots_with_no_batch_dims_saveable" (see models/layers.REMAT_POLICIES).
+  c.remat_policy = "full"
 
   c.vision = ml_collections.ConfigDict(dict(
       image_size=224, patch_size=14, width=1408, depth=39, num_heads=16, mlp_dim=6144,

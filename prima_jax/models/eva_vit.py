@@ -83,16 +83,17 @@ class EvaViT(nnx.Module):
     dtype: compute dtype (None: the parameters' dtype).
     param_dtype: storage dtype of the parameters.
     attention_implementation: passed to :func:`attention.dot_product_attention`.
-    remat: recompute each block in the backward pass (gradient checkpointing).
+    remat: recompute each block in the backward pass (gradient checkpointing): False, True ("full")
+      or a policy name of ``layers.REMAT_POLICIES``.
   """
 
   def __init__(self, cfg, *, dtype: Any = None, param_dtype: Any = jnp.float32,
-               attention_implementation: str | None = None, remat: bool = False, rngs: nnx.Rngs):
+               attention_implementation: str | None = None, remat: bool | str = False, rngs: nnx.Rngs):
     if cfg.image_size % cfg.patch_size:
       raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     self.patch_size = cfg.patch_size
     self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
-    self.remat = remat
+    self.remat = layers.remat_policy_name(remat)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     p = cfg.patch_size
     self.patch_embed = layers.conv(3, cfg.width, (p, p), strides=p, padding="VALID",
@@ -118,7 +119,7 @@ class EvaViT(nnx.Module):
     cls = jnp.broadcast_to(self.cls_token[...].astype(dtype), (batch, 1, width))
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(dtype)[None]
     x = sharding.constrain(x, ACT_AXES)
-    apply = nnx.remat(_apply_block) if self.remat else _apply_block
+    apply = layers.remat(_apply_block, self.remat)
     for block in self.blocks:
       x = apply(block, x)
     return self.ln_vision(x)

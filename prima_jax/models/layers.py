@@ -17,6 +17,49 @@ Axes = tuple[str | None, ...]
 
 DEFAULT_KERNEL_INIT = nnx.initializers.normal(stddev=0.02)
 
+# model.remat_policy -> what a rematerialised block keeps from its forward pass for the backward
+# (everything else is recomputed). JAX's own policies (jax.checkpoint_policies).
+REMAT_POLICIES: dict[str, Any] = {
+    # Only the block's inputs: the whole block runs again in the backward (least memory).
+    "full": None,
+    # Every matmul output, the attention logits included: only elementwise work is recomputed.
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    # Matmuls without batch dimensions (the weight projections, LoRA included): attention's
+    # batched einsums and the elementwise work are recomputed; its [heads, q, k] logits are not kept.
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy_name(remat: bool | str | None) -> str | None:
+  """A module's ``remat`` argument as a policy name: False / None / "none" -> None, True -> "full".
+
+  Raises:
+    ValueError: an unknown policy name.
+  """
+  if remat is None or remat is False or remat == "none":
+    return None
+  if remat is True:
+    return "full"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {remat!r}; choose from none, {', '.join(REMAT_POLICIES)}")
+  return remat
+
+
+def remat_setting(model_cfg) -> str | None:
+  """The towers' ``remat`` argument from a model config: ``remat_policy`` when ``remat`` is on, else None."""
+  return remat_policy_name(model_cfg.get("remat_policy", "full")) if model_cfg.remat else None
+
+
+def remat(fn, policy: bool | str | None, **kwargs):
+  """``fn`` wrapped in ``nnx.remat`` under ``policy`` (see :func:`remat_policy_name`); unchanged when off.
+
+  ``kwargs`` go to ``nnx.remat`` (e.g. ``static_argnums``).
+  """
+  name = remat_policy_name(policy)
+  if name is None:
+    return fn
+  return nnx.remat(fn, policy=REMAT_POLICIES[name], **kwargs)
+
 
 def dtype_of(name: Any) -> jnp.dtype:
   """Turns a config string ('float32', 'bfloat16') or dtype into a jnp dtype."""

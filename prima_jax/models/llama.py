@@ -158,9 +158,6 @@ def _apply_layer(layer: LlamaDecoderLayer, x, cos, sin, mask, kv_cache, index):
   return layer(x, cos, sin, mask, kv_cache, index)
 
 
-_apply_layer_remat = nnx.remat(_apply_layer)
-
-
 class Llama(nnx.Module):
   """LLaMA causal LM.
 
@@ -173,7 +170,7 @@ class Llama(nnx.Module):
   """
 
   def __init__(self, cfg: Any, lora_cfg: Any = None, *, dtype: Any = None, param_dtype: Any = jnp.float32,
-               attention_implementation: str | None = None, remat: bool = False, rngs: nnx.Rngs):
+               attention_implementation: str | None = None, remat: bool | str = False, rngs: nnx.Rngs):
     """
     Args:
       cfg: the ``llm`` sub-config (vocab_size, hidden_size, num_layers, num_heads, num_kv_heads,
@@ -184,10 +181,11 @@ class Llama(nnx.Module):
       dtype: compute dtype (None: that of the parameters).
       param_dtype: storage dtype of parameters.
       attention_implementation: passed to :func:`prima_jax.models.attention.dot_product_attention`.
-      remat: rematerialise each decoder layer in the backward pass.
+      remat: rematerialise each decoder layer in the backward pass: False, True ("full") or a
+        policy name of ``layers.REMAT_POLICIES``.
     """
     self.dtype = layers.dtype_of(dtype)
-    self.remat = remat
+    self.remat = layers.remat_policy_name(remat)
     self.head_dim = cfg.get("head_dim", None) or cfg.hidden_size // cfg.num_heads
     self.rope_theta = float(cfg.rope_theta)
     self.num_kv_heads = cfg.num_kv_heads
@@ -265,7 +263,7 @@ class Llama(nnx.Module):
       causal = k_slot[None, :] <= q_slot[:, None]
       mask = causal[None, None] & kv_mask[:, None, None, :]
     cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
-    apply = _apply_layer_remat if self.remat else _apply_layer
+    apply = layers.remat(_apply_layer, self.remat)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])

@@ -111,12 +111,13 @@ class QFormer(nnx.Module):
     dtype: compute dtype (None: the parameters' dtype).
     param_dtype: storage dtype of the parameters.
     attention_implementation: passed to :func:`attention.dot_product_attention`.
-    remat: recompute each layer in the backward pass (gradient checkpointing).
+    remat: recompute each layer in the backward pass (gradient checkpointing): False, True ("full")
+      or a policy name of ``layers.REMAT_POLICIES``.
   """
 
   def __init__(self, cfg, *, dtype: Any = None, param_dtype: Any = jnp.float32,
-               attention_implementation: str | None = None, remat: bool = False, rngs: nnx.Rngs):
-    self.remat = remat
+               attention_implementation: str | None = None, remat: bool | str = False, rngs: nnx.Rngs):
+    self.remat = layers.remat_policy_name(remat)
     self.max_positions = cfg.max_position_embeddings
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     hidden = cfg.hidden_size
@@ -165,7 +166,7 @@ class QFormer(nnx.Module):
       image_mask = image_mask.astype(bool)
     if self.dtype is not None:
       image_features = image_features.astype(self.dtype)
-    apply = nnx.remat(_apply_layer, static_argnums=(5,)) if self.remat else _apply_layer
+    apply = layers.remat(_apply_layer, self.remat, static_argnums=(5,))
     for layer in self.layers:
       x = apply(layer, x, mask, image_features, image_mask, num_queries)
     return x

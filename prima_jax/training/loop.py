@@ -33,7 +33,14 @@ from prima_jax.training.partition import (
   replicated,
   unmatched_patterns,
 )
-from prima_jax.training.validate import ConfigError, build_mesh, check_batch, check_keys, check_schedule
+from prima_jax.training.validate import (
+  ConfigError,
+  build_mesh,
+  check_batch,
+  check_keys,
+  check_model,
+  check_schedule,
+)
 from prima_jax.training.visualize import write_predictions
 
 log = logging.getLogger(__name__)
@@ -197,6 +204,7 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
   wd = workdir if isinstance(workdir, workdir_lib.Workdir) else workdir_lib.Workdir(workdir)
   check_keys(config, schema())
   check_schedule(config)
+  check_model(config)
   mesh = build_mesh(config)
   check_batch(config, mesh)
   t = config.train

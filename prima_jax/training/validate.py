@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import jax
 import ml_collections
 
+from prima_jax.models.layers import REMAT_POLICIES
 from prima_jax.sharding import MESH_AXES, make_mesh
 
 
@@ -87,3 +88,9 @@ def check_schedule(config) -> None:
   if bad:
     raise ConfigError(f"data.length_buckets={buckets}: every bucket must be an int in "
                       f"(0, data.max_length={config.data.max_length}], got {bad}")
+
+
+def check_model(config) -> None:
+  policy = config.model.get("remat_policy", "full")
+  if policy not in REMAT_POLICIES:
+    raise ConfigError(f"model.remat_policy={policy!r}: choose from {', '.join(REMAT_POLICIES)}")

@@ -134,13 +134,17 @@ class VisionBlock(nnx.Module):
     return x + self.mlp(self.norm2(x))
 
 
+def _apply_block(block: VisionBlock, x: jax.Array) -> jax.Array:
+  return block(x)
+
+
 class SamImageEncoder(nnx.Module):
   """SAM ViT: images [b, S, S, 3] (normalised) -> embeddings [b, S/p, S/p, out_channels]."""
 
   def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, attention_implementation=None,
-               remat: bool = False, rngs: nnx.Rngs):
+               remat: bool | str = False, rngs: nnx.Rngs):
     grid = cfg.image_size // cfg.patch_size
-    self.remat = remat
+    self.remat = layers.remat_policy_name(remat)
     self.patch_embed = layers.conv(3, cfg.width, (cfg.patch_size, cfg.patch_size),
                                    strides=cfg.patch_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.pos_embed = layers.param(rngs, (grid, grid, cfg.width), ("positions", "positions", "embed"),
@@ -163,10 +167,8 @@ class SamImageEncoder(nnx.Module):
     """[b, S, S, 3] -> [b, S/p, S/p, out_channels]."""
     x = self.patch_embed(images)
     x = x + self.pos_embed[...].astype(x.dtype)
+    apply = layers.remat(_apply_block, self.remat)
     for block in self.blocks:
-      if self.remat:
-        x = nnx.remat(lambda blk, y: blk(y))(block, x)
-      else:
-        x = block(x)
+      x = apply(block, x)
     x = self.neck_norm1(self.neck_conv1(x))
     return self.neck_norm2(self.neck_conv2(x))

@@ -69,7 +69,7 @@ class Sam(nnx.Module):
   """
 
   def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, attention_implementation=None,
-               remat: bool = False, rngs: nnx.Rngs):
+               remat: bool | str = False, rngs: nnx.Rngs):
     self.image_size = cfg.image_size
     self.image_encoder = SamImageEncoder(cfg, dtype=dtype, param_dtype=param_dtype,
                                          attention_implementation=attention_implementation, remat=remat,
