@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         # PyTorch export / import and parity references.
-        "torch": ["torch>=2.13.0", "transformers>=5.24.0", "safetensors>=0.8.0"],
+        "torch": ["torch>=2.13.0", "transformers>=5.24.0", "safetensors>=0.8.0", "peft>=0.21.2"],
         "test": ["pytest>=9.0", "ruff>=0.14"],
         # Object-store workdirs and data: gs:// (epath's fsspec client, and Orbax's bucket queries).
         "gcs": ["gcsfs", "google-cloud-storage"],
