@@ -94,7 +94,10 @@ class LlamaAttention(nnx.Module):
   def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
                kv_cache: tuple[Array, Array] | None = None, index: Array | None = None
                ) -> tuple[Array, tuple[Array, Array] | None]:
-    """x [b, l, d]; cos/sin [b, l, head_dim]; mask bool [b, 1, l, kv_len].
+    """x [b, l, d]; cos/sin [b, l, head_dim]; mask bool: without ``kv_cache`` the key padding [b, l]
+    (attention is causal: ``causal=True, key_valid=mask``, the form the library kernels run), with
+    ``kv_cache`` the dense [b, 1, l, max_len] mask (the query is offset into the cache by ``index``,
+    a causal-with-offset form no kernel takes: it runs the XLA reference; decode is one query).
 
     With ``kv_cache`` = (k, v) [b, max_len, kv_heads, head_dim], this step's keys/values are written at
     slot ``index`` and attention runs over all max_len slots. Returns ([b, l, d], updated (k, v) or None).
@@ -108,8 +111,9 @@ class LlamaAttention(nnx.Module):
       k = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, index, 0, 0))
       new_cache = (k, v)
+    structure = (dict(causal=True, key_valid=mask) if kv_cache is None else dict(mask=mask))
     out = attention.dot_product_attention(
-        q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation=self.attention_implementation)
+        q, k.astype(q.dtype), v.astype(q.dtype), **structure, implementation=self.attention_implementation)
     out = sharding.constrain(out, ("batch", "length", "act_heads", None))
     return self.o_proj(layers.merge_heads(out)), new_cache
 
@@ -249,8 +253,7 @@ class Llama(nnx.Module):
       index = None
       if positions is None:
         positions = default_positions(attention_mask)
-      causal = jnp.tril(jnp.ones((length, length), bool))
-      mask = causal[None, None] & attention_mask[:, None, None, :]
+      mask = attention_mask  # key padding; LlamaAttention adds causal=True
       kv_mask = None
     else:
       index = cache.index
