@@ -23,11 +23,13 @@ setup(
         "pyarrow",
         "tokenizers",
         "sentencepiece",
+        "tensorboardX>=2.6.5",   # TensorBoard event files of training runs
     ],
     extras_require={
         # PyTorch export / import and parity references.
         "torch": ["torch>=2.13.0", "transformers>=5.24.0", "safetensors>=0.8.0", "peft>=0.21.2"],
-        "test": ["pytest>=9.0", "ruff>=0.14"],
+        # tensorboard: its EventAccumulator reads the training event files back in the tests.
+        "test": ["pytest>=9.0", "ruff>=0.14", "tensorboard>=2.21.0"],
         # Object-store workdirs and data: gs:// (epath's fsspec client, and Orbax's bucket queries).
         "gcs": ["gcsfs", "google-cloud-storage"],
         "s3": ["s3fs"],

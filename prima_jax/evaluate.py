@@ -29,10 +29,10 @@ import time
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from prima_jax import paths
+from prima_jax import cli, paths
 
 
 def local_indices(total: int, shard_index: int, shard_count: int) -> list[int | None]:
@@ -244,4 +244,4 @@ if __name__ == "__main__":
   _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
   _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
   _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-  app.run(main)
+  cli.run(main)

@@ -23,11 +23,11 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
-from prima_jax import paths
+from prima_jax import cli, paths
 
 # Distinct overlay colours (RGB), cycled.
 PALETTE = np.asarray([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -196,4 +196,4 @@ if __name__ == "__main__":
   _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
   _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
   _ANSWER_PREFIX = flags.DEFINE_string("answer_prefix", None, "Force the answer to start with this text.")
-  app.run(main)
+  cli.run(main)

@@ -17,9 +17,11 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from prima_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (path[:arg]).",
                                           lock_config=True)
@@ -97,4 +99,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,6 @@ from prima_jax.data.pipeline import DROP_REASONS
 from prima_jax.models.prima import Prima
 from prima_jax.training import checkpoint as ckpt_lib
 from prima_jax.training import data as data_lib
-from prima_jax.training import metrics as metrics_lib
 from prima_jax.training import visualize
 from prima_jax.training.loop import NonFiniteLoss, schema, train_and_evaluate
 from prima_jax.training.validate import ConfigError, build_mesh, check_batch, check_keys, check_schedule
@@ -91,12 +89,25 @@ def test_few_steps_end_to_end_frozen_unchanged(tmp_path, data_dir):
     assert {"ce", "bce", "dice", "grad_norm", "lr", "step_time", "examples_per_s", "tokens_per_s"} <= r.keys()
   (ev,) = [r for r in rows if r["kind"] == "eval"]
   assert ev["step"] == 3 and 0 <= ev["miou"] <= 1 and 0 <= ev["token_accuracy"] <= 1 and ev["masks"] > 0
-  # TensorBoard: valid TFRecord framing (CRCs checked) with the scalars' tags.
+  # TensorBoard, read by TensorBoard's own reader: the scalars, the prediction panels, the config.
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: PLC0415
+
   (events,) = list((tmp_path / "w" / "tensorboard").iterdir())
-  payloads = metrics_lib.read_tfrecords(str(events))
-  assert len(payloads) == 1 + 3 + 1 and b"train/loss" in payloads[1] and b"eval/miou" in payloads[-1]
-  assert ckpt_lib.Checkpointer(str(tmp_path / "w" / "checkpoints"), keep=2).all_steps() == [3]
+  acc = EventAccumulator(str(events), size_guidance={"images": 0, "tensors": 0})
+  acc.Reload()
+  loss = acc.Scalars("train/loss")
+  assert [e.step for e in loss] == [1, 2, 3]
+  np.testing.assert_allclose([e.value for e in loss], [r["loss"] for r in train_rows], rtol=1e-6)
+  assert [(e.step, round(e.value, 5)) for e in acc.Scalars("eval/miou")] == [(3, round(ev["miou"], 5))]
+  tags = acc.Tags()
+  panels = sorted(t for t in tags["images"] if t.startswith("predictions/"))
   pngs = sorted((tmp_path / "w" / "predictions" / "step_3").glob("example*_seg*.png"))
+  assert panels == sorted(f"predictions/{p.stem}" for p in pngs) and panels
+  image = acc.Images(panels[0])[0]
+  assert (image.step, (image.height, image.width)) == (3, np.asarray(Image.open(pngs[0])).shape[:2])
+  (text,) = [t for t in tags["tensors"] if t.startswith("config")]
+  assert b"hidden_size" in acc.Tensors(text)[0].tensor_proto.string_val[0]
+  assert ckpt_lib.Checkpointer(str(tmp_path / "w" / "checkpoints"), keep=2).all_steps() == [3]
   assert pngs and all(np.asarray(Image.open(p)).ndim == 3 for p in pngs)
 
   # Frozen parameters are bitwise the initial ones (a zero-step run initialises the same model).
@@ -228,13 +239,6 @@ def test_trainable_pattern_typo(tmp_path, data_dir):
     train_and_evaluate(c, str(tmp_path / "w"))
 
 
-def test_event_file_encoding():
-  payload = metrics_lib.event_proto(1.5, 7, scalars={"a/b": 0.25})
-  assert payload[:9] == b"\x09" + struct.pack("<d", 1.5) and b"a/b" in payload
-  assert struct.pack("<f", 0.25) in payload
-  assert metrics_lib.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-
-
 def test_prediction_panels_undo_sam_normalisation():
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)
@@ -297,7 +301,16 @@ def test_training_on_an_object_store_workdir(object_store, tmp_path, data_dir):
   assert list((stored / "predictions" / "step_2").glob("example0_seg*.png"))
   rows = [json.loads(line) for line in (stored / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
-  assert len(list((stored / "tensorboard").iterdir())) == 2   # one events file per start
+  events = sorted((stored / "tensorboard").iterdir())
+  assert len(events) == 2   # one events file per start, uploaded whole
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: PLC0415
+
+  steps_seen = []
+  for path in events:
+    acc = EventAccumulator(str(path))
+    acc.Reload()
+    steps_seen += [e.step for e in acc.Scalars("train/loss")]
+  assert sorted(steps_seen) == [1, 2, 3]
   model = Prima(c.model, rngs=nnx.Rngs(c.seed + 1))
   assert workdir_lib.restore_params(url, model) == 3
   restored = flat(nnx.state(model, nnx.Param).to_pure_dict())

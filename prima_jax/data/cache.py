@@ -40,13 +40,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from prima_jax import paths
+from prima_jax import cli, paths
 from prima_jax.data import features as feat
 from prima_jax.data import preprocess
 from prima_jax.data import records as rec
@@ -387,4 +387,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli.run(lambda argv: sys.exit(main(argv)))

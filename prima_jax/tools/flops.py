@@ -62,6 +62,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
+from prima_jax import cli
 from prima_jax.models import baselines, clip_vit, layers
 from prima_jax.models.eva_vit import EvaViT
 from prima_jax.models.llama import Llama
@@ -870,4 +871,4 @@ if __name__ == "__main__":
   _FAKE_DEVICES = _flag(flags.DEFINE_integer, "fake_devices", 0,
                         "--training: pretend the CPU has this many devices.")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

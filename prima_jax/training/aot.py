@@ -26,10 +26,11 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from prima_jax import cli  # noqa: E402
 from prima_jax.models.prima import Prima  # noqa: E402
 from prima_jax.training import steps  # noqa: E402
 from prima_jax.training.optimizer import make_optimizer  # noqa: E402
@@ -119,4 +120,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

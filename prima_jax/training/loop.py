@@ -4,6 +4,7 @@ state, resume, train with periodic eval and checkpoints, stop cleanly on SIGTERM
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import signal
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prima_jax import paths
 from prima_jax import workdir as workdir_lib
 from prima_jax.data.pipeline import DISPLAY_KEY, to_global_batch
 from prima_jax.models.configs import full_config
@@ -41,7 +43,7 @@ from prima_jax.training.validate import (
   check_model,
   check_schedule,
 )
-from prima_jax.training.visualize import write_predictions
+from prima_jax.training.visualize import prediction_panels, write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +244,8 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
                rng=jax.device_put(rng, rep))
 
   writer = MetricWriter(wd.path, tensorboard=config.logging.tensorboard, console=config.logging.console,
-                        is_main=is_main)
+                        is_main=is_main,
+                        staging=None if paths.is_local(wd.path) else workdir_lib.local_cache_root(config))
   writer.print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} over {jax.process_count()} "
                f"process(es); mesh {dict(mesh.shape)}; params: {n_train:,} trainable, {n_frozen:,} frozen")
   if restored_frozen:
@@ -269,6 +272,9 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
     drops = dict(data_meta.get("drops", {})) if data_meta else {}
     writer.print(f"resumed from {checkpointer.directory}/{latest} "
                  f"(step {start_step}, global batch {data_pos}; saved {meta.get('time', '?')})")
+  # The run's config as TensorBoard text (markdown: a code block keeps the JSON's layout).
+  writer.text(start_step, "config", "```\n" + json.dumps(workdir_lib.config_record(config), indent=1,
+                                                          sort_keys=True) + "\n```")
   train_iter = iter(data_lib.train_dataset(config, model_cfg, tokenizers, ddir, start_batch=data_pos,
                                            feature_cache=cache))
   data_lib.restore_drops(train_iter, drops)
@@ -335,8 +341,10 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
         logits = np.asarray(jax.device_get(predict_fn(state["params"], frozen,
                                                       to_global_batch(device_part(first_eval), mesh))))
         if is_main:
-          write_predictions(wd.predictions / f"step_{step}", first_eval,
-                            logits[:len(first_eval["seg_valid"])], config.eval.prediction_examples)
+          panels = prediction_panels(first_eval, logits[:len(first_eval["seg_valid"])],
+                                     config.eval.prediction_examples)
+          write_predictions(wd.predictions / f"step_{step}", panels)
+          writer.images(step, {f"predictions/{name}": panel for name, panel in panels.items()})
 
     if start_step == 0 and config.eval.at_start and config.eval.every:
       run_eval(0)

@@ -1,21 +1,21 @@
-"""Metric writers (JSONL, TensorBoard event files without TensorFlow), the console line, MFU.
+"""Metric writers (JSONL; TensorBoard event files through tensorboardX), the console line, MFU.
 
-Only process 0 writes; other processes get no-op writers. TensorBoard files are written with a small
-built-in encoder (TFRecord framing with masked CRC32C around ``Event`` protos holding scalar
-``simple_value`` summaries), because neither TensorFlow nor ``tensorboard``/``tensorboardX`` is a
-dependency; ``tensorboard --logdir WORKDIR/tensorboard`` reads them.
+Only process 0 writes; other processes get no-op writers. ``tensorboard --logdir WORKDIR/tensorboard``
+reads the event files: scalars (``train/*``, ``eval/*``), the evaluation's prediction panels and the
+run's config as text.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import socket
-import struct
+import shutil
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from etils import epath
 
 from prima_jax import paths
@@ -36,110 +36,60 @@ def peak_flops(device_kind: str) -> float | None:
   return None
 
 
-# --- CRC32C (Castagnoli) for TFRecord framing -------------------------------------------------
-
-def _crc_table() -> list[int]:
-  table = []
-  for i in range(256):
-    crc = i
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return table
-
-
-_CRC_TABLE = _crc_table()
-
-
-def crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for b in data:
-    crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def masked_crc(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord(data: bytes) -> bytes:
-  header = struct.pack("<Q", len(data))
-  return header + struct.pack("<I", masked_crc(header)) + data + struct.pack("<I", masked_crc(data))
-
-
-def read_tfrecords(path: str | epath.Path) -> list[bytes]:
-  """Payloads of a TFRecord file; raises ValueError on a bad CRC (used by tests)."""
-  out = []
-  data = epath.Path(path).read_bytes()
-  pos = 0
-  while pos < len(data):
-    header = data[pos:pos + 8]
-    (length,) = struct.unpack("<Q", header)
-    if struct.unpack("<I", data[pos + 8:pos + 12])[0] != masked_crc(header):
-      raise ValueError(f"{path}: bad length CRC at byte {pos}")
-    payload = data[pos + 12:pos + 12 + length]
-    if struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])[0] != masked_crc(payload):
-      raise ValueError(f"{path}: bad data CRC at byte {pos}")
-    out.append(payload)
-    pos += 16 + length
-  return out
-
-
-# --- protobuf wire format for tensorflow.Event / Summary ---------------------------------------
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while True:
-    b = n & 0x7F
-    n >>= 7
-    if n:
-      out.append(b | 0x80)
-    else:
-      out.append(b)
-      return bytes(out)
-
-
-def _field(number: int, wire: int, payload: bytes) -> bytes:
-  return _varint((number << 3) | wire) + payload
-
-
-def _bytes_field(number: int, data: bytes) -> bytes:
-  return _field(number, 2, _varint(len(data)) + data)
-
-
-def event_proto(wall_time: float, step: int, *, scalars: Mapping[str, float] | None = None,
-                file_version: str | None = None) -> bytes:
-  """``Event{wall_time=1, step=2, file_version=3 | summary=5{value=1{tag=1, simple_value=2}}}``."""
-  out = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step & (2 ** 64 - 1)))
-  if file_version is not None:
-    out += _bytes_field(3, file_version.encode())
-  if scalars:
-    values = b"".join(_bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", v)))
-                      for tag, v in scalars.items())
-    out += _bytes_field(5, values)
-  return out
-
-
 class TensorBoardWriter:
-  """Scalars to ``logdir/events.out.tfevents.<time>.<host>``."""
+  """Scalars, images and text to TensorBoard event files in ``logdir``, through tensorboardX.
 
-  def __init__(self, logdir: epath.Path):
-    logdir.mkdir(parents=True, exist_ok=True)
-    # A new file per start: object stores cannot append, and TensorBoard reads every events file.
-    self.path = logdir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-    self._f = self.path.open("wb")
-    self._f.write(tfrecord(event_proto(time.time(), 0, file_version="brain.Event:2")))
-    self._f.flush()
+  tensorboardX writes local files; with an object-store ``logdir`` (which cannot append) the events
+  go to a local staging directory under ``staging`` and the file is uploaded whole, at most every
+  ``remote_flush_s`` seconds and at close. A new file per start: TensorBoard reads every events file.
+  """
+
+  def __init__(self, logdir: epath.Path, *, staging: epath.Path | None = None, remote_flush_s: float = 30.0):
+    from tensorboardX import SummaryWriter  # noqa: PLC0415 (a dependency only of training)
+
+    self.logdir = epath.Path(logdir)
+    self._remote = not paths.is_local(self.logdir)
+    if self._remote:
+      if staging is None:
+        raise ValueError(f"{self.logdir}: an object-store logdir needs a local staging directory")
+      local = epath.Path(staging) / f"tensorboard-{uuid.uuid4().hex[:8]}"
+    else:
+      local = self.logdir
+    local.mkdir(parents=True, exist_ok=True)
+    self._staging = local if self._remote else None
+    suffix = f".{uuid.uuid4().hex[:8]}"   # names this start's file among earlier starts' files
+    self._writer = SummaryWriter(logdir=str(local), flush_secs=10, filename_suffix=suffix)
+    (self._local_file,) = local.glob(f"events.out.tfevents.*{suffix}")
+    self.path = self.logdir / self._local_file.name
+    self._flush_every, self._flushed = remote_flush_s, time.time()
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
-    finite = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-    if finite:
-      self._f.write(tfrecord(event_proto(time.time(), step, scalars=finite)))
-      self._f.flush()
+    for tag, v in values.items():
+      if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        self._writer.add_scalar(tag, float(v), global_step=int(step))
+    self._maybe_upload()
+
+  def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """``tag -> uint8 [h, w, 3]`` (e.g. the prediction panels of an evaluation)."""
+    for tag, image in images.items():
+      self._writer.add_image(tag, np.asarray(image, np.uint8), global_step=int(step), dataformats="HWC")
+    self._maybe_upload()
+
+  def text(self, step: int, tag: str, text: str) -> None:
+    self._writer.add_text(tag, text, global_step=int(step))
+    self._maybe_upload()
+
+  def _maybe_upload(self, force: bool = False) -> None:
+    if self._remote and (force or time.time() - self._flushed > self._flush_every):
+      self._writer.flush()
+      paths.copy_atomic(self._local_file, self.path)
+      self._flushed = time.time()
 
   def close(self) -> None:
-    self._f.close()
+    self._writer.close()
+    self._maybe_upload(force=True)
+    if self._staging is not None:
+      shutil.rmtree(self._staging, ignore_errors=True)
 
 
 class JsonlWriter:
@@ -184,14 +134,19 @@ class JsonlWriter:
 
 
 class MetricWriter:
-  """JSONL + optional TensorBoard + console, on process 0 only."""
+  """JSONL + optional TensorBoard + console, on process 0 only.
 
-  def __init__(self, workdir: epath.Path | str, *, tensorboard: bool, console: bool, is_main: bool):
+  ``staging``: a local directory for the TensorBoard file of an object-store workdir.
+  """
+
+  def __init__(self, workdir: epath.Path | str, *, tensorboard: bool, console: bool, is_main: bool,
+               staging: epath.Path | str | None = None):
     workdir = epath.Path(workdir)
     self.is_main = is_main
     self.console = console and is_main
     self.jsonl = JsonlWriter(workdir / "metrics.jsonl") if is_main else None
-    self.tb = TensorBoardWriter(workdir / "tensorboard") if (is_main and tensorboard) else None
+    self.tb = (TensorBoardWriter(workdir / "tensorboard", staging=staging)
+               if (is_main and tensorboard) else None)
 
   def write(self, step: int, kind: str, values: Mapping[str, Any]) -> None:
     if not self.is_main:
@@ -199,6 +154,15 @@ class MetricWriter:
     self.jsonl.write(step, kind, values)
     if self.tb is not None:
       self.tb.scalars(step, {f"{kind}/{k}": v for k, v in values.items()})
+
+  def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """uint8 [h, w, 3] images by tag, to TensorBoard (no-op without it)."""
+    if self.is_main and self.tb is not None:
+      self.tb.images(step, images)
+
+  def text(self, step: int, tag: str, text: str) -> None:
+    if self.is_main and self.tb is not None:
+      self.tb.text(step, tag, text)
 
   def print(self, text: str) -> None:
     if self.console:

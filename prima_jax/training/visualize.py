@@ -48,16 +48,22 @@ def example_panels(batch: Mapping[str, np.ndarray], mask_logits: np.ndarray, b: 
   return panels
 
 
-def write_predictions(directory: epath.Path | str, batch: Mapping[str, np.ndarray], mask_logits: np.ndarray,
-                      max_examples: int) -> list[epath.Path]:
-  """Writes ``directory/example{b}_seg{j}.png`` (prediction in red | truth in green); returns the paths."""
+def prediction_panels(batch: Mapping[str, np.ndarray], mask_logits: np.ndarray,
+                      max_examples: int) -> dict[str, np.ndarray]:
+  """``example{b}_seg{j}`` -> uint8 panel (prediction in red | truth in green) of the first examples."""
+  return {f"example{b}_seg{j}": panel
+          for b in range(min(max_examples, len(batch["seg_valid"])))
+          for j, panel in enumerate(example_panels(batch, mask_logits, b))}
+
+
+def write_predictions(directory: epath.Path | str, panels: Mapping[str, np.ndarray]) -> list[epath.Path]:
+  """Writes ``directory/<name>.png`` for each of :func:`prediction_panels`; returns the paths."""
   directory = epath.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   written = []
-  for b in range(min(max_examples, len(batch["seg_valid"]))):
-    for j, panel in enumerate(example_panels(batch, mask_logits, b)):
-      path = directory / f"example{b}_seg{j}.png"
-      with path.open("wb") as f:
-        Image.fromarray(panel).save(f, format="PNG")
-      written.append(path)
+  for name, panel in panels.items():
+    path = directory / f"{name}.png"
+    with path.open("wb") as f:
+      Image.fromarray(panel).save(f, format="PNG")
+    written.append(path)
   return written
