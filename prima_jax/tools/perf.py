@@ -318,6 +318,9 @@ def jax_train_steps(config, *, micro_batch: int | None = 1, variants: Sequence[s
   images = int(config.model.prima.max_images if images is None else images)
   cfg, mesh, micro = flops.training_config(config, images=images, micro_batch=micro_batch,
                                            mesh_shape=mesh_shape)
+  if "scan_layers" in config.model and cfg.model.scan_layers != config.model.scan_layers:
+    with cfg.unlocked():   # time the layer layout training runs; step_flops counts a scan's unrolled twin
+      cfg.model.scan_layers = config.model.scan_layers
   check_model(cfg)
   check_batch(cfg, mesh)
   devices, batch_size = int(mesh.devices.size), int(cfg.train.batch_size)
@@ -1125,9 +1128,10 @@ def _share_gpu_with_torch(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
 
+  from prima_jax import cli
   from prima_jax.tools.flops import _flag
 
   # prima_jax.training.aot defines --config, --mesh and --fake_devices on import (and applies
@@ -1154,4 +1158,4 @@ if __name__ == "__main__":
                             "step's shapes) or model (the model's initialisers; one more compile).")
   _JSON = flags.DEFINE_bool("json", False, "Print one JSON object (progress goes to stderr).")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)
