@@ -47,6 +47,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("queries", None),
     ("relative", None),
     ("head_dim", None),
+    # the leading axis of stacked (scanned) blocks, model.scan_layers: never split
+    ("layers", None),
 )
 
 

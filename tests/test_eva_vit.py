@@ -57,7 +57,7 @@ def _images(cfg, batch=2) -> np.ndarray:
 def test_parity_with_hf_instructblip_vision():
   cfg = _vision_cfg()
   hf = _hf_vision(cfg)
-  ours = eva_vit.EvaViT(cfg, rngs=nnx.Rngs(_seed()))
+  ours = eva_vit.EvaViT(cfg, scan_layers=True, rngs=nnx.Rngs(_seed()))  # model.scan_layers' default
   report = sd.load_state_dict(ours, hf.state_dict(), ib.vision_rules(cfg), strict=True,
                               ignore_unexpected=ib.VISION_IGNORED_PREFIXES)
   assert report.initialised == []

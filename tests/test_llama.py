@@ -54,7 +54,7 @@ def _padded_batch(rng: np.random.Generator, batch: int, length: int, vocab: int)
 def test_logits_match_transformers(num_kv_heads, tie):
   cfg = _llm_cfg(num_kv_heads, tie)
   hf = _hf_model(cfg)
-  model = llama.Llama(cfg, rngs=nnx.Rngs(_seed()))
+  model = llama.Llama(cfg, scan_layers=True, rngs=nnx.Rngs(_seed()))  # model.scan_layers' default
   report = sd.load_state_dict(model, hf.state_dict(), convert_llama.llama_rules(cfg),
                               ignore_unexpected=convert_llama.llama_ignored_keys(cfg))
   assert report.initialised == [] and report.missing == [] and report.unexpected == []
@@ -156,7 +156,7 @@ def _last_real(mask: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("num_kv_heads", [2, 4], ids=["grouped_kv", "mha"])
 def test_kv_cache_greedy_decoding_matches_full_recompute(num_kv_heads):
   cfg = _llm_cfg(num_kv_heads)
-  model = llama.Llama(cfg, configs.tiny_config().lora, rngs=nnx.Rngs(_seed()))
+  model = llama.Llama(cfg, configs.tiny_config().lora, scan_layers=True, rngs=nnx.Rngs(_seed()))
   model.eval()  # LoRA dropout off; randomise B so the adapters take part
   for m in lora.lora_modules(model):
     m.lora_b[...] = jax.random.normal(jax.random.key(_seed()), m.lora_b[...].shape) * 0.1

@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from prima_jax.convert import llama as convert_llama
@@ -83,9 +84,10 @@ def test_fresh_lora_changes_nothing():
   np.testing.assert_allclose(_forward(adapted, ids, mask), _forward(plain, ids, mask), rtol=1e-6, atol=1e-6)
 
 
-def test_merge_unmerge():
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_merge_unmerge(scan_layers):
   cfg, lora_cfg = _cfgs()
-  model = llama.Llama(cfg, lora_cfg, rngs=nnx.Rngs(_seed()))
+  model = llama.Llama(cfg, lora_cfg, scan_layers=scan_layers, rngs=nnx.Rngs(_seed()))
   model.eval()
   ids, mask = _inputs(cfg)
   base_before = _forward_without_lora(model, ids, mask)
@@ -125,9 +127,10 @@ def _forward_without_lora(model, ids, mask):
   return out
 
 
-def test_dropout_train_vs_eval():
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_dropout_train_vs_eval(scan_layers):
   cfg, lora_cfg = _cfgs(dropout=0.5)
-  model = llama.Llama(cfg, lora_cfg, rngs=nnx.Rngs(_seed()))
+  model = llama.Llama(cfg, lora_cfg, scan_layers=scan_layers, rngs=nnx.Rngs(_seed()))
   _randomise_b(model)
   ids, mask = _inputs(cfg)
   fwd = nnx.jit(_forward_logits)

@@ -33,7 +33,7 @@ def _loaded_pair(cfg):
   hf = _hf_qformer(cfg)
   query_tokens = torch.randn(1, cfg.num_query_tokens, cfg.hidden_size) * 0.5
   state = dict(hf.state_dict(), query_tokens=query_tokens)
-  ours = qformer.QFormer(cfg, rngs=nnx.Rngs(_seed()))
+  ours = qformer.QFormer(cfg, scan_layers=True, rngs=nnx.Rngs(_seed()))  # model.scan_layers' default
   report = sd.load_state_dict(ours, state, ib.qformer_rules(cfg) + [ib.query_tokens_rule(cfg)],
                               strict=True, ignore_unexpected=ib.QFORMER_IGNORED_PREFIXES)
   assert report.initialised == []

@@ -54,7 +54,7 @@ def _models(window_size=None):
   hf_cfg._attn_implementation = "eager"
   hf = transformers_sam(hf_cfg)
   _randomise(hf)
-  ours = _zeros_sam(cfg)  # a tensor the table misses stays zero and fails parity
+  ours = _zeros_sam(cfg, scan_layers=True)  # zeros: a tensor the table misses fails parity
   rules = sam_rules(cfg)
   report = load_state_dict(ours, hf.state_dict(), rules, strict=True, ignore_unexpected=HF_IGNORED_KEYS)
   assert not report.initialised, report.initialised
@@ -210,7 +210,7 @@ def test_segment_anything_layout_covers_the_same_parameters():
 
 def test_logical_axes_and_remat():
   cfg, _, ours = _models()
-  model = _zeros_sam(cfg, remat=True)
+  model = _zeros_sam(cfg, remat=True, scan_layers=True)
   names = {name for name, _ in LOGICAL_AXIS_RULES}
   for path, variable in param_paths(model).items():
     axes = variable.get_metadata().get("logical_axes")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from prima_jax.convert import layouts, torch_io
 from prima_jax.convert.state_dict import export_tensors, load_state_dict, param_paths, path_str
-from prima_jax.models import lora
+from prima_jax.models import lora, stacking
 from prima_jax.models.configs import tiny_config
 from prima_jax.models.prima import Prima
 from prima_jax.training.defaults import base_config
@@ -42,8 +42,13 @@ def model():
   return m
 
 
+def _params(model):
+  """The model's parameters under the tables' (unrolled) names, whether its layers are scanned or not."""
+  return torch_io.UnrolledParams(torch_io.ModuleParams(model), stacking.find_stacks(model))
+
+
 def _state(model, layout_rules):
-  params = torch_io.ModuleParams(model)
+  params = _params(model)
   return dict(export_tensors(layout_rules, lambda p: params.read([path_str(p)])[path_str(p)]))
 
 
@@ -96,7 +101,7 @@ def test_reader_reads_files_of_the_reference_writer(tmp_path):
 
 def test_layouts_cover_every_parameter_once(model):
   cfg = model.cfg
-  every = set(torch_io.ModuleParams(model).shapes)
+  every = set(_params(model).shapes)
   for layout in layouts.LAYOUTS:
     rules = [r for tf in layouts.layout_files(cfg, layout) for r in tf.rules]
     assert {path_str(r.path) for r in rules} == every, layout
@@ -129,7 +134,7 @@ def test_prima_state_dict_imports_completely_and_exactly(model):
   state = _state(model, layouts.prima_rules(cfg))
   values, report = _import(cfg, "prima", state)
   assert report.initialised == [] and report.missing == [] and report.unexpected == []
-  ours = torch_io.ModuleParams(model)
+  ours = _params(model)
   for name in ours.shapes:
     np.testing.assert_array_equal(values[name], ours.read([name])[name], err_msg=name)
 
@@ -197,7 +202,7 @@ def test_merge_lora_export_equals_the_unmerged_forward(model):
   cfg = model.cfg
   assert float(np.abs(np.asarray(model.llm.layers[0].self_attn.q_proj.lora_b[...])).max()) > 0
   rules = [r for r in layouts.prima_rules(cfg, with_lora=False) if r.path[0] == "llm"]
-  source = torch_io.ModuleParams(model)
+  source = _params(model)
   plan = torch_io._plan(rules, merge=True)  # noqa: SLF001 -- the export planner, checked directly
   values = source.read({n for _, _, ns in plan for n in ns})
   scaling = cfg.lora.alpha / cfg.lora.rank

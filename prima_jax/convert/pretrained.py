@@ -18,9 +18,9 @@ from prima_jax.convert.state_dict import (
   LoadReport,
   Rule,
   load_state_dict,
-  param_paths,
   path_str,
   prefix_rules,
+  unrolled_param_shapes,
 )
 
 
@@ -94,5 +94,5 @@ def load_pretrained(model, *, instructblip_state: Mapping[str, Any] | None = Non
   if errors:
     raise ValueError("pretrained weights do not fit the model:\n" + "\n".join(errors))
   loaded = set(report.loaded)
-  report.initialised = sorted(path_str(p) for p in param_paths(model) if path_str(p) not in loaded)
+  report.initialised = sorted(path_str(p) for p in unrolled_param_shapes(model) if path_str(p) not in loaded)
   return report

@@ -4,6 +4,10 @@ A component's table is a list of :class:`Rule` (PyTorch key, NNX parameter path,
 Tables are data, so the same table drives import (torch -> NNX) and export (NNX -> torch).
 Loading is strict: every parameter of the module is either loaded or reported as freshly
 initialised, shapes are checked, and missing / unexpected keys are listed by name.
+
+Tables name per-layer tensors by their unrolled paths (``("layers", i, ...)``). A scanned model
+(``model.scan_layers``) holds them stacked; :mod:`prima_jax.models.stacking` maps between the two
+(``locate`` / ``unstack_shapes`` here, and in :mod:`prima_jax.convert.torch_io` for checkpoints).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from prima_jax.models import stacking
 
 Path = tuple[str | int, ...]
 
@@ -133,6 +139,11 @@ def to_numpy(x: Any) -> np.ndarray:
 def param_paths(module: nnx.Module) -> dict[Path, nnx.Variable]:
   """Flat {path: Param} of a module."""
   return {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def unrolled_param_shapes(module: nnx.Module) -> dict[Path, Any]:
+  """{unrolled path (what the tables name): ShapeDtypeStruct} of a module's parameters, scanned or not."""
+  return stacking.unstack_shapes(param_paths(module), stacking.find_stacks(module))
 
 
 def prefix_rules(rules: Iterable[Rule], torch_prefix: str = "", path_prefix: Path = ()) -> list[Rule]:
@@ -254,13 +265,19 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, Any], rules: It
     points to a path the module does not have (a broken table).
   """
   params = param_paths(module)
+  stacks = stacking.find_stacks(module)
 
   def put(path: Path, value: np.ndarray) -> None:
-    variable = params[path]
-    variable[...] = jnp.asarray(value, dtype=variable[...].dtype)
+    loc = stacking.locate(path, stacks)
+    if loc is None:
+      variable = params[path]
+      variable[...] = jnp.asarray(value, dtype=variable[...].dtype)
+    else:  # one group of a stacked (scanned) parameter
+      variable = params[loc[0]]
+      variable[...] = variable[...].at[loc[1]].set(jnp.asarray(value, dtype=variable[...].dtype))
 
-  return convert_state_dict(params, state_dict, rules, put, strict=strict,
-                            ignore_unexpected=ignore_unexpected)
+  return convert_state_dict(stacking.unstack_shapes(params, stacks), state_dict, rules, put,
+                            strict=strict, ignore_unexpected=ignore_unexpected)
 
 
 def export_tensors(rules: Iterable[Rule], read: Callable[[Path], Any]) -> Iterator[tuple[str, np.ndarray]]:
@@ -286,4 +303,10 @@ def export_tensors(rules: Iterable[Rule], read: Callable[[Path], Any]) -> Iterat
 def export_state_dict(module: nnx.Module, rules: Iterable[Rule]) -> dict[str, np.ndarray]:
   """The inverse of :func:`load_state_dict`: {torch key: numpy array in PyTorch layout}."""
   params = param_paths(module)
-  return dict(export_tensors(rules, lambda path: params[path][...]))
+  stacks = stacking.find_stacks(module)
+
+  def read(path: Path) -> Any:
+    loc = stacking.locate(path, stacks)
+    return params[path][...] if loc is None else params[loc[0]][...][loc[1]]
+
+  return dict(export_tensors(rules, read))

@@ -52,6 +52,7 @@ from prima_jax.convert.state_dict import (
   is_floating,
   path_str,
 )
+from prima_jax.models import stacking
 from prima_jax.workdir import NotAWorkdir, Workdir, nest_paths
 
 GB = 1 << 30
@@ -367,6 +368,54 @@ class ModuleParams:
     return {n: np.asarray(self._vars[n].get_value()) for n in names}
 
 
+def parse_name(name: str) -> Path:
+  """A parameter path string ``a.b.3.c`` -> ``("a", "b", 3, "c")``."""
+  return tuple(int(p) if p.isdigit() else p for p in name.split("."))
+
+
+class UnrolledParams:
+  """A source (:class:`ModuleParams`, :class:`CheckpointParams`: stored names) seen through the
+  unrolled names the tables use (:mod:`prima_jax.models.stacking`).
+
+  ``read`` slices stacked arrays; the stacked arrays of one call are kept for the next, so a run of
+  reads over consecutive groups of one stacked parameter (see :meth:`order`) reads it once.
+  """
+
+  def __init__(self, source, stacks: Sequence[stacking.Stack]):
+    self.source, self.stacks = source, list(stacks)
+    self.shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    self._where: dict[str, tuple[str, int | None, int]] = {}  # name -> (stored name, group, position)
+    for position, (stored, (shape, dtype)) in enumerate(source.shapes.items()):
+      paths = stacking.unrolled_paths(parse_name(stored), self.stacks)
+      if paths is None:
+        self.shapes[stored] = (tuple(shape), dtype)
+        self._where[stored] = (stored, None, position)
+      else:
+        for g, p in enumerate(paths):
+          self.shapes[path_str(p)] = (tuple(shape[1:]), dtype)
+          self._where[path_str(p)] = (stored, g, position)
+    self._cache: dict[str, np.ndarray] = {}
+
+  def order(self, name: str) -> tuple[int, int]:
+    """Sort key that puts the groups of each stacked parameter next to each other."""
+    _, g, position = self._where[name]
+    return position, g or 0
+
+  def read(self, names: Iterable[str]) -> dict[str, np.ndarray]:
+    names = list(names)
+    need = list(dict.fromkeys(self._where[n][0] for n in names))
+    stacked = {self._where[n][0] for n in names if self._where[n][1] is not None}
+    self._cache = {k: v for k, v in self._cache.items() if k in stacked}
+    values = dict(self._cache)
+    values.update(self.source.read([k for k in need if k not in values]))
+    self._cache = {k: values[k] for k in stacked}
+    out = {}
+    for n in names:
+      stored, g, _ = self._where[n]
+      out[n] = values[stored] if g is None else np.ascontiguousarray(values[stored][g])
+    return out
+
+
 def locate(path: str | os.PathLike, step: int | None = None, *,
            what: str = "--checkpoint") -> tuple[Workdir, epath.Path]:
   """(workdir, step directory) for ``path`` (WORKDIR, WORKDIR/checkpoints or a step directory): the
@@ -455,11 +504,13 @@ class CheckpointParams:
 
 
 _ABSTRACT: dict[str, dict[str, Any]] = {}
+_STACKS: dict[str, list[stacking.Stack]] = {}
 
 
 def abstract_params(cfg) -> dict[str, Any]:
   """{path string: nnx Variable holding a ShapeDtypeStruct} of ``Prima(cfg)``, built without memory
-  (cached per config: tracing the model takes seconds)."""
+  (cached per config: tracing the model takes seconds). Stored names: a scanned model's stacked
+  parameters are one entry each (:func:`unrolled_targets` for the tables' names)."""
   from flax import nnx  # noqa: PLC0415
 
   from prima_jax.convert.state_dict import param_paths  # noqa: PLC0415
@@ -469,7 +520,20 @@ def abstract_params(cfg) -> dict[str, Any]:
   if key not in _ABSTRACT:
     model = nnx.eval_shape(lambda: Prima(cfg, rngs=nnx.Rngs(0)))
     _ABSTRACT[key] = {path_str(p): v for p, v in param_paths(model).items()}
+    _STACKS[key] = stacking.find_stacks(model)
   return _ABSTRACT[key]
+
+
+def model_stacks(cfg) -> list[stacking.Stack]:
+  """The scanned block lists of ``Prima(cfg)`` ([] with ``scan_layers`` off)."""
+  abstract_params(cfg)
+  return _STACKS[cfg.to_json_best_effort(sort_keys=True)]
+
+
+def unrolled_targets(cfg) -> dict[str, Any]:
+  """{unrolled path string (the tables' names): ShapeDtypeStruct} of ``Prima(cfg)``."""
+  flat = {parse_name(n): v for n, v in abstract_params(cfg).items()}
+  return {path_str(p): v for p, v in stacking.unstack_shapes(flat, model_stacks(cfg)).items()}
 
 
 def _lora_parts(path: Path) -> tuple[str, str, str] | None:
@@ -567,6 +631,9 @@ def export_params(cfg, source, out_dir: str | os.PathLike, *, layout: str = "pri
     {directory relative to out_dir: files written}.
   """
   check_source(cfg, source.shapes)
+  stacks = model_stacks(cfg)
+  if stacks:
+    source = UnrolledParams(source, stacks)
   out_dir = as_path(out_dir)
   cast = np_dtype(dtype)
   lora_cfg = cfg.lora
@@ -579,6 +646,8 @@ def export_params(cfg, source, out_dir: str | os.PathLike, *, layout: str = "pri
     writer = SafetensorsWriter(directory, tf.name, max_shard_bytes=max_shard_bytes,
                                single_file=tf.name == layouts.ADAPTER_FILE)
     plan = _plan(tf.rules, merge)
+    if stacks:  # each stacked parameter's groups in a row: it is read once
+      plan.sort(key=lambda entry: source.order(entry[2][0]))
     i = 0
     while i < len(plan):
       group, size = [], 0
@@ -655,7 +724,7 @@ def import_sources(cfg, sources: Sequence[tuple[str, layouts.TensorFile, Mapping
   all sources; unexpected keys raise with ``strict`` and are reported otherwise.
   Returns a report whose ``initialised`` lists the parameters no source supplied.
   """
-  targets = abstract_params(cfg)
+  targets = unrolled_targets(cfg)
   report = LoadReport()
   done: set[str] = set()
   errors = []
@@ -734,8 +803,11 @@ class CheckpointWriter:
     frozen_dtype = np_dtype(config.train.get("frozen_dtype", ""))
     # name -> (tree path, shape, stored dtype, trainable)
     self._targets: dict[str, tuple[tuple, tuple[int, ...], np.dtype, bool]] = {}
+    # A scanned model's stacked parameter is assembled from its groups, added by their table names.
+    self._stacks = model_stacks(config.model)
+    self._groups: dict[str, dict[int, np.ndarray]] = {}
     for name, var in abstract_params(config.model).items():
-      path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
+      path = parse_name(name)
       dtype = np.dtype(var.get_value().dtype)
       trainable = bool(is_trainable(path, var))
       if not trainable and frozen_dtype is not None and is_floating(dtype):
@@ -750,12 +822,35 @@ class CheckpointWriter:
     self._build.write_config_record(config)
 
   def __contains__(self, name: str) -> bool:
-    return name in self._written
+    if name in self._written:
+      return True
+    loc = stacking.locate(parse_name(name), self._stacks) if name not in self._targets else None
+    return loc is not None and path_str(loc[0]) in self._written
 
   def add(self, name: str, value: np.ndarray) -> None:
-    """Casts ``value`` to the parameter's stored dtype and queues it; writes a full buffer."""
+    """Casts ``value`` to the parameter's stored dtype and queues it; writes a full buffer.
+
+    ``name`` is a stored name (:func:`abstract_params`) or, for one group of a stacked parameter, its
+    unrolled table name (:func:`unrolled_targets`); the stacked array is queued once complete.
+    """
     if name not in self._targets:
-      raise KeyError(f"{name} is not a parameter of the config's model")
+      loc = stacking.locate(parse_name(name), self._stacks)
+      if loc is None or path_str(loc[0]) not in self._targets:
+        raise KeyError(f"{name} is not a parameter of the config's model")
+      stored, g = path_str(loc[0]), loc[1]
+      if name in self or stored in self._written:
+        raise ValueError(f"parameter {name} was already written")
+      _, shape, dtype, _ = self._targets[stored]
+      array = np.asarray(value, dtype=dtype)
+      if array.shape != shape[1:]:
+        raise ValueError(f"{name}: shape {array.shape}, expected {shape[1:]}")
+      self._written.add(name)
+      groups = self._groups.setdefault(stored, {})
+      groups[g] = array
+      if len(groups) == shape[0]:
+        del self._groups[stored]
+        self.add(stored, np.stack([groups[i] for i in range(shape[0])]))
+      return
     if name in self._written:
       raise ValueError(f"parameter {name} was already written")
     path, shape, dtype, trainable = self._targets[name]
@@ -796,7 +891,13 @@ class CheckpointWriter:
     # The fresh optimizer state must be the one training builds, so that it restores the step.
     from prima_jax.training.optimizer import make_optimizer  # noqa: PLC0415
 
-    missing = sorted(set(self._targets) - self._written)
+    missing = []
+    for name in sorted(set(self._targets) - self._written):
+      if name in self._groups:  # a stacked parameter with some groups: name the absent ones
+        paths = stacking.unrolled_paths(parse_name(name), self._stacks)
+        missing += [path_str(p) for g, p in enumerate(paths) if g not in self._groups[name]]
+      else:
+        missing.append(name)
     if missing:
       raise ValueError(f"no value for {len(missing)} parameter(s): " + ", ".join(missing[:20]))
     self._flush(True)
@@ -904,9 +1005,19 @@ def import_params(config, sources: Sequence[tuple[str, layouts.TensorFile, Mappi
     # After a source's error the later ones may offer a parameter again; the error is raised anyway.
     report = import_sources(config.model, sources, strict=strict,
                             put=lambda name, value: None if name in writer else writer.add(name, value))
-    for chunk in _chunks(config.model, report.initialised, group_bytes):
-      for name, value in init_params(config.model, chunk, int(config.seed)).items():
-        writer.add(name, value)
+    # Fresh values are made per stored parameter (a stacked one at once) and added per table name.
+    stacks = model_stacks(config.model)
+    parts: dict[str, list[tuple[str, int | None]]] = {}
+    for name in report.initialised:
+      loc = stacking.locate(parse_name(name), stacks)
+      if loc is None:
+        parts.setdefault(name, []).append((name, None))
+      else:
+        parts.setdefault(path_str(loc[0]), []).append((name, loc[1]))
+    for chunk in _chunks(config.model, list(parts), group_bytes):
+      for stored, value in init_params(config.model, chunk, int(config.seed)).items():
+        for name, g in parts[stored]:
+          writer.add(name, value if g is None else value[g])
     writer.close(meta=dict(step=0, source=source_note, report=dict(
         loaded=len(report.loaded), initialised=report.initialised, missing=report.missing,
         unexpected=report.unexpected)))
@@ -934,4 +1045,7 @@ def load_params(path: str | os.PathLike, model, *, step: int | None = None) -> N
   for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Param)))):
     value = var.get_value()
     if isinstance(value, jax.ShapeDtypeStruct):
-      var.set_value(jax.random.key(i) if isinstance(var, nnx.RngKey) else jnp.zeros(value.shape, value.dtype))
+      if isinstance(var, nnx.RngKey):  # stacked (scanned) blocks: one key per group
+        var.set_value(jax.random.split(jax.random.key(i), value.shape) if value.shape else jax.random.key(i))
+      else:
+        var.set_value(jnp.zeros(value.shape, value.dtype))

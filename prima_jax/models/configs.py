@@ -23,6 +23,10 @@ def full_config() -> ml_collections.ConfigDict:
   # What a rematerialised block keeps for its backward: "full" (nothing: recompute it all),
   # "dots_saveable" or "dots_with_no_batch_dims_saveable" (see models/layers.REMAT_POLICIES).
   c.remat_policy = "full"
+  # Stack each tower's blocks (EVA, Q-Former in pairs, LLaMA, SAM in groups of 7 windowed + 1 global)
+  # and run them with nnx.scan: one compiled block body per tower instead of ~115 unrolled blocks
+  # (docs/model.md). False: the unrolled Python loops (the FLOPs tool counts those).
+  c.scan_layers = True
 
   c.vision = ml_collections.ConfigDict(dict(
       image_size=224, patch_size=14, width=1408, depth=39, num_heads=16, mlp_dim=6144,

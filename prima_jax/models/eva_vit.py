@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prima_jax import sharding
-from prima_jax.models import attention, layers
+from prima_jax.models import attention, layers, stacking
 
 ACT_AXES = ("batch", "length", "act_embed")
 
@@ -85,10 +85,13 @@ class EvaViT(nnx.Module):
     attention_implementation: passed to :func:`attention.dot_product_attention`.
     remat: recompute each block in the backward pass (gradient checkpointing): False, True ("full")
       or a policy name of ``layers.REMAT_POLICIES``.
+    scan_layers: hold the blocks stacked and run them with ``nnx.scan`` (``model.scan_layers``,
+      :mod:`prima_jax.models.stacking`); False: a Python loop over ``depth`` blocks.
   """
 
   def __init__(self, cfg, *, dtype: Any = None, param_dtype: Any = jnp.float32,
-               attention_implementation: str | None = None, remat: bool | str = False, rngs: nnx.Rngs):
+               attention_implementation: str | None = None, remat: bool | str = False,
+               scan_layers: bool = False, rngs: nnx.Rngs):
     if cfg.image_size % cfg.patch_size:
       raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     self.patch_size = cfg.patch_size
@@ -101,8 +104,14 @@ class EvaViT(nnx.Module):
     self.cls_token = layers.param(rngs, (cfg.width,), ("embed",), param_dtype=param_dtype)
     self.pos_embed = layers.param(rngs, (1 + self.num_patches, cfg.width), ("positions", "embed"),
                                   param_dtype=param_dtype)
-    self.blocks = nnx.List([
-        EvaBlock(cfg, attention_implementation=attention_implementation, **kw) for _ in range(cfg.depth)])
+    self.scan_layers = bool(scan_layers)
+    kinds = [0] * cfg.depth
+    self.scan_stack = (stacking.Stack(("blocks",), cfg.depth, stacking.period(kinds))
+                       if self.scan_layers else None)
+    self.blocks = stacking.build(
+        lambda i, r: EvaBlock(cfg, attention_implementation=attention_implementation, rngs=r,
+                              dtype=dtype, param_dtype=param_dtype),
+        kinds, rngs, scan=self.scan_layers)
     self.ln_vision = layers.layer_norm(cfg.width, eps=cfg.ln_vision_eps, **kw)
 
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -119,7 +128,5 @@ class EvaViT(nnx.Module):
     cls = jnp.broadcast_to(self.cls_token[...].astype(dtype), (batch, 1, width))
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(dtype)[None]
     x = sharding.constrain(x, ACT_AXES)
-    apply = layers.remat(_apply_block, self.remat)
-    for block in self.blocks:
-      x = apply(block, x)
+    x = stacking.run(self.blocks, x, _apply_block, scan=self.scan_layers, remat=self.remat)
     return self.ln_vision(x)

@@ -20,23 +20,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prima_jax import sharding
-from prima_jax.models import attention, layers, lora
+from prima_jax.models import attention, layers, lora, stacking
 
 Array = jax.Array
 
 
 @flax.struct.dataclass
 class KVCache:
-  """Per-layer keys/values of a fixed maximum length.
+  """Keys/values of every layer, of a fixed maximum length, stacked on a leading layers axis.
 
   Attributes:
-    k: per layer [batch, max_length, kv_heads, head_dim] (RoPE already applied).
-    v: per layer [batch, max_length, kv_heads, head_dim].
+    k: [num_layers, batch, max_length, kv_heads, head_dim] (RoPE already applied); ``k[i]`` is layer i's.
+    v: [num_layers, batch, max_length, kv_heads, head_dim].
     index: int32 scalar, the next slot to write (the same for the whole batch).
     mask: [batch, max_length] bool; True where a slot holds a real token.
   """
-  k: tuple[Array, ...]
-  v: tuple[Array, ...]
+  k: Array
+  v: Array
   index: Array
   mask: Array
 
@@ -158,7 +158,11 @@ class LlamaDecoderLayer(nnx.Module):
     return sharding.constrain(x, ("batch", "length", "act_embed")), new_cache
 
 
-def _apply_layer(layer: LlamaDecoderLayer, x, cos, sin, mask, kv_cache, index):
+def _apply_layer(layer: LlamaDecoderLayer, x, cos, sin, mask):
+  return layer(x, cos, sin, mask)[0]
+
+
+def _apply_cached_layer(layer: LlamaDecoderLayer, x, cos, sin, mask, index, kv_cache):
   return layer(x, cos, sin, mask, kv_cache, index)
 
 
@@ -174,7 +178,8 @@ class Llama(nnx.Module):
   """
 
   def __init__(self, cfg: Any, lora_cfg: Any = None, *, dtype: Any = None, param_dtype: Any = jnp.float32,
-               attention_implementation: str | None = None, remat: bool | str = False, rngs: nnx.Rngs):
+               attention_implementation: str | None = None, remat: bool | str = False,
+               scan_layers: bool = False, rngs: nnx.Rngs):
     """
     Args:
       cfg: the ``llm`` sub-config (vocab_size, hidden_size, num_layers, num_heads, num_kv_heads,
@@ -187,6 +192,9 @@ class Llama(nnx.Module):
       attention_implementation: passed to :func:`prima_jax.models.attention.dot_product_attention`.
       remat: rematerialise each decoder layer in the backward pass: False, True ("full") or a
         policy name of ``layers.REMAT_POLICIES``.
+      scan_layers: hold the decoder layers stacked and run them with ``nnx.scan``, the KV cache
+        scanned with them (``model.scan_layers``, :mod:`prima_jax.models.stacking`); False: a Python
+        loop over ``num_layers`` layers.
     """
     self.dtype = layers.dtype_of(dtype)
     self.remat = layers.remat_policy_name(remat)
@@ -196,10 +204,15 @@ class Llama(nnx.Module):
     self.tie_word_embeddings = bool(cfg.tie_word_embeddings)
     self.embed_tokens = layers.param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                                      param_dtype=param_dtype)
-    self.layers = nnx.List([
-        LlamaDecoderLayer(cfg, lora_cfg, dtype=dtype, param_dtype=param_dtype,
-                          attention_implementation=attention_implementation, rngs=rngs)
-        for _ in range(cfg.num_layers)])
+    self.num_layers = cfg.num_layers
+    self.scan_layers = bool(scan_layers)
+    kinds = [0] * cfg.num_layers
+    self.scan_stack = (stacking.Stack(("layers",), cfg.num_layers, stacking.period(kinds))
+                       if self.scan_layers else None)
+    self.layers = stacking.build(
+        lambda i, r: LlamaDecoderLayer(cfg, lora_cfg, dtype=dtype, param_dtype=param_dtype,
+                                       attention_implementation=attention_implementation, rngs=r),
+        kinds, rngs, scan=self.scan_layers)
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
     if not self.tie_word_embeddings:
       self.lm_head = layers.linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs=rngs,
@@ -213,11 +226,9 @@ class Llama(nnx.Module):
 
   def init_cache(self, batch: int, max_length: int, dtype: Any = jnp.float32) -> KVCache:
     """An empty cache: zeros, write index 0, no valid slot."""
-    shape = (batch, max_length, self.num_kv_heads, self.head_dim)
-    n = len(self.layers)
+    shape = (self.num_layers, batch, max_length, self.num_kv_heads, self.head_dim)
     dtype = layers.dtype_of(dtype)
-    return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    index=jnp.zeros((), jnp.int32), mask=jnp.zeros((batch, max_length), bool))
 
   def logits(self, hidden: Array) -> Array:
@@ -266,16 +277,14 @@ class Llama(nnx.Module):
       causal = k_slot[None, :] <= q_slot[:, None]
       mask = causal[None, None] & kv_mask[:, None, None, :]
     cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta)
-    apply = layers.remat(_apply_layer, self.remat)
-    new_k, new_v = [], []
-    for i, layer in enumerate(self.layers):
-      kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = apply(layer, x, cos, sin, mask, kv, index)
-      if kv is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
-    hidden = self.norm(x)
     new_cache = None
-    if cache is not None:
-      new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), index=cache.index + length, mask=kv_mask)
+    if cache is None:
+      x = stacking.run(self.layers, x, _apply_layer, cos, sin, mask, scan=self.scan_layers,
+                       remat=self.remat)
+    else:
+      x, (new_k, new_v) = stacking.run(self.layers, x, _apply_cached_layer, cos, sin, mask, index,
+                                       scan=self.scan_layers, remat=self.remat,
+                                       scanned=(cache.k, cache.v))
+      new_cache = KVCache(k=new_k, v=new_v, index=cache.index + length, mask=kv_mask)
+    hidden = self.norm(x)
     return self.logits(hidden), hidden, new_cache

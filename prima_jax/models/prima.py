@@ -87,23 +87,24 @@ class Prima(nnx.Module):
               rngs=rngs)
     attn = cfg.attention_implementation
     remat = layers.remat_setting(cfg)
+    scan = dict(scan_layers=bool(cfg.get("scan_layers", False)))
     if cfg.qformer.encoder_width != cfg.vision.width:
       raise ValueError(f"qformer.encoder_width={cfg.qformer.encoder_width} must equal "
                        f"vision.width={cfg.vision.width}")
     if cfg.sam.prompt_embed_dim != cfg.sam.out_channels:
       raise ValueError("sam.prompt_embed_dim must equal sam.out_channels")
-    self.vision = EvaViT(cfg.vision, attention_implementation=attn, remat=remat, **kw)
+    self.vision = EvaViT(cfg.vision, attention_implementation=attn, remat=remat, **scan, **kw)
     self.square = (Square(cfg.square, num_queries=cfg.qformer.num_query_tokens,
                           width=cfg.qformer.hidden_size, kv_width=cfg.vision.width,
                           attention_implementation=attn, **kw)
                    if cfg.square.enabled else None)
-    self.qformer = QFormer(cfg.qformer, attention_implementation=attn, remat=remat, **kw)
+    self.qformer = QFormer(cfg.qformer, attention_implementation=attn, remat=remat, **scan, **kw)
     self.language_projection = layers.linear(cfg.qformer.hidden_size, cfg.llm.hidden_size,
                                              ("embed", "embed"), **kw)
-    self.llm = Llama(cfg.llm, cfg.lora, attention_implementation=attn, remat=remat, **kw)
+    self.llm = Llama(cfg.llm, cfg.lora, attention_implementation=attn, remat=remat, **scan, **kw)
     self.seg_head = SegHead(cfg.llm.hidden_size, cfg.prima.seg_head_hidden, cfg.sam.prompt_embed_dim,
                             **kw)
-    self.sam = Sam(cfg.sam, attention_implementation=attn, remat=remat, **kw)
+    self.sam = Sam(cfg.sam, attention_implementation=attn, remat=remat, **scan, **kw)
 
   def _compute(self, x: jax.Array) -> jax.Array:
     """``x`` at the compute dtype (a cached tower output enters as the tower's own output would)."""

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prima_jax import sharding
-from prima_jax.models import attention, layers
+from prima_jax.models import attention, layers, stacking
 
 ACT_AXES = ("batch", "length", "act_embed")
 
@@ -98,8 +98,10 @@ class QFormerLayer(nnx.Module):
     return sharding.constrain(out, ACT_AXES)
 
 
-def _apply_layer(layer: QFormerLayer, x, mask, image_features, image_mask, num_queries):
-  return layer(x, mask, image_features, image_mask, num_queries)
+def _layer_fn(num_queries: int):
+  def apply(layer: QFormerLayer, x, mask, image_features, image_mask):
+    return layer(x, mask, image_features, image_mask, num_queries)
+  return apply
 
 
 class QFormer(nnx.Module):
@@ -113,10 +115,14 @@ class QFormer(nnx.Module):
     attention_implementation: passed to :func:`attention.dot_product_attention`.
     remat: recompute each layer in the backward pass (gradient checkpointing): False, True ("full")
       or a policy name of ``layers.REMAT_POLICIES``.
+    scan_layers: hold the layers stacked and run them with ``nnx.scan`` over groups of
+      ``cross_attention_freq`` layers (one with cross-attention, the rest without;
+      ``model.scan_layers``, :mod:`prima_jax.models.stacking`); False: a Python loop over the layers.
   """
 
   def __init__(self, cfg, *, dtype: Any = None, param_dtype: Any = jnp.float32,
-               attention_implementation: str | None = None, remat: bool | str = False, rngs: nnx.Rngs):
+               attention_implementation: str | None = None, remat: bool | str = False,
+               scan_layers: bool = False, rngs: nnx.Rngs):
     self.remat = layers.remat_policy_name(remat)
     self.max_positions = cfg.max_position_embeddings
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -128,10 +134,14 @@ class QFormer(nnx.Module):
     self.position_embeddings = layers.param(rngs, (cfg.max_position_embeddings, hidden),
                                             ("positions", "embed"), param_dtype=param_dtype)
     self.embed_norm = layers.layer_norm(hidden, eps=cfg.layer_norm_eps, **kw)
-    self.layers = nnx.List([
-        QFormerLayer(cfg, has_cross_attention=i % cfg.cross_attention_freq == 0,
-                     attention_implementation=attention_implementation, **kw)
-        for i in range(cfg.num_layers)])
+    self.scan_layers = bool(scan_layers)
+    kinds = [i % cfg.cross_attention_freq == 0 for i in range(cfg.num_layers)]
+    self.scan_stack = (stacking.Stack(("layers",), cfg.num_layers, stacking.period(kinds))
+                       if self.scan_layers else None)
+    self.layers = stacking.build(
+        lambda i, r: QFormerLayer(cfg, has_cross_attention=kinds[i], rngs=r, dtype=dtype,
+                                  param_dtype=param_dtype, attention_implementation=attention_implementation),
+        kinds, rngs, scan=self.scan_layers)
     self.dtype = layers.dtype_of(dtype)
 
   def embed(self, query_embeds: jax.Array, input_ids: jax.Array) -> jax.Array:
@@ -166,7 +176,5 @@ class QFormer(nnx.Module):
       image_mask = image_mask.astype(bool)
     if self.dtype is not None:
       image_features = image_features.astype(self.dtype)
-    apply = layers.remat(_apply_layer, self.remat, static_argnums=(5,))
-    for layer in self.layers:
-      x = apply(layer, x, mask, image_features, image_mask, num_queries)
-    return x
+    return stacking.run(self.layers, x, _layer_fn(num_queries), mask, image_features, image_mask,
+                        scan=self.scan_layers, remat=self.remat)

@@ -331,11 +331,13 @@ class Count:
 
 
 def inference_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy for counting: parameters stored in the compute dtype, LoRA merged, no remat."""
+  """A copy for counting: parameters stored in the compute dtype, LoRA merged, no remat, unrolled
+  layers (``scan_layers=False``: XLA counts a scan body once)."""
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   cfg.param_dtype = cfg.dtype
   cfg.lora.enabled = False
   cfg.remat = False
+  cfg.scan_layers = False
   return cfg
 
 
@@ -647,7 +649,8 @@ def training_config(config: ml_collections.ConfigDict, *, images: int, micro_bat
 
   ``model.prima.max_images = images``; ``mesh_shape`` (data, fsdp, tensor) overrides ``config.mesh``;
   ``train.batch_size = micro_batch`` x the data-parallel shards (mesh data x fsdp) and
-  ``train.grad_accum_steps = 1`` (no scan: XLA would count a scan body once). ``micro_batch``
+  ``train.grad_accum_steps = 1`` and ``model.scan_layers = False`` (no scan: XLA would count a scan
+  body once). ``micro_batch``
   defaults to the recipe's micro-batch per shard, batch_size // grad_accum_steps // shards (>= 1).
   Everything else (dtypes, remat, frozen dtype, trainable set, LLM / question lengths) is kept.
   """
@@ -656,6 +659,7 @@ def training_config(config: ml_collections.ConfigDict, *, images: int, micro_bat
   config = copy.deepcopy(config)
   with config.unlocked():
     config.model.prima.max_images = int(images)
+    config.model.scan_layers = False
     if mesh_shape is not None:
       data, fsdp, tensor = (int(x) for x in mesh_shape)
       config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)

@@ -76,7 +76,9 @@ class ModelParts:
     flat = []
     for i, (path, var) in enumerate(nnx.to_flat_state(self.rest)):
       if isinstance(var, nnx.RngKey):
-        var = var.replace(jax.random.fold_in(key, i))
+        # stacked (scanned) blocks hold one key per group: [groups] keys from the same fold
+        k, shape = jax.random.fold_in(key, i), var.get_value().shape
+        var = var.replace(jax.random.split(k, shape) if shape else k)
       elif isinstance(var, nnx.RngCount):
         var = var.replace(jnp.zeros_like(var.get_value()))
       flat.append((path, var))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from prima_jax.models import layers
+from prima_jax.models import layers, stacking
 from prima_jax.models.attention import dot_product_attention
 
 # LayerNorm2d of SAM's neck, mask downscaling and output upscaling (a channel-last LayerNorm).
@@ -148,10 +148,15 @@ def _apply_block(block: VisionBlock, x: jax.Array) -> jax.Array:
 
 
 class SamImageEncoder(nnx.Module):
-  """SAM ViT: images [b, S, S, 3] (normalised) -> embeddings [b, S/p, S/p, out_channels]."""
+  """SAM ViT: images [b, S, S, 3] (normalised) -> embeddings [b, S/p, S/p, out_channels].
+
+  ``scan_layers`` (``model.scan_layers``) holds the blocks stacked and scans over groups that repeat
+  the windowed / global pattern (ViT-H: 4 groups of 7 windowed blocks + 1 global one), each group's
+  blocks run in order inside the scan body (:mod:`prima_jax.models.stacking`).
+  """
 
   def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, attention_implementation=None,
-               remat: bool | str = False, rngs: nnx.Rngs):
+               remat: bool | str = False, scan_layers: bool = False, rngs: nnx.Rngs):
     grid = cfg.image_size // cfg.patch_size
     self.remat = layers.remat_policy_name(remat)
     self.patch_embed = layers.conv(3, cfg.width, (cfg.patch_size, cfg.patch_size),
@@ -159,10 +164,14 @@ class SamImageEncoder(nnx.Module):
     self.pos_embed = layers.param(rngs, (grid, grid, cfg.width), ("positions", "positions", "embed"),
                                   init=nnx.initializers.zeros, param_dtype=param_dtype)
     global_idx = set(cfg.global_attn_indexes)
-    self.blocks = nnx.List([
-        VisionBlock(cfg, 0 if i in global_idx else cfg.window_size, dtype=dtype, param_dtype=param_dtype,
-                    attention_implementation=attention_implementation, rngs=rngs)
-        for i in range(cfg.depth)])
+    windows = [0 if i in global_idx else cfg.window_size for i in range(cfg.depth)]
+    self.scan_layers = bool(scan_layers)
+    self.scan_stack = (stacking.Stack(("blocks",), cfg.depth, stacking.period(windows))
+                       if self.scan_layers else None)
+    self.blocks = stacking.build(
+        lambda i, r: VisionBlock(cfg, windows[i], dtype=dtype, param_dtype=param_dtype,
+                                 attention_implementation=attention_implementation, rngs=r),
+        windows, rngs, scan=self.scan_layers)
     out = cfg.out_channels
     norm = dict(eps=LAYER_NORM_2D_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.neck_conv1 = layers.conv(cfg.width, out, (1, 1), use_bias=False, dtype=dtype,
@@ -176,8 +185,6 @@ class SamImageEncoder(nnx.Module):
     """[b, S, S, 3] -> [b, S/p, S/p, out_channels]."""
     x = self.patch_embed(images)
     x = x + self.pos_embed[...].astype(x.dtype)
-    apply = layers.remat(_apply_block, self.remat)
-    for block in self.blocks:
-      x = apply(block, x)
+    x = stacking.run(self.blocks, x, _apply_block, scan=self.scan_layers, remat=self.remat)
     x = self.neck_norm1(self.neck_conv1(x))
     return self.neck_norm2(self.neck_conv2(x))

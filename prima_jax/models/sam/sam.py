@@ -69,11 +69,11 @@ class Sam(nnx.Module):
   """
 
   def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, attention_implementation=None,
-               remat: bool | str = False, rngs: nnx.Rngs):
+               remat: bool | str = False, scan_layers: bool = False, rngs: nnx.Rngs):
     self.image_size = cfg.image_size
     self.image_encoder = SamImageEncoder(cfg, dtype=dtype, param_dtype=param_dtype,
                                          attention_implementation=attention_implementation, remat=remat,
-                                         rngs=rngs)
+                                         scan_layers=scan_layers, rngs=rngs)
     self.prompt_encoder = SamPromptEncoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mask_decoder = SamMaskDecoder(cfg, dtype=dtype, param_dtype=param_dtype,
                                        attention_implementation=attention_implementation, rngs=rngs)
