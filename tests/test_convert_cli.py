@@ -76,8 +76,10 @@ def test_written_checkpoint_restores_with_the_training_code(work):
   state, meta = ckpt.restore(0, jax.tree.map(sds, target))
   ckpt.close()
   assert int(state["step"]) == 0 and meta["step"] == 0
-  lora_b = state["params"]["llm"]["layers"]["1"]["self_attn"]["v_proj"]["lora_b"]
-  np.testing.assert_array_equal(np.asarray(lora_b), values["llm.layers.1.self_attn.v_proj.lora_b"])
+  # scanned layers (model.scan_layers): layer 1's adapter is group 1 of the stacked one
+  lora_b = state["params"]["llm"]["layers"]["0"]["self_attn"]["v_proj"]["lora_b"]
+  np.testing.assert_array_equal(np.asarray(lora_b), values["llm.layers.0.self_attn.v_proj.lora_b"])
+  assert lora_b.shape[0] == config.model.llm.num_layers
 
 
 def test_hf_export_loads_into_transformers_and_matches_our_outputs(work):

@@ -67,11 +67,12 @@ def test_sharded_forward_backward_equals_single_device():
   # parameters and gradients land with the intended specs
   q = sharded_state["llm"]["layers"][0]["self_attn"]["q_proj"]
   q_kernel = q["base"]["kernel"] if "base" in q else q["kernel"]
-  assert q_kernel[...].sharding.spec == PartitionSpec("fsdp", "tensor")
+  layers = (None,) * (q_kernel[...].ndim - 2)  # scanned layers (model.scan_layers): "layers" is never split
+  assert q_kernel[...].sharding.spec == PartitionSpec(*layers, "fsdp", "tensor")
   emb = sharded_state["llm"]["embed_tokens"]
   assert emb[...].sharding.spec == PartitionSpec(None, "fsdp")  # vocab 32007 is odd: not split
   fc1 = sharded_state["vision"]["blocks"][0]["mlp"]["fc1"]["kernel"]
-  assert fc1[...].sharding.spec == PartitionSpec("fsdp", "tensor")
+  assert fc1[...].sharding.spec == PartitionSpec(*layers, "fsdp", "tensor")
   assert sharded_batch["input_ids"].sharding.spec == PartitionSpec(("data", "fsdp"), None)
   g_leaves = jax.tree.leaves(grads)
   s_leaves = jax.tree.leaves(sharded_state)

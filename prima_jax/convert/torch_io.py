@@ -806,6 +806,7 @@ class CheckpointWriter:
     # A scanned model's stacked parameter is assembled from its groups, added by their table names.
     self._stacks = model_stacks(config.model)
     self._groups: dict[str, dict[int, np.ndarray]] = {}
+    self._group_written: set[str] = set()
     for name, var in abstract_params(config.model).items():
       path = parse_name(name)
       dtype = np.dtype(var.get_value().dtype)
@@ -822,10 +823,11 @@ class CheckpointWriter:
     self._build.write_config_record(config)
 
   def __contains__(self, name: str) -> bool:
-    if name in self._written:
-      return True
-    loc = stacking.locate(parse_name(name), self._stacks) if name not in self._targets else None
-    return loc is not None and path_str(loc[0]) in self._written
+    """Whether ``name`` (a table name: for a stacked parameter, one group's unrolled name) is written."""
+    loc = stacking.locate(parse_name(name), self._stacks)
+    if loc is None:
+      return name in self._written
+    return name in self._group_written or path_str(loc[0]) in self._written
 
   def add(self, name: str, value: np.ndarray) -> None:
     """Casts ``value`` to the parameter's stored dtype and queues it; writes a full buffer.
@@ -833,24 +835,26 @@ class CheckpointWriter:
     ``name`` is a stored name (:func:`abstract_params`) or, for one group of a stacked parameter, its
     unrolled table name (:func:`unrolled_targets`); the stacked array is queued once complete.
     """
-    if name not in self._targets:
-      loc = stacking.locate(parse_name(name), self._stacks)
-      if loc is None or path_str(loc[0]) not in self._targets:
-        raise KeyError(f"{name} is not a parameter of the config's model")
+    # Unrolled block i < period has its stacked parameter's name: the value's rank tells them apart.
+    loc = stacking.locate(parse_name(name), self._stacks)
+    if loc is not None and (name not in self._targets
+                            or np.ndim(value) == len(self._targets[path_str(loc[0])][1]) - 1):
       stored, g = path_str(loc[0]), loc[1]
-      if name in self or stored in self._written:
+      if name in self:
         raise ValueError(f"parameter {name} was already written")
       _, shape, dtype, _ = self._targets[stored]
       array = np.asarray(value, dtype=dtype)
       if array.shape != shape[1:]:
         raise ValueError(f"{name}: shape {array.shape}, expected {shape[1:]}")
-      self._written.add(name)
+      self._group_written.add(name)
       groups = self._groups.setdefault(stored, {})
       groups[g] = array
       if len(groups) == shape[0]:
         del self._groups[stored]
         self.add(stored, np.stack([groups[i] for i in range(shape[0])]))
       return
+    if name not in self._targets:
+      raise KeyError(f"{name} is not a parameter of the config's model")
     if name in self._written:
       raise ValueError(f"parameter {name} was already written")
     path, shape, dtype, trainable = self._targets[name]

@@ -118,23 +118,33 @@ def run(blocks: nnx.List, x: Any, apply: Callable[..., Any], *broadcast: Any, sc
       x, out = step(block, x, *broadcast, jax.tree.map(lambda a, i=i: a[i], scanned))
       outs.append(out)
     return x, jax.tree.map(lambda *a: jax.numpy.stack(a), *outs)
-  if scanned is not None:
-    if len(blocks) != 1:
-      raise ValueError("a scanned input needs blocks of one kind (period 1)")
+  if scanned is not None and len(blocks) != 1:
+    raise ValueError("a scanned input needs blocks of one kind (period 1)")
+  # A functional scan (what nnx.scan does) over the blocks' state: the body merges one group's
+  # slice. State the body leaves untouched (parameters; RNG streams of deterministic dropout) is not
+  # written back, so a module whose variables live outside the trace (closed over by jax.jit) runs.
+  graphdef, state = nnx.split(blocks)
+  leaves, treedef = jax.tree.flatten(state)
+  changed: list[bool] = []
 
-    @nnx.scan(in_axes=(nnx.Carry, 0, None, 0), out_axes=(nnx.Carry, 0))
-    def body_scanned(carry, group, bcast, per_layer):
-      return step(group[0], carry, *bcast, per_layer)
+  def body(carry, xs):
+    group_leaves, per_layer = xs
+    group = nnx.merge(graphdef, jax.tree.unflatten(treedef, group_leaves))
+    if per_layer is None:
+      for block in group:
+        carry = step(block, carry, *broadcast)
+      out = None
+    else:
+      carry, out = step(group[0], carry, *broadcast, per_layer)
+    new_leaves = jax.tree.leaves(nnx.state(group))
+    changed[:] = [n is not o for n, o in zip(new_leaves, group_leaves)]
+    return carry, (new_leaves, out)
 
-    return body_scanned(x, blocks, broadcast, scanned)
-
-  @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
-  def body(carry, group, bcast):
-    for block in group:
-      carry = step(block, carry, *bcast)
-    return carry
-
-  return body(x, blocks, broadcast)
+  x, (new_leaves, out) = jax.lax.scan(body, x, (leaves, scanned))
+  if any(changed):
+    nnx.update(blocks, jax.tree.unflatten(treedef, [n if c else o for n, o, c in
+                                                    zip(new_leaves, leaves, changed)]))
+  return x if scanned is None else (x, out)
 
 
 # --- the module's stacks, and stacked <-> unrolled parameter paths --------------------------------
