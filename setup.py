@@ -24,6 +24,7 @@ setup(
         "tokenizers",
         "sentencepiece",
         "tensorboardX>=2.6.5",   # TensorBoard event files of training runs
+        "tqdm",                  # progress bars of long jobs
     ],
     extras_require={
         # PyTorch export / import and parity references.

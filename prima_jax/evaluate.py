@@ -33,6 +33,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from prima_jax import cli, paths
+from prima_jax.progress import Progress
 
 
 def local_indices(total: int, shard_index: int, shard_count: int) -> list[int | None]:
@@ -43,12 +44,13 @@ def local_indices(total: int, shard_index: int, shard_count: int) -> list[int | 
 
 
 def evaluate_split(predictor, source, indices: list[int | None], *, similarity, teacher_forced: bool = False,
-                   decode=None, log_every: int = 0) -> tuple[list[dict[str, Any]], dict[str, float]]:
+                   decode=None, progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, float]]:
   """Predicts and scores ``source[i]`` for ``i`` in ``indices`` (None = a padding slot, not scored).
 
   Returns (records, timing): one record per scored example (``example_id``, ``category``, ``stats``
   of ``metrics.example_stats``, ``answer``, ``dropped`` reasons) or per skipped one (``skipped``: the
   reason its prompt could not be built), and ``{"seconds", "first_batch_seconds", "examples"}``.
+  ``progress``: a bar (or a periodic line off a terminal) over the examples.
   """
   from prima_jax.data.m4seg import decode_example  # noqa: PLC0415
   from prima_jax.evaluation.metrics import GroundedAnswer, example_stats  # noqa: PLC0415
@@ -60,6 +62,7 @@ def evaluate_split(predictor, source, indices: list[int | None], *, similarity, 
   b = predictor.batch_size
   t0 = time.time()
   first_batch = None
+  bar = Progress(sum(i is not None for i in indices), "examples", desc="evaluate", enabled=progress)
   for start in range(0, len(indices), b):
     chunk = []
     for i in indices[start:start + b]:
@@ -88,8 +91,8 @@ def evaluate_split(predictor, source, indices: list[int | None], *, similarity, 
                           dropped=[s.reason for s in pred.dropped]))
     if first_batch is None:
       first_batch = time.time() - t0
-    if log_every and (start // b + 1) % log_every == 0:
-      print(f"  {start + len(chunk)}/{len(indices)} examples ({time.time() - t0:.0f} s)", flush=True)
+    bar.update(sum(i is not None for i in indices[start:start + b]))
+  bar.close()
   scored = sum(1 for r in records if "stats" in r)
   return records, dict(seconds=time.time() - t0, first_batch_seconds=first_batch or 0.0, examples=scored)
 
@@ -181,7 +184,7 @@ def run(*, config=None, checkpoint: str | None = None, split: str | None = None,
           f"), global batch {global_batch} over {len(devices)} device(s), {pc} process(es); "
           f"checkpoint step {loaded.step}", flush=True)
   records, timing = evaluate_split(predictor, source, local_indices(total, pi, pc), similarity=sim,
-                                   teacher_forced=teacher_forced, log_every=10 if verbose else 0)
+                                   teacher_forced=teacher_forced, progress=verbose and pi == 0)
   records = gather_records(records)
   results = summarize(records)
   steady = timing["seconds"] - timing["first_batch_seconds"]

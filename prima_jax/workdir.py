@@ -290,9 +290,10 @@ def prepare_synthetic(config, directory: str | os.PathLike) -> None:
     sizes = {k: int(v) for k, v in d.synthetic_sizes.items() if int(v) > 0}
     src = directory / "source"
     summary = synthetic.generate(str(src), seed=d.synthetic_seed, sizes=sizes,
-                                 image_size=d.synthetic_image_size)
-    log.info("generated the synthetic benchmark in %.1f s: %s", summary["seconds"],
-             {s: v["examples"] for s, v in summary["splits"].items()})
+                                 image_size=d.synthetic_image_size, progress=True)
+    # Visible at the default verbosity: the run trains on data it made itself.
+    log.warning("generated the synthetic benchmark in %s in %.1f s: %s", directory, summary["seconds"],
+                {s: v["examples"] for s, v in summary["splits"].items()})
     records = {s: [str(src / "Part_Segm" / f"{synthetic.DATASET_NAME}_{s}.json")] for s in sizes}
     m4seg.build(records, {synthetic.DATASET_NAME: str(src / synthetic.DATASET_NAME)}, str(directory))
     build_synthetic_tokenizers(synthetic.vocabulary(), str(directory / TOKENIZERS))

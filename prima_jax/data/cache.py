@@ -50,6 +50,7 @@ from prima_jax import cli, paths
 from prima_jax.data import features as feat
 from prima_jax.data import preprocess
 from prima_jax.data import records as rec
+from prima_jax.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -144,27 +145,6 @@ def _to_numpy(x: jax.Array) -> np.ndarray:
   return np.concatenate(out)
 
 
-class _Progress:
-  """A line every ``every_s`` seconds: done / total, rate, ETA."""
-
-  def __init__(self, total: int, done: int, every_s: float, enabled: bool):
-    self.total, self.start_done, self.done = total, done, done
-    self.every_s, self.enabled = every_s, enabled
-    self.t0 = self.t_last = time.time()
-
-  def update(self, n: int, force: bool = False) -> None:
-    self.done += n
-    now = time.time()
-    if not self.enabled or (now - self.t_last < self.every_s and not force):
-      return
-    self.t_last = now
-    rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
-    eta = (self.total - self.done) / rate if rate > 0 else math.inf
-    eta_s = "?" if not math.isfinite(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
-    print(f"feature cache: {self.done}/{self.total} images ({100 * self.done / max(self.total, 1):.1f} %), "
-          f"{rate:.1f} images/s, ETA {eta_s}", file=sys.stderr, flush=True)
-
-
 def build(config, frozen: dict, data_dir: str | os.PathLike, out: str | os.PathLike, *,
           splits: Sequence[str], towers: Sequence[str], dtype: str = "bfloat16", shard_images: int = 128,
           batch_per_device: int = 8, mesh=None, read_threads: int = 4, progress_every_s: float = 10.0,
@@ -227,7 +207,8 @@ def build(config, frozen: dict, data_dir: str | os.PathLike, out: str | os.PathL
   mine = todo[jax.process_index()::jax.process_count()]
   summary = dict(images=len(refs), shards=len(shards), shards_done_before=len(done), towers=list(towers),
                  plan_s=time.time() - t_plan, dtype=dtype, out=str(root))
-  progress = _Progress(len(refs), sum(len(shards[i]) for i in done), progress_every_s, is_main)
+  progress = Progress(len(refs), "images", desc="feature cache", initial=sum(len(shards[i]) for i in done),
+                      enabled=is_main, every_s=progress_every_s)
   if existing is not None and existing.get("complete") and not todo:
     summary.update(computed=0, wall_s=0.0, images_per_s=None, bytes_per_image=_bytes_per_image(root, shards))
     return summary
@@ -291,7 +272,7 @@ def build(config, frozen: dict, data_dir: str | os.PathLike, out: str | os.PathL
   complete = all((root / feat.shard_name(i)).exists() for i in range(len(shards)))
   if complete and is_main and not stopped_early:
     paths.write_text_atomic(root / feat.MANIFEST, _json(dict(manifest, complete=True)))
-  progress.update(0, force=True)
+  progress.close()
   summary.update(computed=computed, shards_written=written, complete=complete and not stopped_early,
                  wall_s=wall, images_per_s=computed / wall if wall > 0 and computed else None,
                  bytes_per_image=_bytes_per_image(root, shards))

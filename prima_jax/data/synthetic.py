@@ -51,6 +51,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from prima_jax import paths
+from prima_jax.progress import Progress
 
 DATASET_NAME = "synthetic"
 SPLITS = ("train", "val", "test")
@@ -876,7 +877,7 @@ def _png(pixels: np.ndarray) -> bytes:
 
 
 def generate(out_dir: str | os.PathLike, seed: int = 0, sizes: Mapping[str, int] | None = None,
-             image_size: int = 96) -> dict:
+             image_size: int = 96, *, progress: bool = False) -> dict:
   """Writes the benchmark under ``out_dir`` (layout in the module docstring); returns a summary dict.
 
   Args:
@@ -886,6 +887,7 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, sizes: Mapping[str, int]
     sizes: examples per split, e.g. ``{"train": 2400, "val": 300, "test": 300}``; a split left out is not
       written. Default ``DEFAULT_SIZES``.
     image_size: nominal image side in pixels; each image's height and width vary in [0.8, 1.2] of it.
+    progress: show a bar (or a periodic line off a terminal) over the examples.
 
   Returns:
     ``{"out_dir", "seed", "image_size", "seconds", "examples_per_second", "splits": {split: {"examples",
@@ -907,6 +909,8 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, sizes: Mapping[str, int]
     d.mkdir(parents=True, exist_ok=True)
   summary = {"out_dir": str(out), "seed": seed, "image_size": image_size, "splits": {}}
   total = 0
+  bar = Progress(sum(int(sizes[s]) for s in SPLITS if s in sizes), "examples", desc="synthetic benchmark",
+                 enabled=progress)
   for split in SPLITS:
     if split not in sizes:
       continue
@@ -918,6 +922,7 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, sizes: Mapping[str, int]
       annotations += anns
       records += recs
       metas += ms
+      bar.update(len(recs))
     ann_file = ann_dir / f"{DATASET_NAME}_{split}.json"
     rec_file = rec_dir / f"{DATASET_NAME}_{split}.json"
     _write_json(ann_file, _coco(seed, split, images, annotations))
@@ -926,6 +931,7 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, sizes: Mapping[str, int]
     summary["splits"][split] = split_summary(records, metas)
     summary["splits"][split].update(images=len(images), annotations=len(annotations),
                                     records_file=str(rec_file), annotation_file=str(ann_file))
+  bar.close()
   seconds = time.perf_counter() - t0
   summary["seconds"] = round(seconds, 3)
   summary["examples_per_second"] = round(total / seconds, 1) if seconds > 0 else None
@@ -986,7 +992,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = paths.resolve(args.out, what="--out")
   except paths.PathError as e:
     parser.error(str(e))
-  summary = generate(out, args.seed, sizes, args.image_size)
+  summary = generate(out, args.seed, sizes, args.image_size, progress=True)
   for split, s in summary["splits"].items():
     print(f"{split}: {s['examples']} examples ({s['multi_image']} multi-image), {s['images']} images, "
           f"{s['annotations']} annotations, categories {s['categories']}, encodings {s['encodings']}")

@@ -106,6 +106,18 @@ def register_implementation(name: str, fn: Callable[..., jax.Array | str | None]
       order.sort(key=lambda n: -_PRIORITY[n])  # stable: registration order within a priority
 
 
+def implementations() -> list[str]:
+  """Every registered implementation name (the kernel modules are imported first)."""
+  _load_kernels()
+  return sorted(_IMPLEMENTATIONS)
+
+
+def preferred_order(backend: str) -> list[str]:
+  """The kernels ``implementation=None`` tries on ``backend``, in order (the XLA reference comes last)."""
+  _load_kernels()
+  return list(_PREFERRED.get(backend, ()))
+
+
 def _load_kernels() -> None:
   """Imports the kernel modules once (they register themselves); a failure is logged."""
   global _kernels_loaded

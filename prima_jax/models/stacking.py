@@ -7,8 +7,9 @@ windowed blocks then a global one, P = 8) holds, when scanned, an ``nnx.List`` o
 (built with ``nnx.vmap`` + ``nnx.split_rngs``), each with a leading axis of ``G = depth / P``
 groups and a leading ``"layers"`` logical axis on every parameter (mapped to no mesh axis).
 Stacked module ``k`` holds the blocks ``k, P + k, 2P + k, ...``: unrolled block ``i`` is stacked
-``(i % P)[i // P]``. :func:`run` scans over the G groups (``jax.lax.scan`` over the split state, as ``nnx.scan``) and runs the P blocks of a
-group in order inside the body, each rematerialised under the tower's remat policy.
+``(i % P)[i // P]``. :func:`run` scans over the G groups (``jax.lax.scan`` over the split state, as
+``nnx.scan`` does) and runs the P blocks of a group in order inside the body, each rematerialised
+under the tower's remat policy.
 
 Parameter paths keep their shape: unrolled ``llm/layers/5/self_attn/q_proj/lora_a`` [in, r] is
 ``llm/layers/0/self_attn/q_proj/lora_a`` [32, in, r] when scanned, so path patterns written with the

@@ -448,21 +448,13 @@ def _attention_module():
 
 def registered_implementations() -> list[str]:
   """Every implementation name the attention registry holds now (kernel modules loaded first)."""
-  attention = _attention_module()
-  load = getattr(attention, "_load_kernels", None)
-  if load is not None:
-    load()
-  return sorted(attention._IMPLEMENTATIONS)  # noqa: SLF001 -- the registry has no public listing
+  return _attention_module().implementations()
 
 
 def implementation_backends(name: str) -> set[str]:
   """Backends ``name``'s kernel is for: those it is preferred on, or named by its name; empty = unknown."""
   attention = _attention_module()
-  backends = set()
-  for backend, names in getattr(attention, "_PREFERRED", {}).items():
-    names = [names] if isinstance(names, str) else list(names)
-    if name in names:
-      backends.add(backend)
+  backends = {backend for backend in ("cpu", "gpu", "tpu") if name in attention.preferred_order(backend)}
   for backend, words in _BACKEND_HINTS.items():
     if any(word in name for word in words):
       backends.add(backend)
