@@ -250,6 +250,10 @@ def test_cache_that_does_not_match_the_model_is_refused(built):
   wrong.model.sam.prompt_embed_dim = 8
   with pytest.raises(ConfigError, match="sam.out_channels"):
     data_lib.open_feature_cache(wrong, init.frozen)
+  layout = load_config(feature_cache=built["out"])
+  layout.model.scan_layers = not layout.model.scan_layers
+  with pytest.raises(ConfigError, match="model.scan_layers"):
+    data_lib.open_feature_cache(layout, init.frozen)
   with pytest.raises(ConfigError, match="eva_augment"):
     data_lib.open_feature_cache(load_config(feature_cache=built["out"], eva_augment=True), init.frozen)
   trained = dict(init.frozen)

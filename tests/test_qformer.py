@@ -37,7 +37,7 @@ def _loaded_pair(cfg):
   report = sd.load_state_dict(ours, state, ib.qformer_rules(cfg) + [ib.query_tokens_rule(cfg)],
                               strict=True, ignore_unexpected=ib.QFORMER_IGNORED_PREFIXES)
   assert report.initialised == []
-  assert len(report.loaded) == len(sd.param_paths(ours))
+  assert len(report.loaded) == len(sd.unrolled_param_shapes(ours))
   return hf, ours, query_tokens
 
 

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from flax import nnx
 
 from prima_jax.convert.sam import HF_IGNORED_KEYS, add_tied_keys, hf_sam_config, sam_rules
-from prima_jax.convert.state_dict import export_state_dict, load_state_dict, param_paths
+from prima_jax.convert.state_dict import (
+  export_state_dict,
+  load_state_dict,
+  param_paths,
+  unrolled_param_shapes,
+)
 from prima_jax.models.configs import tiny_config
 from prima_jax.models.sam import Sam, postprocess_masks, upscale_masks
 from prima_jax.sharding import LOGICAL_AXIS_RULES
@@ -58,7 +63,7 @@ def _models(window_size=None):
   rules = sam_rules(cfg)
   report = load_state_dict(ours, hf.state_dict(), rules, strict=True, ignore_unexpected=HF_IGNORED_KEYS)
   assert not report.initialised, report.initialised
-  assert len(report.loaded) == len(rules) == len(param_paths(ours))
+  assert len(report.loaded) == len(rules) == len(unrolled_param_shapes(ours))
   _CACHE[window_size] = (cfg, hf, ours)
   return _CACHE[window_size]
 

@@ -113,8 +113,11 @@ def tower_params(frozen: Mapping[str, Any], tower: str) -> Any:
 def depends_on(model_cfg, towers: Sequence[str], dtype: str, fingerprints: Mapping[str, str]) -> dict:
   """Everything the cached features are a function of (compared key by key by :func:`check_manifest`)."""
   v, s = model_cfg.vision, model_cfg.sam
+  # The weight fingerprints hash the parameter tree as stored, stacked or not: a layout change is
+  # named as such rather than as "different weights".
   out: dict[str, Any] = {"format": FORMAT_VERSION, "towers": sorted(towers), "dtype": dtype,
-                         "model.dtype": str(model_cfg.dtype)}
+                         "model.dtype": str(model_cfg.dtype),
+                         "model.scan_layers": bool(model_cfg.get("scan_layers", False))}
   if "sam" in towers:
     out.update({"sam.image_size": int(s.image_size), "sam.patch_size": int(s.patch_size),
                 "sam.out_channels": int(s.out_channels), "sam.preprocessing": PREPROCESSING["sam"],
