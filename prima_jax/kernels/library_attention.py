@@ -77,14 +77,22 @@ def cudnn_applies(query, key, value, *, mask, bias, causal, key_valid) -> str | 
   return reason
 
 
-def cudnn_unsupported_reason(query, key, value) -> str | None:
-  """None when cuDNN can run these arrays (before its own trace-time checks), else why not."""
+def _dtype_reason(query, key, value, allowed, kernel: str, names: str) -> str | None:
+  """Why ``kernel`` cannot take these arrays' dtypes (one dtype of ``allowed``, called ``names``), or None."""
   dtypes = {jnp.dtype(x.dtype) for x in (query, key, value)}
   if len(dtypes) > 1:
     return f"mixed dtypes {sorted(map(str, dtypes))}"
   dtype = dtypes.pop()
-  if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return f"dtype {dtype} (cuDNN flash attention takes bf16/fp16 only)"
+  if dtype not in {jnp.dtype(a) for a in allowed}:
+    return f"dtype {dtype} ({kernel} takes {names} only)"
+  return None
+
+
+def cudnn_unsupported_reason(query, key, value) -> str | None:
+  """None when cuDNN can run these arrays (before its own trace-time checks), else why not."""
+  reason = _dtype_reason(query, key, value, (jnp.bfloat16, jnp.float16), "cuDNN flash attention", "bf16/fp16")
+  if reason is not None:
+    return reason
   d = query.shape[-1]
   if d % 8 or d > 256:
     return f"head dim {d} (cuDNN needs a multiple of 8, <= 128, or <= 256 on Hopper)"
@@ -150,12 +158,9 @@ def splash_unsupported_reason(query, key, value) -> str | None:
   _, reason = _splash_module()
   if reason is not None:
     return reason
-  dtypes = {jnp.dtype(x.dtype) for x in (query, key, value)}
-  if len(dtypes) > 1:
-    return f"mixed dtypes {sorted(map(str, dtypes))}"
-  dtype = dtypes.pop()
-  if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-    return f"dtype {dtype} (splash takes f32/bf16)"
+  reason = _dtype_reason(query, key, value, (jnp.float32, jnp.bfloat16), "splash", "f32/bf16")
+  if reason is not None:
+    return reason
   if query.shape[2] % key.shape[2]:
     return f"query heads {query.shape[2]} not a multiple of key heads {key.shape[2]}"
   if key.shape[-1] != query.shape[-1] or value.shape[-1] != query.shape[-1]:
