@@ -27,6 +27,7 @@ def _config():
   model = tiny_config()
   model.llm.vocab_size = 300
   model.lora.dropout = 0.0
+  model.scan_layers = True   # the stacked layout, as the full-size model trains (tiny_config is unrolled)
   model.vision.ln_vision_eps = model.vision.layer_norm_eps  # HF post_layernorm uses the blocks' eps
   config = base_config(model)
   config.train.trainable = TRAINABLE_PRIMA  # frozen parameters live in their own checkpoint item
