@@ -31,6 +31,7 @@ import jax
 from etils import epath
 
 from prima_jax import paths
+from prima_jax.models import configs as model_configs
 
 log = logging.getLogger(__name__)
 
@@ -329,12 +330,16 @@ def load_tokenizers(config, data_dir: str | os.PathLike | None, *, fallback_dir:
   )
 
   d = config.data
+  # The added tokens' ids are the model's (model.prima.first_added_id).
+  first_added_id = int(config.model.prima.first_added_id)
   if d.tokenizer == "synthetic":
     tok_dir = epath.Path(data_dir) / TOKENIZERS if data_dir else None
     if tok_dir is not None and tok_dir.exists():
-      return load_synthetic_tokenizers(paths.local_only(tok_dir, what="data.data_dir", why="the tokenizer"))
+      return load_synthetic_tokenizers(paths.local_only(tok_dir, what="data.data_dir", why="the tokenizer"),
+                                       first_added_id=first_added_id)
     if fallback_dir:
-      return build_synthetic_tokenizers(synthetic.vocabulary(), os.path.join(fallback_dir, TOKENIZERS))
+      return build_synthetic_tokenizers(synthetic.vocabulary(), os.path.join(fallback_dir, TOKENIZERS),
+                                        first_added_id=first_added_id)
     raise FileNotFoundError(f"no synthetic tokenizers in {tok_dir or '(no data directory)'}; pass --data_dir "
                             "(or data.data_dir) pointing at a prepared synthetic benchmark")
   if d.tokenizer != "files":
@@ -343,7 +348,7 @@ def load_tokenizers(config, data_dir: str | os.PathLike | None, *, fallback_dir:
     raise ValueError("data.tokenizer='files' needs data.llm_tokenizer and data.bert_vocab")
   llm = paths.local_only(d.llm_tokenizer, what="data.llm_tokenizer", why="the tokenizer")
   bert = paths.local_only(d.bert_vocab, what="data.bert_vocab", why="the tokenizer")
-  return load_llama_tokenizer(llm), load_bert_tokenizer(bert)
+  return load_llama_tokenizer(llm, first_added_id=first_added_id), load_bert_tokenizer(bert)
 
 
 def fit_vocab_sizes(config, tokenizers, *, announce: bool = False) -> None:
@@ -364,6 +369,10 @@ def fit_vocab_sizes(config, tokenizers, *, announce: bool = False) -> None:
   if llm_tok.vocab_size > config.model.llm.vocab_size:
     raise ValueError(f"the LLM tokenizer has {llm_tok.vocab_size} ids, model.llm.vocab_size is "
                      f"{config.model.llm.vocab_size}")
+  expected = model_configs.added_token_ids(config.model.prima)
+  if dict(llm_tok.added_tokens) != expected:
+    raise ValueError(f"the LLM tokenizer {llm_tok.name} has added tokens {llm_tok.added_tokens}; the model "
+                     f"(model.prima.first_added_id={config.model.prima.first_added_id}) expects {expected}")
 
 
 # --- Orbax pytrees by parameter path ------------------------------------------------------------

@@ -10,7 +10,7 @@ from prima_jax.data import synthetic
 from prima_jax.data.tokenizer import build_synthetic_tokenizers
 from prima_jax.inference.generate import decode_loop, top_p_filter
 from prima_jax.inference.grounding import low_res_to_original, parse_generation
-from prima_jax.models.configs import P_END_ID, P_START_ID, SEG_ID, tiny_config
+from prima_jax.models.configs import added_token_ids, tiny_config
 from prima_jax.models.llama import Llama
 from prima_jax.models.sam.sam import postprocess_masks, upscale_masks
 
@@ -29,7 +29,12 @@ def llm():
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-  return build_synthetic_tokenizers(synthetic.vocabulary(), tmp_path_factory.mktemp("tok"))[0]
+  return build_synthetic_tokenizers(synthetic.vocabulary(), tmp_path_factory.mktemp("tok"),
+                                    first_added_id=tiny_config().prima.first_added_id)[0]
+
+
+_IDS = added_token_ids(tiny_config().prima)
+SEG_ID, P_START_ID, P_END_ID = _IDS["[SEG]"], _IDS["<p>"], _IDS["</p>"]
 
 
 def _padded(embeds_per_row, side):

@@ -279,6 +279,24 @@ def test_text_metrics_hand_worked():
   assert s["siou"] == 0.0 and s["isiou"] == 0.0 and s["iss"] == 0.0
 
 
+def test_grounding_by_name_hand_worked():
+  m = box((6, 6), 0, 3, 0, 3)
+  ref = answer([("ball_1", 0, m), ("ball_1", 1, m), ("cup_2", 1, m)])
+  s = metrics.example_stats(ref, ref, similarity=SIM)
+  assert (s["named_tp"], s["routed_tp"], s["all_named"]) == (3, 3, 1)
+  # Names compare as multisets: one "ball_1" named once is one of two; " Cup_2 " is cup_2.
+  pred = answer([("ball_1", 1, m), (" Cup_2 ", 0, m), ("box_1", 1, m)])
+  s = metrics.example_stats(pred, ref, similarity=SIM)
+  assert (s["named_tp"], s["routed_tp"], s["all_named"]) == (2, 1, 0)
+  agg = metrics.aggregate([s])["overall"]
+  assert agg["Named"] == pytest.approx(200 / 3) and agg["Routed"] == pytest.approx(50.0)
+  assert agg["All named"] == 0.0
+  # Every name right, one routed wrong: all named, routing 2 / 3.
+  pred = answer([("ball_1", 0, m), ("cup_2", 1, m), ("ball_1", 0, m)])
+  s = metrics.example_stats(pred, ref, similarity=SIM)
+  assert (s["named_tp"], s["routed_tp"], s["all_named"]) == (3, 2, 1)
+
+
 def test_meteor_exact_hand_worked():
   # Banerjee & Lavie's example: 6 matches, 2 chunks, P = 1, R = 6/7.
   hyp, ref = "the president spoke to the audience", "the president then spoke to the audience"

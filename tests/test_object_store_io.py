@@ -39,7 +39,8 @@ def run(tmp_path_factory):
   root = tmp_path_factory.mktemp("object_store_io")
   config = get_config("test")
   config.train.trainable = ("seg_head/", "sam/mask_decoder/")  # the rest lives in WORKDIR/frozen
-  workdir_lib.fit_vocab_sizes(config, build_synthetic_tokenizers(synthetic.vocabulary(), root / "tok"))
+  workdir_lib.fit_vocab_sizes(config, build_synthetic_tokenizers(
+      synthetic.vocabulary(), root / "tok", first_added_id=config.model.prima.first_added_id))
   rng = np.random.default_rng(7)  # not the config's seeded initialisation: a restore that fell back shows
   values = {}
   for name, var in torch_io.abstract_params(config.model).items():

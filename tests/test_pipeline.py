@@ -40,7 +40,8 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def toks(tmp_path_factory):
-  return build_synthetic_tokenizers(WORDS, tmp_path_factory.mktemp("tok"))
+  return build_synthetic_tokenizers(WORDS, tmp_path_factory.mktemp("tok"),
+                                    first_added_id=tiny_config().prima.first_added_id)
 
 
 def make_example(i: int, rng: np.random.Generator, *, num_images: int | None = None,
@@ -351,7 +352,8 @@ def test_synthetic_benchmark_through_the_tfds_source(cfg, tmp_path):
   source = m4seg.data_source(tmp_path / "data", "train")
   cfg = cfg.copy_and_resolve_references()
   cfg.prima.update(max_images=5, max_masks=12)
-  toks = build_synthetic_tokenizers(synthetic.vocabulary(), tmp_path / "tok")
+  toks = build_synthetic_tokenizers(synthetic.vocabulary(), tmp_path / "tok",
+                                    first_added_id=cfg.prima.first_added_id)
   ds = dataset(source, cfg, toks, batch_size=2, num_epochs=1, train=False, max_length=384,
                max_question_length=32)
   it = iter(ds)
@@ -386,7 +388,8 @@ from prima_jax.data.tokenizer import load_synthetic_tokenizers
 from prima_jax.models.configs import tiny_config
 from prima_jax.sharding import make_mesh
 cfg = tiny_config()
-ds = make_dataset(make_examples(8, seed=6), cfg=cfg, tokenizers=load_synthetic_tokenizers(tok_dir),
+toks = load_synthetic_tokenizers(tok_dir, first_added_id=cfg.prima.first_added_id)
+ds = make_dataset(make_examples(8, seed=6), cfg=cfg, tokenizers=toks,
                   batch_size=2, train=False, seed=0, max_length=MAX_LENGTH, max_question_length=16,
                   num_epochs=1)
 ids, shapes = [], []

@@ -29,8 +29,9 @@ ANSWER_2 = "<p> red circle </p> [SEG] (IMAGE2) and <p> blue square </p> [SEG] (I
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  toks = build_synthetic_tokenizers(synthetic.vocabulary(), tmp_path_factory.mktemp("tok"))
   cfg = tiny_config()
+  toks = build_synthetic_tokenizers(synthetic.vocabulary(), tmp_path_factory.mktemp("tok"),
+                                    first_added_id=cfg.prima.first_added_id)
   cfg.qformer.vocab_size = toks[1].vocab_size
   model = Prima(cfg, rngs=nnx.Rngs(0))
   model.eval()

@@ -178,3 +178,34 @@ def test_gradients_flow_to_every_trainable_component():
   for component in ("vision", "square", "qformer", "language_projection", "llm", "seg_head", "sam"):
     assert norms[component] > 0, f"no gradient reaches {component}"
     assert np.isfinite(norms[component])
+
+
+def test_kernel_init_scheme_scales_tiny_kernels_by_fan_in_and_leaves_the_rest():
+  """model.kernel_init: lecun_normal (tiny) draws kernels with std 1/sqrt(fan_in), "normal" (full) with
+  0.02; embeddings, query tokens, LoRA and zero-initialised layers do not depend on it."""
+  cfg = tiny_config()
+  assert cfg.kernel_init == "lecun_normal"
+  lecun = nnx.to_flat_state(nnx.state(Prima(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+  normal_cfg = tiny_config()
+  normal_cfg.kernel_init = "normal"
+  normal = nnx.to_flat_state(nnx.state(Prima(normal_cfg, rngs=nnx.Rngs(0)), nnx.Param))
+  lecun, normal = ({"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in s} for s in (lecun, normal))
+
+  def std(tree, key):
+    return float(tree[key].std())
+
+  fc = "llm/layers/0/mlp/down_proj/kernel"                    # [128, 64]: fan-in 128
+  up = "sam/mask_decoder/upscale_conv1/kernel"                 # [2, 2, 16, 4]: fan-in 16 (stride 2)
+  patch = "sam/image_encoder/patch_embed/kernel"               # [8, 8, 3, 32]: fan-in 192
+  for key, fan_in in ((fc, 128), (up, 16), (patch, 192)):
+    assert abs(std(lecun, key) * np.sqrt(fan_in) - 1) < 0.25, (key, std(lecun, key))
+    assert abs(std(normal, key) / 0.02 - 1) < 0.25, (key, std(normal, key))
+  for key in ("llm/embed_tokens", "qformer/query_tokens", "sam/mask_decoder/iou_token"):
+    np.testing.assert_array_equal(lecun[key], normal[key], err_msg=key)
+  lora_a = next(k for k in lecun if k.endswith("lora_a"))
+  np.testing.assert_array_equal(lecun[lora_a], normal[lora_a])
+  assert not lecun[lora_a.replace("lora_a", "lora_b")].any()
+  with pytest.raises(ValueError, match="unknown kernel_init 'xavier'"):
+    bad = tiny_config()
+    bad.kernel_init = "xavier"
+    Prima(bad, rngs=nnx.Rngs(0))

@@ -22,6 +22,8 @@ WORDS = ["which", "Which", "object", "objects", "appears", "appear", "in", "ever
          "chair", "table", "mug", "handle", "drawer", "desk", "has", "more", "the", "The", "is", "and",
          "both", "second", "first", "third", "red", "blue", "roll", "can", "ball"]
 NQ, SLOT = 32, -200
+# GLaMM's Vicuna ids of <im_start>, <im_end> and [SEG] (the tokenizers' default first_added_id 32000).
+IM_START_ID, IM_END_ID, SEG_ID = 32000, 32001, 32004
 EXAMPLES = {
     "two_images": dict(
         question="Which object appears in both images?",
@@ -108,10 +110,10 @@ def test_golden_structure(toks):
     out = _encode(toks, **ex)
     ids, n = out["input_ids"].tolist(), ex["num_images"]
     assert ids[0] == llm.bos_id and ids[-1] == llm.eos_id and ids.count(llm.eos_id) == 1
-    starts = [k for k, i in enumerate(ids) if i == configs.IM_START_ID]
-    assert len(starts) == n and ids.count(configs.IM_END_ID) == n, name
+    starts = [k for k, i in enumerate(ids) if i == IM_START_ID]
+    assert len(starts) == n and ids.count(IM_END_ID) == n, name
     for k in starts:
-      assert ids[k + 1:k + 1 + NQ] == [SLOT] * NQ and ids[k + 1 + NQ] == configs.IM_END_ID
+      assert ids[k + 1:k + 1 + NQ] == [SLOT] * NQ and ids[k + 1 + NQ] == IM_END_ID
     assert ids.count(SLOT) == n * NQ
     # each image block is followed by its own (IMAGEk) tag
     for j, k in enumerate(starts):
@@ -141,8 +143,8 @@ def test_seg_count_positions_and_routing(toks):
     out = _encode(toks, **ex)
     ids = out["input_ids"]
     n_seg = ex["answer"].count("[SEG]")
-    assert (ids == configs.SEG_ID).sum() == n_seg == len(out["seg_positions"]) == len(out["seg_image_index"])
-    assert (ids[out["seg_positions"]] == configs.SEG_ID).all()
+    assert (ids == SEG_ID).sum() == n_seg == len(out["seg_positions"]) == len(out["seg_image_index"])
+    assert (ids[out["seg_positions"]] == SEG_ID).all()
     assert out["seg_positions"].dtype == out["seg_image_index"].dtype == np.int32
   three = _encode(toks, **EXAMPLES["three_images"])
   assert three["seg_image_index"].tolist() == [2, 2, 2, 0]  # repeated "(IMAGE1)" adds no [SEG]
@@ -209,9 +211,9 @@ def test_question_truncated_from_the_left(toks):
   assert short == [cls] + bert.encode("which object?") + [sep]
 
 
-def test_encoded_examples_pass_the_batch_contract(toks):
-  llm, bert = toks
+def test_encoded_examples_pass_the_batch_contract(tmp_path):
   cfg = configs.tiny_config()
+  llm, bert = build_synthetic_tokenizers(WORDS, tmp_path, first_added_id=cfg.prima.first_added_id)
   cfg.qformer.vocab_size = bert.vocab_size
   assert cfg.llm.vocab_size == llm.vocab_size
   nq, s, size = cfg.qformer.num_query_tokens, cfg.sam.image_size, cfg.vision.image_size

@@ -102,9 +102,13 @@ def check_record(i: int, rec: dict, coco: dict) -> dict[str, int]:
     assert mask.shape == (h, w) and mask.any(), f"{where}: {tag} mask empty"
     counts[_kind(g["segmentation"])] = counts.get(_kind(g["segmentation"]), 0) + 1
     assert g["name"] == name, f"{where}: {tag} grounded as {g['name']!r}"
-    # Instance YY is the YY-th object annotation of its image; part ZZ the ZZ-th part annotation of it.
+    # Instance YY is the YY-th object of its class from the left (by bounding-box centre) in its image;
+    # part ZZ the ZZ-th part annotation of it.
     image_id = rec["img_ids"][x - 1]
-    objects = [a for a in coco["annotations"] if a["image_id"] == image_id and a["obj_ann_id"] == a["id"]]
+    cls = name if len(code) == 3 else synthetic.PART_OWNER[name]
+    objects = sorted((a for a in coco["annotations"] if a["image_id"] == image_id
+                      and a["obj_ann_id"] == a["id"] and cats[a["category_id"]] == cls),
+                     key=lambda a: a["bbox"][0] + a["bbox"][2] / 2)
     assert int(code[1:3]) <= len(objects), f"{where}: {tag} names a missing instance"
     obj = objects[int(code[1:3]) - 1]
     obj_mask = _decode(obj["segmentation"], h, w)

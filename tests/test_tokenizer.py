@@ -2,6 +2,7 @@
 
 import json
 
+import ml_collections
 import pytest
 import sentencepiece as spm
 import tokenizers
@@ -10,9 +11,10 @@ from tokenizers import decoders, models, normalizers, trainers
 from prima_jax.data import tokenizer as tk
 from prima_jax.models import configs
 
-MODEL_IDS = {"<im_start>": configs.IM_START_ID, "<im_end>": configs.IM_END_ID, "<bbox>": configs.BBOX_ID,
-             "<point>": configs.POINT_ID, "[SEG]": configs.SEG_ID, "<p>": configs.P_START_ID,
-             "</p>": configs.P_END_ID}
+# GLaMM's ids for its tokens added to Vicuna's 32000 pieces (written out, not taken from the code).
+MODEL_IDS = {"<im_start>": 32000, "<im_end>": 32001, "<bbox>": 32002, "<point>": 32003, "[SEG]": 32004,
+             "<p>": 32005, "</p>": 32006}
+SEG_ID, P_END_ID = MODEL_IDS["[SEG]"], MODEL_IDS["</p>"]
 LINES = ["A chat between a curious human and an artificial intelligence assistant.",
          "The chair is next to the table in the first image (IMAGE1).",
          "Which object can roll? The red ball rolls, the desk_1's drawer_2 does not.",
@@ -65,7 +67,7 @@ def llm_tok(request, files):
 
 
 def test_added_tokens_are_one_id_each_and_the_models_id(llm_tok):
-  assert tk.LLM_ADDED_IDS == MODEL_IDS
+  assert tk.llm_added_ids() == MODEL_IDS == configs.added_token_ids(configs.full_config().prima)
   for token, model_id in MODEL_IDS.items():
     assert llm_tok.encode(token) == [model_id], token
     assert llm_tok.token_to_id(token) == model_id
@@ -83,7 +85,7 @@ def test_seg_trap_base_model_splits_seg_with_leading_space_piece(files):
   pieces = sp.encode("[SEG]", out_type=str)
   assert len(pieces) > 1 and pieces[0] == "▁"
   tok = tk.load_llama_tokenizer(files / "sp")
-  assert tok.encode("[SEG]")[0] == configs.SEG_ID != sp.piece_to_id(pieces[0])
+  assert tok.encode("[SEG]")[0] == SEG_ID != sp.piece_to_id(pieces[0])
 
 
 def test_special_ids_and_size(llm_tok):
@@ -106,7 +108,7 @@ def test_round_trip(llm_tok, text):
 
 def test_added_tokens_split_without_spaces(llm_tok):
   ids = llm_tok.encode("x[SEG](IMAGE1)</p>y")
-  assert ids.count(configs.SEG_ID) == 1 and ids.count(configs.P_END_ID) == 1
+  assert ids.count(SEG_ID) == 1 and ids.count(P_END_ID) == 1
   assert llm_tok.decode(ids) == "x [SEG] (IMAGE1) </p> y"
   assert llm_tok.decode([1] + ids + [2], skip_special_tokens=True) == "x [SEG] (IMAGE1) </p> y"
   assert llm_tok.decode([1, 2]) == "<s> </s>"
@@ -134,7 +136,7 @@ def test_loader_errors(files, tmp_path):
   with pytest.raises(ValueError, match="id 32004 is '<pad>'"):
     tk.load_llama_tokenizer(d)
   (d / "added_tokens.json").write_text(json.dumps(MODEL_IDS))
-  assert tk.load_llama_tokenizer(d).encode("[SEG]") == [configs.SEG_ID]
+  assert tk.load_llama_tokenizer(d).encode("[SEG]") == [SEG_ID]
 
 
 def test_loader_rejects_other_special_ids(tmp_path):
@@ -191,3 +193,36 @@ def test_synthetic_is_deterministic_and_complete(tmp_path):
   text = "Ünïcode ☃ and\nnewlines\tstay (IMAGE3) <p> x </p> [SEG]"
   assert llm.decode(llm.encode(text)) == text
   assert llm.encode("The chair") == a_llm.encode("The chair")
+
+
+def test_added_ids_follow_the_models_first_added_id(files, tmp_path):
+  """The tiny model's ids (1024..1030): encoded, decoded and checked against the model at start-up."""
+  from prima_jax import workdir
+  from prima_jax.training import validate
+
+  cfg = configs.tiny_config()
+  llm, bert = tk.load_synthetic_tokenizers(files / "synth", first_added_id=cfg.prima.first_added_id)
+  assert llm.vocab_size == 1031 == cfg.llm.vocab_size
+  assert llm.encode("<p> ball </p> [SEG]")[-1] == 1028 == cfg.prima.seg_token_id
+  assert llm.decode([1024, 1025]) == "<im_start> <im_end>"
+  assert max(i for t in TEXTS for i in llm.encode(t) if i not in llm.added_tokens.values()) < 1024
+  # A sentencepiece base of 340 pieces does not fit below 300.
+  with pytest.raises(ValueError, match=r"340 pieces.*first_added_id"):
+    tk.load_llama_tokenizer(files / "sp", first_added_id=300)
+  # Tokenizer and model must agree: Vicuna's ids against the tiny model are refused by name.
+  config = ml_collections.ConfigDict(dict(model=cfg, data=dict(tokenizer="synthetic")))
+  workdir.fit_vocab_sizes(config, (llm, bert))
+  vicuna_ids = tk.load_synthetic_tokenizers(files / "synth")
+  config.model.llm.vocab_size = 32007
+  with pytest.raises(ValueError, match=r"first_added_id=1024\) expects"):
+    workdir.fit_vocab_sizes(config, vicuna_ids)
+  # The model's own ids must follow first_added_id, and fit its vocabulary.
+  validate.check_model(ml_collections.ConfigDict(dict(model=configs.tiny_config())))
+  bad = configs.tiny_config()
+  bad.prima.seg_token_id = 5
+  with pytest.raises(validate.ConfigError, match=r"model.prima.seg_token_id=5 but \[SEG\] is id 1028"):
+    validate.check_model(ml_collections.ConfigDict(dict(model=bad)))
+  small = configs.tiny_config()
+  small.llm.vocab_size = 1030
+  with pytest.raises(validate.ConfigError, match=r"1024..1030, which must lie in \[3, model.llm.vocab_size="):
+    validate.check_model(ml_collections.ConfigDict(dict(model=small)))

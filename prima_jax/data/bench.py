@@ -207,22 +207,24 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--batches", type=int, default=8, help="timed batches per configuration")
   parser.add_argument("--only", choices=("tiny", "full"), default=None)
   args = parser.parse_args(argv)
-  with tempfile.TemporaryDirectory() as tmp:
-    toks = build_synthetic_tokenizers(WORDS, tmp)
+  tmp = tempfile.TemporaryDirectory()
+  # The same files at each model's added-token ids.
+  toks_for = lambda cfg: build_synthetic_tokenizers(WORDS, tmp.name, first_added_id=cfg.prima.first_added_id)
   if args.only in (None, "tiny"):
     cfg = tiny_config()
     bs = 8
     records = make_records(bs * (args.batches + 1), sizes=[(96, 96)], num_images=3,
                            num_masks=cfg.prima.max_masks - 1, fmt="PNG")
-    run("tiny", cfg, records, toks, batch_size=bs, batches=args.batches, threads=args.threads,
+    run("tiny", cfg, records, toks_for(cfg), batch_size=bs, batches=args.batches, threads=args.threads,
         max_length=256)
   if args.only in (None, "full"):
     cfg = full_config()
     bs = 4
     records = make_records(bs * (args.batches + 1), sizes=[(480, 640), (640, 480), (427, 640)],
                            num_images=3, num_masks=3, fmt="JPEG")
-    run("full", cfg, records, toks, batch_size=bs, batches=args.batches, threads=args.threads,
+    run("full", cfg, records, toks_for(cfg), batch_size=bs, batches=args.batches, threads=args.threads,
         max_length=512)
+  tmp.cleanup()
 
 
 if __name__ == "__main__":

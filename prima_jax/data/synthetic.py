@@ -11,7 +11,9 @@ Tag grammar (kanguyen-vn/LISA ``MultiImage_8Q_single_turn_ds.py``, pattern
 
 - object ``{name}_{X}{YY}``: X = 1-based image index (one digit, 1-5), YY = 2-digit 1-based instance number
   within that image, e.g. ``cup_102``, ``gift_box_301`` (the name may itself hold ``_``: the code is the last
-  ``_``-separated field);
+  ``_``-separated field). Instances are numbered *per class, left to right* (by the centre of their box;
+  ties by height): ``ball_2`` is the second ball from the left. A rule the pixels show, so a model can learn
+  to name the instance it masks (a draw-order number could not be read off the image);
 - part ``{part}_{X}{YY}{ZZ}``: ZZ = 2-digit 1-based part number within instance YY, e.g. ``handle_10201``.
 
 The k-th *new* tag naming image X in the answer takes ``groundings["img_X"][k]``; a repeated tag takes
@@ -27,9 +29,10 @@ Layout written by :func:`generate`::
                                                      PACO-style obj_ann_id), categories
   DIR/Part_Segm/synthetic_{split}.json               list of M⁴Seg records (+ "category")
 
-In the COCO file an image's object annotations come in instance-number order (YY = rank among the image's
-objects), each followed by its parts in part-number order; objects carry ``obj_ann_id == id``, parts their
-object's id, and every annotation its RGB ``color``. Objects never overlap, so masks equal the drawn pixels.
+In the COCO file an image's object annotations come left to right (YY = rank among the image's objects
+of the same class, left to right), each followed by its parts in part-number order; objects carry
+``obj_ann_id == id``, parts their object's id, and every annotation its RGB ``color``. Objects never
+overlap, so masks equal the drawn pixels.
 
 CLI: ``python -m prima_jax.data.synthetic --out DIR --seed S [--train N --val N --test N] [--image-size 96]``.
 """
@@ -185,7 +188,7 @@ class Instance:
 
 @dataclasses.dataclass
 class SceneImage:
-  """One image: id, uint8 [height, width, 3] pixels, its instances (numbered 1.. in list order)."""
+  """One image: id, uint8 [height, width, 3] pixels, its instances (left to right, numbered per class)."""
   image_id: int
   height: int
   width: int
@@ -277,7 +280,7 @@ def _draw_image(rng: np.random.Generator, image_id: int, image_size: int, forced
     polygons = body + [p for _, p in part_polys]
     mask = _rasterize(polygons, height, width)
     color_name = str(rng.choice(list(COLORS)))
-    number = len(instances) + 1
+    number = 0  # set below, once every instance is placed
     parts = []
     for k, (name, poly) in enumerate(part_polys):
       part_color = COLORS[color_name] if name == "handle" else PART_COLORS[name]
@@ -291,6 +294,9 @@ def _draw_image(rng: np.random.Generator, image_id: int, image_size: int, forced
     instances.append(inst)
   if not instances:  # cannot happen with these sizes; keep the invariant explicit
     raise AssertionError(f"image {image_id}: no object placed")
+  instances.sort(key=lambda i: i.center)
+  for inst in instances:
+    inst.number = 1 + sum(other.cls == inst.cls for other in instances if other.number)
   return SceneImage(image_id, height, width, pixels, instances)
 
 

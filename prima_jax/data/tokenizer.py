@@ -2,9 +2,11 @@
 
 Every tokeniser is a :class:`Tokenizer`: a base model (sentencepiece ``tokenizer.model``, HF
 ``tokenizer.json`` or WordPiece ``vocab.txt``) plus *added tokens* with fixed ids that are split
-out of the text before the base model sees it. For the LLM these are the model's seven tokens at
-the ids the model uses (``configs.IM_START_ID`` .. ``configs.P_END_ID`` = 32000..32006), whatever
-the size of the base vocabulary, so ``vocab_size`` is always 32007 and the model config is unchanged.
+out of the text before the base model sees it. For the LLM these are the model's seven tokens
+(``configs.ADDED_TOKENS``) at consecutive ids from the model's ``prima.first_added_id`` (32000 for
+Vicuna: vocab_size 32007; the tiny model's 1024: 1031), whatever the size of the base vocabulary,
+whose pieces must all lie below that id. The loaders take ``first_added_id`` from the model config
+(``workdir.load_tokenizers``), so the tokenizer and the model cannot disagree.
 
 Added tokens encode to exactly one id each. Never take ``tokenizer("[SEG]").input_ids[0]`` as the
 [SEG] id: with a sentencepiece base that is the leading-space piece ``▁`` (GLaMM#73, LISA#55).
@@ -24,14 +26,7 @@ from pathlib import Path
 
 from prima_jax.models import configs
 
-# The model's added tokens, in id order; their ids are the model's (configs.IM_START_ID ..).
-LLM_ADDED_TOKENS: tuple[str, ...] = ("<im_start>", "<im_end>", "<bbox>", "<point>", "[SEG]", "<p>", "</p>")
-LLM_ADDED_IDS: dict[str, int] = dict(zip(
-    LLM_ADDED_TOKENS,
-    (configs.IM_START_ID, configs.IM_END_ID, configs.BBOX_ID, configs.POINT_ID, configs.SEG_ID,
-     configs.P_START_ID, configs.P_END_ID)))
-LLM_BASE_SIZE = configs.IM_START_ID   # 32000: base pieces must have ids below the added tokens
-LLM_VOCAB_SIZE = configs.P_END_ID + 1  # 32007
+LLM_ADDED_TOKENS: tuple[str, ...] = configs.ADDED_TOKENS
 LLM_UNK_ID, LLM_BOS_ID, LLM_EOS_ID = 0, 1, 2
 DEC_TOKEN = "[DEC]"
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -195,30 +190,39 @@ def _llm_file(path: Path) -> Path:
   return path
 
 
-def _check_added_ids(name: str, found: Mapping[str, int]) -> None:
+def llm_added_ids(first_added_id: int = configs.VICUNA_FIRST_ADDED_ID) -> dict[str, int]:
+  """{token: id} of the LLM's added tokens from ``first_added_id`` (the model's ``prima.first_added_id``)."""
+  return {token: first_added_id + k for k, token in enumerate(LLM_ADDED_TOKENS)}
+
+
+def _check_added_ids(name: str, found: Mapping[str, int], ours: Mapping[str, int]) -> None:
   """Raises when a file already maps an id of ours to another token, or one of ours to another id."""
-  by_id = {i: t for t, i in LLM_ADDED_IDS.items()}
+  by_id = {i: t for t, i in ours.items()}
   for token, i in found.items():
-    if token in LLM_ADDED_IDS and i != LLM_ADDED_IDS[token]:
-      raise ValueError(f"{name}: {token!r} has id {i}, the model expects {LLM_ADDED_IDS[token]}")
+    if token in ours and i != ours[token]:
+      raise ValueError(f"{name}: {token!r} has id {i}, the model expects {ours[token]}")
     if i in by_id and token != by_id[i]:
       raise ValueError(f"{name}: id {i} is {token!r}, the model expects {by_id[i]!r}")
 
 
-def load_llama_tokenizer(path: PathLike) -> Tokenizer:
-  """The Vicuna/LLaMA tokeniser with the model's added tokens at ids 32000..32006.
+def load_llama_tokenizer(path: PathLike, *,
+                         first_added_id: int = configs.VICUNA_FIRST_ADDED_ID) -> Tokenizer:
+  """The Vicuna/LLaMA tokeniser with the model's added tokens at ``first_added_id`` .. + 6.
 
   Args:
     path: a sentencepiece ``tokenizer.model``, an HF ``tokenizer.json``, or a directory holding one
       (``tokenizer.model`` preferred). An ``added_tokens.json`` beside it is checked against our ids.
+    first_added_id: the model's ``prima.first_added_id`` (32000 for Vicuna).
 
   Returns:
-    A Tokenizer with bos 1, eos 2, pad = unk = 0 and vocab_size 32007.
+    A Tokenizer with bos 1, eos 2, pad = unk = 0 and vocab_size ``first_added_id + 7`` (32007).
 
   Raises:
-    ValueError naming the file when its special ids differ from LLaMA's, when it has more than 32000
-    base pieces, or when it already maps an added token to another id.
+    ValueError naming the file when its special ids differ from LLaMA's, when its base pieces do not
+    all lie below ``first_added_id``, or when it already maps an added token to another id.
   """
+  ours = llm_added_ids(first_added_id)
+  vocab_size = first_added_id + len(ours)
   file = _llm_file(Path(path))
   if file.suffix == ".json":
     import tokenizers
@@ -234,14 +238,15 @@ def load_llama_tokenizer(path: PathLike) -> Tokenizer:
   sidecar = file.parent / "added_tokens.json"
   if sidecar.is_file():
     extra = json.loads(sidecar.read_text())
-    _check_added_ids(str(sidecar), {str(t): int(i) for t, i in extra.items()})
-  _check_added_ids(name, found)
-  extra_ids = sorted(i for i in range(LLM_BASE_SIZE, base.size) if i not in found.values())
-  if base.size > LLM_VOCAB_SIZE or extra_ids:
+    _check_added_ids(str(sidecar), {str(t): int(i) for t, i in extra.items()}, ours)
+  _check_added_ids(name, found, ours)
+  extra_ids = sorted(i for i in range(first_added_id, base.size) if i not in found.values())
+  if base.size > vocab_size or extra_ids:
     raise ValueError(f"{name}: {base.size} pieces; the base vocabulary must fit in "
-                     f"[0, {LLM_BASE_SIZE}) (ids {LLM_BASE_SIZE}.. are PRIMA's added tokens)")
-  return Tokenizer(base, LLM_ADDED_IDS, bos_id=LLM_BOS_ID, eos_id=LLM_EOS_ID, pad_id=LLM_UNK_ID,
-                   vocab_size=LLM_VOCAB_SIZE, name=name)
+                     f"[0, {first_added_id}) (ids {first_added_id}.. are PRIMA's added tokens: "
+                     "model.prima.first_added_id)")
+  return Tokenizer(base, ours, bos_id=LLM_BOS_ID, eos_id=LLM_EOS_ID, pad_id=LLM_UNK_ID,
+                   vocab_size=vocab_size, name=name)
 
 
 def load_bert_tokenizer(vocab_path: PathLike) -> Tokenizer:
@@ -292,15 +297,17 @@ def _words(words: Iterable[str]) -> list[str]:
   return sorted(pieces)
 
 
-def build_synthetic_tokenizers(words: Iterable[str], out_dir: PathLike) -> tuple[Tokenizer, Tokenizer]:
+def build_synthetic_tokenizers(words: Iterable[str], out_dir: PathLike, *,
+                               first_added_id: int = configs.VICUNA_FIRST_ADDED_ID
+                               ) -> tuple[Tokenizer, Tokenizer]:
   """Writes a small deterministic tokeniser pair to ``out_dir`` and loads it.
 
   ``tokenizer.json``: a LLaMA-style unigram model (``▁`` word-boundary pieces, byte fallback, so any
   text round-trips) over the special pieces, printable ASCII, and every word of ``words`` and of the
   prompt template, with and without ``▁``; loaded by :func:`load_llama_tokenizer`, so the added
-  tokens have ids 32000..32006 and vocab_size is 32007. ``vocab.txt``: a lower-case WordPiece
-  vocabulary over the same words; loaded by :func:`load_bert_tokenizer` (``[DEC]`` appended).
-  The files depend only on the set of words.
+  tokens have ids ``first_added_id`` .. + 6 (the files do not depend on it). ``vocab.txt``: a
+  lower-case WordPiece vocabulary over the same words; loaded by :func:`load_bert_tokenizer`
+  (``[DEC]`` appended). The files depend only on the set of words.
 
   Returns:
     (llm_tokenizer, bert_tokenizer).
@@ -322,8 +329,9 @@ def build_synthetic_tokenizers(words: Iterable[str], out_dir: PathLike) -> tuple
     if p not in seen and all(p != r for r, _ in rare):
       seen.add(p)
       vocab.append((p, _SYNTH_SCORE))
-  if len(vocab) > LLM_BASE_SIZE:
-    raise ValueError(f"{len(vocab)} synthetic pieces; at most {LLM_BASE_SIZE} fit below the added tokens")
+  if len(vocab) > first_added_id:
+    raise ValueError(f"{len(vocab)} synthetic pieces; at most model.prima.first_added_id={first_added_id} "
+                     "fit below the added tokens")
   llm = tokenizers.Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=True))
   llm.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
   llm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
@@ -335,10 +343,12 @@ def build_synthetic_tokenizers(words: Iterable[str], out_dir: PathLike) -> tuple
   lower = sorted({w.lower() for w in words} - set(bert))
   bert += lower + sorted({f"##{w}" for w in lower} - set(bert))
   (out / "vocab.txt").write_text("\n".join(bert) + "\n", encoding="utf-8")
-  return load_synthetic_tokenizers(out)
+  return load_synthetic_tokenizers(out, first_added_id=first_added_id)
 
 
-def load_synthetic_tokenizers(directory: PathLike) -> tuple[Tokenizer, Tokenizer]:
+def load_synthetic_tokenizers(directory: PathLike, *, first_added_id: int = configs.VICUNA_FIRST_ADDED_ID
+                              ) -> tuple[Tokenizer, Tokenizer]:
   """(llm, bert) tokenisers from a directory written by :func:`build_synthetic_tokenizers`."""
   d = Path(directory)
-  return load_llama_tokenizer(d / "tokenizer.json"), load_bert_tokenizer(d / "vocab.txt")
+  return (load_llama_tokenizer(d / "tokenizer.json", first_added_id=first_added_id),
+          load_bert_tokenizer(d / "vocab.txt"))

@@ -27,6 +27,14 @@ Per split (sums over examples; "grounded" examples are those whose reference has
 - **cIoU**: Σ|p ∧ r| over matched pairs / (Σ|p ∨ r| over matched pairs + Σ area of unmatched predictions
   + Σ area of unmatched references), over the split: extra and missing masks both lower it.
 
+Grounding by name (project definitions, for answers whose phrases are object names, as the synthetic
+benchmark's are): phrases compare exactly after lowercasing and collapsing whitespace, as multisets.
+
+- **Named**: reference phrases that the prediction also names (multiset intersection) / reference phrases.
+- **Routed**: of those, the ones the prediction also routes to the same image (multiset intersection of
+  (phrase, image) pairs) / named ones: the share of rightly named ``[SEG]`` sent to the right image.
+- **All named**: grounded examples whose predicted phrases are exactly the reference's / grounded examples.
+
 Text metrics (project definitions: the paper's SS, S-IoU, I-SS, I-SIoU are not published in detail).
 ``sim`` is the chosen :mod:`~prima_jax.evaluation.text_similarity` model with values clipped to [0, 1];
 markup stripping removes ``<p>``, ``</p>``, ``[SEG]`` and ``(IMAGEk)`` and collapses whitespace.
@@ -50,6 +58,7 @@ markup stripping removes ``<p>``, ``</p>``, ``[SEG]`` and ``(IMAGEk)`` and colla
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import re
@@ -82,6 +91,9 @@ STAT_KEYS = (
     "isiou",           # image-aware soft phrase IoU (0 when not grounded)
     "iss",             # image-aware similarity (0 when not grounded)
     "meteor",          # METEOR (exact)
+    "named_tp",        # reference phrases the prediction names too (multisets)
+    "routed_tp",       # ... and routes to the same image
+    "all_named",       # 1 if grounded and the predicted phrases are the reference's
 )
 
 # (name, numerator stat, denominator stat) of each metric; reported in percent.
@@ -95,6 +107,9 @@ METRICS = (
     ("I-SS", "iss", "grounded"),
     ("I-SIoU", "isiou", "grounded"),
     ("METEOR (exact)", "meteor", "examples"),
+    ("Named", "named_tp", "num_ref"),
+    ("Routed", "routed_tp", "named_tp"),
+    ("All named", "all_named", "grounded"),
 )
 COUNTS = (("examples", "examples"), ("grounded", "grounded"), ("ref masks", "num_ref"),
           ("pred masks", "num_pred"), ("TP", "recall_tp"))
@@ -316,6 +331,13 @@ def example_stats(pred: GroundedAnswer, ref: GroundedAnswer, *, similarity: Text
       sims = np.asarray(similarity([ref_text[k] for k in shared], [pred_text[k] for k in shared]), np.float64)
       iss = math.fsum(float(np.clip(sims[n, n], 0.0, 1.0)) for n in range(len(shared))) / len(images)
 
+  norm = lambda phrase: " ".join(phrase.lower().split())
+  pred_names = collections.Counter(map(norm, pred.phrases))
+  ref_names = collections.Counter(map(norm, ref.phrases))
+  named = sum((pred_names & ref_names).values())
+  routed = sum((collections.Counter(zip(map(norm, pred.phrases), pred.image_index))
+                & collections.Counter(zip(map(norm, ref.phrases), ref.image_index))).values())
+
   pred_plain, ref_plain = strip_markup(pred.answer), strip_markup(ref.answer)
   ss = float(np.clip(np.asarray(similarity([pred_plain], [ref_plain]), np.float64)[0, 0], 0.0, 1.0))
 
@@ -334,6 +356,9 @@ def example_stats(pred: GroundedAnswer, ref: GroundedAnswer, *, similarity: Text
       "isiou": isiou,
       "iss": iss,
       "meteor": meteor_exact(pred_plain, ref_plain),
+      "named_tp": float(named),
+      "routed_tp": float(routed),
+      "all_named": float(grounded and pred_names == ref_names),
   }
 
 

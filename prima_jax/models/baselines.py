@@ -101,11 +101,12 @@ class SegBaseline(Prima):
     if cfg.sam.prompt_embed_dim != cfg.sam.out_channels:
       raise ValueError("sam.prompt_embed_dim must equal sam.out_channels")
     remat = layers.remat_setting(cfg)
-    self.vision = clip_vit.ClipVisionTower(cfg.clip, attention_implementation=attn, remat=remat, **kw)
-    self.projector = clip_vit.ClipProjector(cfg.clip.width, cfg.llm.hidden_size, cfg.clip.projector, **kw)
-    self.llm = Llama(cfg.llm, cfg.lora, attention_implementation=attn, remat=remat, **kw)
-    self.seg_head = SegHead(cfg.llm.hidden_size, cfg.prima.seg_head_hidden, cfg.sam.prompt_embed_dim, **kw)
-    self.sam = Sam(cfg.sam, attention_implementation=attn, remat=remat, **kw)
+    with layers.kernel_init_scheme(cfg.get("kernel_init", "normal")):
+      self.vision = clip_vit.ClipVisionTower(cfg.clip, attention_implementation=attn, remat=remat, **kw)
+      self.projector = clip_vit.ClipProjector(cfg.clip.width, cfg.llm.hidden_size, cfg.clip.projector, **kw)
+      self.llm = Llama(cfg.llm, cfg.lora, attention_implementation=attn, remat=remat, **kw)
+      self.seg_head = SegHead(cfg.llm.hidden_size, cfg.prima.seg_head_hidden, cfg.sam.prompt_embed_dim, **kw)
+      self.sam = Sam(cfg.sam, attention_implementation=attn, remat=remat, **kw)
 
   def image_tokens(self, clip_images: jax.Array) -> jax.Array:
     """CLIP -> select_layer patch tokens -> projector: [b, n, H, W, 3] -> [b, n, tokens, llm_width]."""

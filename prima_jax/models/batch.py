@@ -272,7 +272,7 @@ def random_example(cfg, rng: np.random.Generator, *, num_images: int, num_masks:
   """
   p = cfg.prima
   nq = cfg.qformer.num_query_tokens
-  text = lambda k: rng.integers(3, min(cfg.llm.vocab_size, 32000), size=k).tolist()
+  text = lambda k: rng.integers(3, min(cfg.llm.vocab_size, p.first_added_id), size=k).tolist()
   ids = [1] + text(prompt_tokens)
   for _ in range(num_images):
     ids += [p.im_start_id] + [p.image_token_id] * nq + [p.im_end_id]

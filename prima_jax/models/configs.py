@@ -9,8 +9,16 @@ from __future__ import annotations
 
 import ml_collections
 
-# Vicuna tokenizer ids of the special tokens GLaMM adds, in its order (ids are [I]).
-IM_START_ID, IM_END_ID, BBOX_ID, POINT_ID, SEG_ID, P_START_ID, P_END_ID = range(32000, 32007)
+# The LLM tokens GLaMM adds to the Vicuna vocabulary, in its order. They take consecutive ids from
+# ``prima.first_added_id`` (32000 for Vicuna's 32000 base pieces; the ids are [I]).
+ADDED_TOKENS: tuple[str, ...] = ("<im_start>", "<im_end>", "<bbox>", "<point>", "[SEG]", "<p>", "</p>")
+VICUNA_FIRST_ADDED_ID = 32000
+
+
+def added_token_ids(prima_cfg) -> dict[str, int]:
+  """{token: id} of the :data:`ADDED_TOKENS` under a ``prima`` sub-config (its ``first_added_id``)."""
+  first = int(prima_cfg.first_added_id)
+  return {token: first + k for k, token in enumerate(ADDED_TOKENS)}
 
 
 def full_config() -> ml_collections.ConfigDict:
@@ -19,6 +27,9 @@ def full_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"          # compute dtype of activations
   c.param_dtype = "float32"    # storage dtype of parameters
   c.attention_implementation = ml_collections.FieldReference(None, field_type=str)
+  # Dense / conv kernels: "normal" = N(0, 0.02) as the published towers were trained (and as the
+  # references initialise); "lecun_normal" = fan-in scaled, for narrow models (models/layers.py).
+  c.kernel_init = "normal"
   c.remat = False              # gradient checkpointing of transformer blocks
   # What a rematerialised block keeps for its backward: "full" (nothing: recompute it all),
   # "dots_saveable" or "dots_with_no_batch_dims_saveable" (see models/layers.REMAT_POLICIES).
@@ -63,13 +74,19 @@ def full_config() -> ml_collections.ConfigDict:
       decoder_layer_norm_eps=1e-5,  # original SAM (torch default); transformers uses 1e-6
       num_multimask_outputs=3, iou_head_depth=3, iou_head_hidden_dim=256,
   ))
+  first_added = ml_collections.FieldReference(VICUNA_FIRST_ADDED_ID)
   c.prima = ml_collections.ConfigDict(dict(
       max_images=5,
       max_masks=16,            # [SEG] slots per example (static shape)
       # id held by the image slots of each <image> in input_ids; not a vocabulary id (LLaVA uses
       # -200 too), so it can never collide with text or padding. Slots are overwritten by image tokens.
       image_token_id=-200,
-      seg_token_id=SEG_ID, im_start_id=IM_START_ID, im_end_id=IM_END_ID,
+      # The added tokens' ids (ADDED_TOKENS order) start here; the tokenizers read it and the model's
+      # three ids below follow it (FieldReferences: override first_added_id, not them).
+      first_added_id=first_added,
+      im_start_id=first_added + ADDED_TOKENS.index("<im_start>"),
+      im_end_id=first_added + ADDED_TOKENS.index("<im_end>"),
+      seg_token_id=first_added + ADDED_TOKENS.index("[SEG]"),
       # GLaMM/LISA read the hidden state of the token *before* [SEG] (the one predicting it).
       seg_hidden_from="previous",   # "previous" | "self"
       seg_head_hidden=4096,   # text_hidden_fcs: Linear(D, D) -> ReLU -> Linear(D, 256)
@@ -90,12 +107,18 @@ def tiny_config() -> ml_collections.ConfigDict:
   # collective-permute while others wait in an all-to-all), which the unrolled program does not do.
   # The full-size default stays scanned (compile time); docs/model.md.
   c.scan_layers = False
+  # At widths 16-64, N(0, 0.02) kernels are ~10x too small (SAM's hypernetwork path starts at zero
+  # and every mask is empty for the first few hundred steps): fan-in scaled instead (docs/model.md).
+  c.kernel_init = "lecun_normal"
   c.vision.update(image_size=28, patch_size=14, width=48, depth=2, num_heads=4, mlp_dim=96)
   c.qformer.update(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                    encoder_width=48, max_position_embeddings=64, num_query_tokens=4,
                    max_text_length=16)
   c.square.update(num_heads=4, mlp_dim=64)
-  c.llm.update(vocab_size=32007, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+  # A small vocabulary (the synthetic tokenizer has < 1024 base pieces): the seven added tokens at
+  # 1024..1030. A 32,007-way head would be most of the tiny model's FLOPs.
+  c.prima.first_added_id = 1024
+  c.llm.update(vocab_size=1031, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                intermediate_size=128, max_position_embeddings=512)
   c.lora.update(rank=4, alpha=8.0)
   c.sam.update(image_size=64, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64,

@@ -6,6 +6,8 @@ dimension). ``prima_jax.sharding`` maps those names to mesh axes through one rul
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +18,38 @@ from flax import nnx
 Axes = tuple[str | None, ...]
 
 DEFAULT_KERNEL_INIT = nnx.initializers.normal(stddev=0.02)
+
+# model.kernel_init -> the initialiser of every dense / conv kernel built while it is in force
+# (:func:`kernel_init_scheme`). "normal" is how the published towers were initialised and what the
+# references do; at widths of 16-64 it leaves activations ~10x too small, so the tiny config is fan-in
+# scaled. Embeddings, query tokens, LoRA's A (PEFT's init) and zero-initialised layers are not kernels
+# here: they keep their own initialisers whatever the scheme.
+KERNEL_INITS: dict[str, Any] = {
+    "normal": DEFAULT_KERNEL_INIT,
+    "lecun_normal": nnx.initializers.lecun_normal(),
+}
+_kernel_init = contextvars.ContextVar("kernel_init", default="normal")
+
+
+@contextlib.contextmanager
+def kernel_init_scheme(name: str):
+  """Within the block, :func:`linear`, :func:`conv` and :func:`kernel_param` use ``KERNEL_INITS[name]``.
+
+  The model builder (``Prima``) enters it with ``model.kernel_init`` around construction, so one
+  config field reaches every tower without threading an initialiser through each constructor.
+  """
+  if name not in KERNEL_INITS:
+    raise ValueError(f"unknown kernel_init {name!r}; choose from {', '.join(KERNEL_INITS)}")
+  token = _kernel_init.set(name)
+  try:
+    yield
+  finally:
+    _kernel_init.reset(token)
+
+
+def kernel_initializer(kernel_init=None):
+  """``kernel_init`` when given, else the scheme in force (:func:`kernel_init_scheme`)."""
+  return KERNEL_INITS[_kernel_init.get()] if kernel_init is None else kernel_init
 
 # model.remat_policy -> what a rematerialised block keeps from its forward pass for the backward
 # (everything else is recomputed). JAX's own policies (jax.checkpoint_policies).
@@ -70,11 +104,14 @@ def dtype_of(name: Any) -> jnp.dtype:
 
 def linear(in_features: int, out_features: int, axes: Axes, *, rngs: nnx.Rngs,
            use_bias: bool = True, dtype: Any = None, param_dtype: Any = jnp.float32,
-           kernel_init=DEFAULT_KERNEL_INIT) -> nnx.Linear:
-  """A dense layer with kernel [in, out] named ``axes`` and bias [out] named ``axes[1]``."""
+           kernel_init=None) -> nnx.Linear:
+  """A dense layer with kernel [in, out] named ``axes`` and bias [out] named ``axes[1]``.
+
+  ``kernel_init`` None: the scheme in force (:func:`kernel_init_scheme`; N(0, 0.02) outside one).
+  """
   return nnx.Linear(
       in_features, out_features, use_bias=use_bias, dtype=dtype_of(dtype),
-      param_dtype=dtype_of(param_dtype), kernel_init=kernel_init, rngs=rngs,
+      param_dtype=dtype_of(param_dtype), kernel_init=kernel_initializer(kernel_init), rngs=rngs,
       kernel_metadata={"logical_axes": tuple(axes)},
       bias_metadata={"logical_axes": (axes[1],)})
 
@@ -96,8 +133,23 @@ def conv(in_features: int, out_features: int, kernel_size: Sequence[int], *, rng
   return nnx.Conv(
       in_features, out_features, tuple(kernel_size), strides=strides, padding=padding,
       use_bias=use_bias, dtype=dtype_of(dtype), param_dtype=dtype_of(param_dtype),
-      kernel_init=DEFAULT_KERNEL_INIT, rngs=rngs,
+      kernel_init=kernel_initializer(), rngs=rngs,
       kernel_metadata={"logical_axes": tuple(axes)}, bias_metadata={"logical_axes": (axes[-1],)})
+
+
+def kernel_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Axes, *, fan_in_axes: Sequence[int],
+                 param_dtype: Any = jnp.float32) -> nnx.Param:
+  """A free-standing kernel under the scheme in force, its fan-in taken over ``fan_in_axes``.
+
+  For kernels that are not ``[..., in, out]`` convolutions (a stride-2 transposed conv's output
+  pixel sees only its ``in`` channels, not the 2 x 2 window): the other axes count as batch axes.
+  """
+  init = DEFAULT_KERNEL_INIT
+  if _kernel_init.get() == "lecun_normal":
+    batch = tuple(a for a in range(len(shape) - 1) if a not in tuple(fan_in_axes))
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=tuple(fan_in_axes),
+                                             out_axis=-1, batch_axis=batch)
+  return param(rngs, shape, axes, init=init, param_dtype=param_dtype)
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Axes, *, init=DEFAULT_KERNEL_INIT,

@@ -47,7 +47,7 @@ class LoRALinear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, axes: layers.Axes, *, rank: int, alpha: float,
                dropout: float = 0.0, use_bias: bool = False, dtype: Any = None,
-               param_dtype: Any = jnp.float32, kernel_init=layers.DEFAULT_KERNEL_INIT, rngs: nnx.Rngs):
+               param_dtype: Any = jnp.float32, kernel_init=None, rngs: nnx.Rngs):
     if rank < 1:
       raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     self.base = layers.linear(in_features, out_features, axes, rngs=rngs, use_bias=use_bias, dtype=dtype,
@@ -113,7 +113,7 @@ def unmerge_lora(module: nnx.Module) -> int:
 
 def dense(name: str, in_features: int, out_features: int, axes: layers.Axes, lora_cfg: Any = None, *,
           rngs: nnx.Rngs, use_bias: bool = False, dtype: Any = None, param_dtype: Any = jnp.float32,
-          kernel_init=layers.DEFAULT_KERNEL_INIT) -> nnx.Module:
+          kernel_init=None) -> nnx.Module:
   """A LoRALinear when ``lora_cfg`` is enabled and lists ``name`` in its targets, else a plain linear.
 
   ``lora_cfg``: the ``lora`` sub-config (enabled, rank, alpha, dropout, targets) or None.

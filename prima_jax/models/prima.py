@@ -93,6 +93,11 @@ class Prima(nnx.Module):
                        f"vision.width={cfg.vision.width}")
     if cfg.sam.prompt_embed_dim != cfg.sam.out_channels:
       raise ValueError("sam.prompt_embed_dim must equal sam.out_channels")
+    # Every tower's dense / conv kernels follow model.kernel_init (models/layers.py).
+    with layers.kernel_init_scheme(cfg.get("kernel_init", "normal")):
+      self._build(cfg, attn, remat, scan, kw)
+
+  def _build(self, cfg, attn, remat, scan, kw) -> None:
     self.vision = EvaViT(cfg.vision, attention_implementation=attn, remat=remat, **scan, **kw)
     self.square = (Square(cfg.square, num_queries=cfg.qformer.num_query_tokens,
                           width=cfg.qformer.hidden_size, kv_width=cfg.vision.width,

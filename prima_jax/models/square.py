@@ -69,7 +69,7 @@ class Square(nnx.Module):
                     attention_implementation=attention_implementation, **kw)
         for _ in range(cfg.depth)])
     self.final_norm = layers.layer_norm(width, eps=cfg.layer_norm_eps, **kw)
-    out_init = nnx.initializers.zeros if cfg.zero_init_output else layers.DEFAULT_KERNEL_INIT
+    out_init = nnx.initializers.zeros if cfg.zero_init_output else None
     self.output_proj = layers.linear(width, width, ("embed", "embed"), kernel_init=out_init, **kw)
     self.dtype = dtype
 

@@ -132,7 +132,8 @@ def _eval_line(step: int, m: dict[str, float]) -> str:
   return (f"eval @ step {step}: loss {m['loss']:.4f} "
           f"(ce {m['ce']:.3f} bce {m['bce']:.3f} dice {m['dice']:.3f})"
           f" | mIoU {m['miou']:.3f} cIoU {m['ciou']:.3f} | token acc {m['token_accuracy']:.3f}"
-          f" | [SEG] acc {m['seg_token_accuracy']:.3f} | {int(m['masks'])} masks")
+          f" | name acc {m['name_accuracy']:.3f} | right object {m['right_object']:.3f}"
+          f" | {int(m['masks'])} masks")
 
 
 @dataclasses.dataclass
@@ -296,7 +297,7 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
                                  params_trainable=n_train, params_frozen=n_frozen, memory={},
                                  cached_towers=list(cache.towers) if cache is not None else [])
   eval_sh = steps.batch_shardings(mesh, first if first is not None else device_part(next(iter(eval_ds))))
-  eval_fn = steps.jit_eval_step(steps.make_eval_step(parts, model_cfg.loss, model_cfg.prima.seg_token_id),
+  eval_fn = steps.jit_eval_step(steps.make_eval_step(parts, model_cfg.loss, model_cfg.prima),
                                 param_sh, frozen_sh, eval_sh, mesh)
   predict_fn = jax.jit(steps.make_predict_step(parts), in_shardings=(param_sh, frozen_sh, eval_sh),
                        out_shardings=rep)

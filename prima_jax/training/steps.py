@@ -20,6 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prima_jax.models.batch import IGNORE_LABEL
+from prima_jax.models.configs import added_token_ids
 from prima_jax.models.losses import frame_region, prima_loss
 from prima_jax.sharding import activation_sharding
 from prima_jax.training.partition import ModelParts, replicated
@@ -113,16 +114,21 @@ def jit_train_step(train_step: Callable, state_sh: PyTree, frozen_sh: PyTree, ba
 
 
 def eval_metrics(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], loss_cfg: Any,
-                 seg_token_id: int) -> dict[str, jax.Array]:
-  """Sums over one batch (teacher forced): loss parts (batch means), mask IoU terms, token accuracy.
+                 prima_cfg: Any) -> dict[str, jax.Array]:
+  """Sums over one batch (teacher forced): loss parts (batch means), mask IoU terms, token accuracies.
 
   Mask IoU: prediction = mask logits > 0, both masks restricted to the valid region of the routed
   image in the SAM frame; an empty union counts as IoU 1. Token accuracy: argmax of the logits at t-1
-  against the label at t over answer tokens (labels != -100); ``seg_*``: the same at [SEG] targets.
+  against the label at t over answer tokens (labels != -100); ``name_*``: the same over the tokens of
+  grounded phrases (between ``<p>`` and ``</p>``: which object the answer names). ``object_*``: of the
+  masks that share their image with another target of a different object (target IoU < 0.5), those
+  whose prediction overlaps its own target more than every such other one (the mask is on the right
+  object, not just on an object).
   """
   _, parts = prima_loss(outputs, batch, loss_cfg)
   frame = outputs["mask_logits"].shape[-1]
-  sizes = jnp.take_along_axis(batch["sam_sizes"], batch["seg_image_index"][..., None], axis=1)
+  image = batch["seg_image_index"]
+  sizes = jnp.take_along_axis(batch["sam_sizes"], image[..., None], axis=1)
   region = frame_region(sizes, frame)
   pred = (outputs["mask_logits"] > 0) & region
   gt = (batch["gt_masks"] > 0.5) & region
@@ -130,28 +136,50 @@ def eval_metrics(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
   union = (pred | gt).sum((-2, -1)).astype(jnp.float32)
   valid = batch["seg_valid"].astype(jnp.float32)
   iou = jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
+
+  # Every prediction against every target of its example: [b, m, m] IoUs.
+  flat = lambda x: x.reshape(*x.shape[:2], -1).astype(jnp.float32)
+  cross = lambda a, c: jnp.einsum("bjp,bkp->bjk", flat(a), flat(c))
+  pred_area, gt_area = flat(pred).sum(-1), flat(gt).sum(-1)
+  pred_gt = cross(pred, gt)
+  pred_gt_iou = pred_gt / jnp.maximum(pred_area[:, :, None] + gt_area[:, None, :] - pred_gt, 1.0)
+  gt_gt = cross(gt, gt)
+  gt_gt_iou = gt_gt / jnp.maximum(gt_area[:, :, None] + gt_area[:, None, :] - gt_gt, 1.0)
+  both_valid = batch["seg_valid"][:, :, None] & batch["seg_valid"][:, None, :]
+  m = image.shape[1]
+  rival = (both_valid & (image[:, :, None] == image[:, None, :]) & (gt_gt_iou < 0.5)
+           & ~jnp.eye(m, dtype=bool)[None])
+  contested = rival.any(-1) & batch["seg_valid"]
+  own = jnp.diagonal(pred_gt_iou, axis1=1, axis2=2)
+  best_rival = jnp.max(jnp.where(rival, pred_gt_iou, -1.0), axis=-1)
+  right_object = contested & (own > best_rival)
+
   targets = batch["labels"][:, 1:]
   predicted = jnp.argmax(outputs["logits"][:, :-1], axis=-1)
   is_target = targets != IGNORE_LABEL
   correct = (predicted == targets) & is_target
-  is_seg = targets == seg_token_id
+  ids = added_token_ids(prima_cfg)
+  opened = jnp.cumsum(targets == ids["<p>"], axis=-1) - jnp.cumsum(targets == ids["</p>"], axis=-1)
+  in_name = is_target & (opened > 0) & (targets != ids["<p>"])
   out = {k: parts[k].astype(jnp.float32) for k in LOSS_PARTS}
+  f32 = lambda x: x.sum().astype(jnp.float32)
   out.update(
       batches=jnp.ones((), jnp.float32),
       iou_sum=(iou * valid).sum(), masks=valid.sum(),
       intersection=(inter * valid).sum(), union=(union * valid).sum(),
-      correct_tokens=correct.sum().astype(jnp.float32), target_tokens=is_target.sum().astype(jnp.float32),
-      seg_correct=(correct & is_seg).sum().astype(jnp.float32), seg_targets=is_seg.sum().astype(jnp.float32),
+      correct_tokens=f32(correct), target_tokens=f32(is_target),
+      name_correct=f32(correct & in_name), name_tokens=f32(in_name),
+      object_right=f32(right_object), object_contested=f32(contested),
   )
   return out
 
 
-def make_eval_step(parts: ModelParts, loss_cfg: Any, seg_token_id: int) -> Callable:
-  """(params, frozen, batch) -> sums of :func:`eval_metrics`."""
+def make_eval_step(parts: ModelParts, loss_cfg: Any, prima_cfg: Any) -> Callable:
+  """(params, frozen, batch) -> sums of :func:`eval_metrics`; ``prima_cfg``: the model's ``prima``."""
 
   def eval_step(params, frozen, batch):
     model = parts.merge(params, frozen, train=False)
-    return eval_metrics(model(batch), batch, loss_cfg, seg_token_id)
+    return eval_metrics(model(batch), batch, loss_cfg, prima_cfg)
 
   return eval_step
 
@@ -170,7 +198,10 @@ def summarize_eval(totals: Mapping[str, float]) -> dict[str, float]:
   out["miou"] = totals["iou_sum"] / max(totals["masks"], 1.0)
   out["ciou"] = totals["intersection"] / max(totals["union"], 1.0)
   out["token_accuracy"] = totals["correct_tokens"] / max(totals["target_tokens"], 1.0)
-  out["seg_token_accuracy"] = totals["seg_correct"] / max(totals["seg_targets"], 1.0)
+  out["name_accuracy"] = totals["name_correct"] / max(totals["name_tokens"], 1.0)
+  # NaN when no mask shares its image with another object (nothing to tell apart).
+  out["right_object"] = (totals["object_right"] / totals["object_contested"] if totals["object_contested"]
+                         else float("nan"))
   out["masks"] = totals["masks"]
   out["batches"] = totals.get("batches", 0.0)
   return out

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 import jax
 import ml_collections
 
-from prima_jax.models.layers import REMAT_POLICIES
+from prima_jax.models.configs import added_token_ids
+from prima_jax.models.layers import KERNEL_INITS, REMAT_POLICIES
 from prima_jax.sharding import MESH_AXES, make_mesh
 
 
@@ -94,3 +95,21 @@ def check_model(config) -> None:
   policy = config.model.get("remat_policy", "full")
   if policy not in REMAT_POLICIES:
     raise ConfigError(f"model.remat_policy={policy!r}: choose from {', '.join(REMAT_POLICIES)}")
+  init = config.model.get("kernel_init", "normal")
+  if init not in KERNEL_INITS:
+    raise ConfigError(f"model.kernel_init={init!r}: choose from {', '.join(KERNEL_INITS)}")
+  _check_added_tokens(config.model)
+
+
+def _check_added_tokens(model) -> None:
+  """The model's token ids follow ``prima.first_added_id`` and its vocabulary holds them."""
+  p = model.prima
+  ids = added_token_ids(p)
+  for field, token in (("im_start_id", "<im_start>"), ("im_end_id", "<im_end>"), ("seg_token_id", "[SEG]")):
+    if p[field] != ids[token]:
+      raise ConfigError(f"model.prima.{field}={p[field]} but {token} is id {ids[token]} under "
+                        f"model.prima.first_added_id={p.first_added_id}; override first_added_id instead")
+  if p.first_added_id < 3 or max(ids.values()) >= model.llm.vocab_size:
+    raise ConfigError(f"model.prima.first_added_id={p.first_added_id}: the added tokens take ids "
+                      f"{min(ids.values())}..{max(ids.values())}, which must lie in [3, model.llm.vocab_size="
+                      f"{model.llm.vocab_size})")

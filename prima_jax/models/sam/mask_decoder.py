@@ -116,8 +116,9 @@ class ConvTranspose2x2(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, dtype: Any, param_dtype: Any,
                rngs: nnx.Rngs):
     self.dtype = layers.dtype_of(dtype)
-    self.kernel = layers.param(rngs, (2, 2, in_features, out_features),
-                               ("conv_height", "conv_width", "conv_in", "conv_out"), param_dtype=param_dtype)
+    self.kernel = layers.kernel_param(rngs, (2, 2, in_features, out_features),
+                                      ("conv_height", "conv_width", "conv_in", "conv_out"), fan_in_axes=(2,),
+                                      param_dtype=param_dtype)
     self.bias = layers.param(rngs, (out_features,), ("conv_out",), init=nnx.initializers.zeros,
                              param_dtype=param_dtype)
 
