@@ -26,6 +26,7 @@ from parity_utils import assert_close
 def _config():
   model = tiny_config()
   model.llm.vocab_size = 300
+  model.prima.first_added_id = 293   # the added tokens are the last 7 ids
   model.lora.dropout = 0.0
   model.scan_layers = True   # the stacked layout, as the full-size model trains (tiny_config is unrolled)
   model.vision.ln_vision_eps = model.vision.layer_norm_eps  # HF post_layernorm uses the blocks' eps

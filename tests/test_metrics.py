@@ -333,14 +333,18 @@ def random_pair(rng):
 def test_aggregate_is_order_and_shard_independent():
   rng = np.random.default_rng(3)
   categories = ["spatial", "numerical", "functional", "open-ended", ""]
-  stats, cats = [], []
+  stats, cats, multi = [], [], []
   for _ in range(60):
     pred, ref = random_pair(rng)
     stats.append(metrics.example_stats(pred, ref, similarity=SIM))
     cats.append(categories[int(rng.integers(0, len(categories)))])
+    multi.append(len(set(ref.image_index)) >= 2)
   expected = metrics.aggregate(stats, cats)
   assert list(expected) == ["overall", "functional", "numerical", "open-ended", "spatial",
-                            metrics.UNCATEGORISED]
+                            metrics.UNCATEGORISED, metrics.MULTI_IMAGE]
+  # The multi-image row: the examples whose reference grounds two or more images.
+  assert 0 < sum(multi) < len(stats)
+  assert expected[metrics.MULTI_IMAGE] == metrics.aggregate([s for s, m in zip(stats, multi) if m])["overall"]
   for seed in range(5):
     order = np.random.default_rng(seed).permutation(len(stats))
     # Shards of any size gathered in any order: same concatenated multiset of per-example stats.
@@ -353,7 +357,7 @@ def test_aggregate_is_order_and_shard_independent():
     sub = [s for s, k in zip(stats, cats) if k == c]
     assert expected[c] == metrics.aggregate(sub)["overall"]
   assert expected["overall"]["examples"] == 60.0
-  assert sum(expected[c]["examples"] for c in expected if c != "overall") == 60.0
+  assert sum(expected[c]["examples"] for c in expected if c not in ("overall", metrics.MULTI_IMAGE)) == 60.0
 
 
 def test_aggregate_uses_fsum():
@@ -392,7 +396,7 @@ def test_perfect_prediction_and_format_table():
   lines = table.splitlines()
   print(table)
   assert lines[0].split()[:3] == ["split", "mIoU", "Recall"] and "METEOR (exact)" in lines[0]
-  assert [line.split()[0] for line in lines[2:]] == ["overall", "numerical", "spatial"]
+  assert [line.split()[0] for line in lines[2:]] == ["overall", "numerical", "spatial", metrics.MULTI_IMAGE]
   assert len({len(line) for line in lines}) == 1  # aligned columns
   nan_row = metrics.format_table({"overall": metrics.aggregate([metrics.example_stats(
       answer([]), answer([]), similarity=SIM)])["overall"]})

@@ -70,7 +70,7 @@ def test_sharded_forward_backward_equals_single_device():
   layers = (None,) * (q_kernel[...].ndim - 2)  # scanned layers (model.scan_layers): "layers" is never split
   assert q_kernel[...].sharding.spec == PartitionSpec(*layers, "fsdp", "tensor")
   emb = sharded_state["llm"]["embed_tokens"]
-  assert emb[...].sharding.spec == PartitionSpec(None, "fsdp")  # vocab 32007 is odd: not split
+  assert emb[...].sharding.spec == PartitionSpec(None, "fsdp")  # the tiny vocab 1031 is odd: not split
   fc1 = sharded_state["vision"]["blocks"][0]["mlp"]["fc1"]["kernel"]
   assert fc1[...].sharding.spec == PartitionSpec(*layers, "fsdp", "tensor")
   assert sharded_batch["input_ids"].sharding.spec == PartitionSpec(("data", "fsdp"), None)

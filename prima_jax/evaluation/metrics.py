@@ -94,6 +94,7 @@ STAT_KEYS = (
     "named_tp",        # reference phrases the prediction names too (multisets)
     "routed_tp",       # ... and routes to the same image
     "all_named",       # 1 if grounded and the predicted phrases are the reference's
+    "ref_images",      # distinct images the reference grounds (>= 2: a multi-image answer)
 )
 
 # (name, numerator stat, denominator stat) of each metric; reported in percent.
@@ -114,6 +115,8 @@ METRICS = (
 COUNTS = (("examples", "examples"), ("grounded", "grounded"), ("ref masks", "num_ref"),
           ("pred masks", "num_pred"), ("TP", "recall_tp"))
 UNCATEGORISED = "uncategorised"
+# The row of examples whose reference grounds objects in two or more images (what needs SQuARE most).
+MULTI_IMAGE = "multi-image"
 
 _MARKUP = re.compile(r"</?p>|\[SEG\]|\(IMAGE\d+\)")
 _METEOR_TOKEN = re.compile(r"\w+")
@@ -359,6 +362,7 @@ def example_stats(pred: GroundedAnswer, ref: GroundedAnswer, *, similarity: Text
       "named_tp": float(named),
       "routed_tp": float(routed),
       "all_named": float(grounded and pred_names == ref_names),
+      "ref_images": float(len(set(ref.image_index))),
   }
 
 
@@ -378,7 +382,9 @@ def aggregate(stats: Sequence[dict[str, float]],
     categories: the question category of each example ("" -> ``"uncategorised"``), or None.
 
   Returns:
-    ``{"overall": {...}, "<category>": {...}, ...}`` with categories sorted by name. A metric whose
+    ``{"overall": {...}, "<category>": {...}, ..., "multi-image": {...}}`` with categories sorted by
+    name; ``multi-image`` (when there are any) holds the examples whose reference grounds two or more
+    images. A metric whose
     denominator is 0 (e.g. no grounded example) is NaN. Sums use ``math.fsum``, so the result is
     identical for any order or sharding of ``stats``.
   """
@@ -395,6 +401,9 @@ def aggregate(stats: Sequence[dict[str, float]],
     names = [c or UNCATEGORISED for c in categories]
     for c in sorted(set(names)):
       results[c] = _metrics([s for s, n in zip(stats, names) if n == c])
+  multi = [s for s in stats if s["ref_images"] >= 2]
+  if multi:
+    results[MULTI_IMAGE] = _metrics(multi)
   return results
 
 
