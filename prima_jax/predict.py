@@ -36,9 +36,10 @@ PALETTE = np.asarray([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-  """uint8 [H, W, 3] RGB of a local or object-store image; InputError naming the path when it cannot
-  be read or decoded (paths.PathError for an unusable URL)."""
-  from prima_jax.data.records import SkipExample, decode_image  # noqa: PLC0415
+  """uint8 [H, W, 3] RGB of a local or object-store image, decoded as the dataset builder does
+  (``prima_jax.data.images``: EXIF orientation, every mode to 8-bit RGB, the pixel limit);
+  InputError naming the path when it cannot be read or decoded (paths.PathError for an unusable URL)."""
+  from prima_jax.data import images  # noqa: PLC0415
   from prima_jax.inference.engine import InputError  # noqa: PLC0415
 
   resolved = paths.resolve(path, what="--image")
@@ -47,9 +48,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
   except OSError as e:
     raise InputError(f"cannot read image {path}: {e.strerror or e}") from None
   try:
-    return decode_image(data, str(path))
-  except SkipExample as e:
-    raise InputError(f"cannot read image {e.detail}") from None
+    return images.decode(data, str(path))
+  except images.ImageError as e:
+    raise InputError(f"cannot read image {e}") from None
 
 
 # Overlays of smaller images are enlarged (nearest neighbour, integer factor) so their labels stay legible.

@@ -36,7 +36,6 @@ grounding was loaded last (a bug), here it reuses its own instance's phrase.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -47,10 +46,10 @@ from typing import Any
 
 import numpy as np
 from etils import epath
-from PIL import Image
 from pycocotools import mask as mask_utils
 
 from prima_jax import paths
+from prima_jax.data import images
 from prima_jax.data.example import GroundedExample
 
 # The original loader's tag pattern (objects: 3 digits, parts: 5 digits).
@@ -67,6 +66,7 @@ MALFORMED_SEGMENTATION = "malformed_segmentation"
 UNKNOWN_IMAGE_ID = "unknown_image_id"
 MISSING_IMAGE = "missing_image"
 CORRUPT_IMAGE = "corrupt_image"
+IMAGE_TOO_LARGE = "image_too_large"
 IMAGE_SIZE_MISMATCH = "image_size_mismatch"
 PART_OBJECT_UNKNOWN = "part_object_unknown"
 UNKNOWN_SOURCE = "unknown_source"
@@ -744,8 +744,8 @@ def read_image(path: epath.Path, info: ImageInfo) -> tuple[np.ndarray, bytes]:
   """Reads and decodes an image file -> (uint8 [height, width, 3] RGB, the file's bytes).
 
   Raises:
-    SkipExample: missing_image, corrupt_image, or image_size_mismatch (size differs from the
-      annotation file's, so masks would not align).
+    SkipExample: missing_image, corrupt_image, image_too_large, or image_size_mismatch (size, after
+      the EXIF orientation, differs from the annotation file's, so masks would not align).
   """
   try:
     data = path.read_bytes()
@@ -753,19 +753,24 @@ def read_image(path: epath.Path, info: ImageInfo) -> tuple[np.ndarray, bytes]:
     raise SkipExample(MISSING_IMAGE, f"{path}: {e.strerror or e}") from None
   array = decode_image(data, str(path))
   if array.shape[:2] != (info.height, info.width):
-    raise SkipExample(IMAGE_SIZE_MISMATCH, f"{path} is {array.shape[1]}x{array.shape[0]}, the annotation "
-                                           f"file says {info.width}x{info.height}")
+    detail = (f"{path} is {array.shape[1]}x{array.shape[0]}, the annotation file says "
+              f"{info.width}x{info.height}")
+    orientation = images.exif_orientation(data)
+    if orientation != 1:
+      detail += f" (after its EXIF orientation {orientation}, applied as the reference OpenCV loader does)"
+    raise SkipExample(IMAGE_SIZE_MISMATCH, detail)
   return array, data
 
 
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:
-  """Encoded image bytes -> uint8 [height, width, 3] RGB; SkipExample(corrupt_image) if undecodable."""
+  """Encoded image bytes -> uint8 [height, width, 3] RGB (``images.decode``: EXIF orientation
+  applied, every mode to 8-bit RGB); SkipExample(corrupt_image / image_too_large) otherwise."""
   try:
-    with Image.open(io.BytesIO(data)) as img:
-      img.load()
-      return np.asarray(img.convert("RGB"), dtype=np.uint8)
-  except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...).
-    raise SkipExample(CORRUPT_IMAGE, f"{name}: {type(e).__name__}: {e}") from None
+    return images.decode(data, name)
+  except images.ImageTooLarge as e:
+    raise SkipExample(IMAGE_TOO_LARGE, str(e)) from None
+  except images.ImageError as e:
+    raise SkipExample(CORRUPT_IMAGE, str(e)) from None
 
 
 def convert_record(record: Any, index: int, *, image_index: ImageIndex, image_root: str | os.PathLike,
@@ -823,7 +828,7 @@ def record_to_example(record: Any, index: int, *, image_index: ImageIndex, image
   Raises:
     SkipExample: with reason invalid_record, too_many_images, malformed_segmentation,
       tag_without_grounding, tag_image_out_of_range, unknown_image_id, missing_image, corrupt_image,
-      image_size_mismatch or part_object_unknown.
+      image_too_large, image_size_mismatch or part_object_unknown.
   """
   return convert_record(record, index, image_index=image_index, image_root=image_root,
                         max_images=max_images, split=split)[0]
