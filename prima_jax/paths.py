@@ -12,10 +12,12 @@ the flag or config key, the URL and what to install.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
 import uuid
+from collections.abc import Iterator
 
 from etils import epath
 
@@ -148,3 +150,93 @@ def copy_atomic(src: epath.Path, dst: epath.Path, *, chunk_bytes: int = 64 << 20
 
 def write_text_atomic(path: epath.Path, text: str) -> None:
   write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def check_new(path: epath.Path, *, overwrite: bool, what: str) -> epath.Path:
+  """``path``, when it does not exist or ``overwrite`` allows replacing it; FileExistsError otherwise."""
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"{what}={path} exists; pass --overwrite to replace it")
+  return path
+
+
+# A scratch directory beside its target: ``.NAME.tmp-XXXXXXXX`` holding OWNER ("host pid" of the
+# process writing it), so that a later run can tell a killed run's leftover from a running one.
+_OWNER = "OWNER"
+_SCRATCH = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}$")
+
+
+def scratch_dir(target: epath.Path, kind: str = "tmp") -> epath.Path:
+  """A fresh name beside ``target`` for building it (``tmp``) or moving the old one aside (``old``)."""
+  return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+def _remove_tree(path: epath.Path) -> None:
+  import shutil  # noqa: PLC0415
+
+  shutil.rmtree(os.fspath(path), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(target: epath.Path, scratch: epath.Path | None = None) -> Iterator[epath.Path]:
+  """Builds the local directory ``target`` atomically: yields a new scratch directory beside it (or
+  ``scratch``, a :func:`scratch_dir` name) in which the body writes ``scratch / target.name``; when the
+  body returns, that replaces ``target`` by a rename (an existing ``target`` is moved aside first,
+  then deleted). The scratch directory is deleted in every case: a failed body leaves ``target`` as
+  it was."""
+  import socket  # noqa: PLC0415
+
+  scratch = scratch or scratch_dir(target)
+  scratch.mkdir(parents=True)
+  try:
+    (scratch / _OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    yield scratch
+    built = scratch / target.name
+    if not built.exists():
+      raise FileNotFoundError(f"{built} was not written")
+    old = scratch_dir(target, "old") if target.exists() else None
+    if old is not None:
+      target.rename(old)
+    built.rename(target)
+    if old is not None:
+      _remove_tree(old)
+  finally:
+    _remove_tree(scratch)
+
+
+def _running(owner: str) -> bool:
+  """Whether the "host pid" of an OWNER file may still be running (another host's: assumed so)."""
+  import socket  # noqa: PLC0415
+
+  host, _, pid = owner.strip().rpartition(" ")
+  if host != socket.gethostname():
+    return True
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  except (ValueError, OverflowError):  # not an OWNER this module wrote
+    return False
+  return True
+
+
+def clean_leftovers(target: epath.Path) -> list[str]:
+  """Removes the scratch directories of :func:`staged_dir` beside ``target`` that killed runs left;
+  returns one line per leftover found: removed, or kept (its process still runs, or runs on another
+  host)."""
+  if not target.parent.is_dir():
+    return []
+  lines = []
+  for path in sorted(target.parent.iterdir(), key=str):
+    m = _SCRATCH.match(path.name)
+    if not m or m.group("name") != target.name or not path.is_dir():
+      continue
+    owner = path / _OWNER
+    text = owner.read_text() if owner.is_file() else ""
+    if m.group("kind") == "tmp" and text and _running(text):
+      lines.append(f"kept {path}: the build of process {text.strip()} may still be running")
+      continue
+    _remove_tree(path)
+    lines.append(f"removed {path}, left by an interrupted build")
+  return lines

@@ -269,3 +269,133 @@ def test_build_summary_holds_the_lengths_of_the_kept_examples(tmp_path):
   assert m4seg.load_skipped(tmp_path / "out")["train"]["lengths"] == summary["lengths"]
   with pytest.raises(rec.SetupError, match="--budget tokens=3: expected NAME=N"):
     rec.budget_table({"tokens": 3})
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic builds: an existing build is refused or replaced whole, a failed build leaves no trace
+
+
+def build_argv(crafted, out, *splits):
+  argv = [arg for split in splits for arg in ("--records", f"{split}={crafted[split]}")] + ["--out", str(out)]
+  for name, root in crafted["roots"].items():
+    argv += ["--image-root", f"{name}={root}"]
+  return argv
+
+
+def scratch_dirs(out):
+  return sorted(p.name for p in out.iterdir() if p.name.startswith(".m4_seg."))
+
+
+def test_an_existing_build_is_refused_unless_overwrite_which_replaces_it(tmp_path, capsys):
+  crafted = write_crafted(tmp_path / "src")
+  out = tmp_path / "out"
+  assert build.main(build_argv(crafted, out, "train")) == 0
+  (out / "notes.txt").write_text("mine")
+  before = sorted(p.name for p in (out / "m4_seg/1.0.0").iterdir())
+  capsys.readouterr()
+  assert build.main(build_argv(crafted, out, "test")) == 2
+  captured = capsys.readouterr()
+  assert captured.err == (f"error: --out={out} already holds an M4Seg build ({out / 'm4_seg'}); pass "
+                          "--overwrite (overwrite=True) to replace it\n")
+  assert "wrote" not in captured.out
+  assert sorted(p.name for p in (out / "m4_seg/1.0.0").iterdir()) == before
+  assert build.main(build_argv(crafted, out, "test") + ["--overwrite"]) == 0
+  assert f"wrote {out / 'm4_seg/1.0.0'}" in capsys.readouterr().out
+  assert len(m4seg.data_source(out, "test")) == 1
+  with pytest.raises(Exception, match="train"):  # replaced whole: the old split is gone
+    m4seg.data_source(out, "train")
+  assert set(m4seg.load_skipped(out)) == {"test"}
+  assert (out / "notes.txt").read_text() == "mine" and scratch_dirs(out) == []
+
+
+def test_a_build_failing_midway_leaves_the_previous_build_and_no_scratch(tmp_path, capsys):
+  crafted, bad, _, _ = write_bad_file(tmp_path)
+  out = tmp_path / "out"
+  assert build.main(build_argv(crafted, out, "train")) == 0
+  argv = ["--records", str(crafted["train"]), "--records", f"train={bad}", "--out", str(out), "--overwrite",
+          "--strict"] + [f"--image-root={name}={root}" for name, root in crafted["roots"].items()]
+  capsys.readouterr()
+  assert build.main(argv) == 2  # record 0 of the second file is converted, record 1 stops the build
+  err = capsys.readouterr().err
+  assert err.splitlines()[-1].startswith(f"error: {bad} record 1 (train example 2): missing_image: ")
+  assert "Traceback" not in err
+  assert len(m4seg.data_source(out, "train")) == 1 and scratch_dirs(out) == []
+  assert m4seg.load_skipped(out)["train"]["records"] == 1  # the previous build's summary
+  fresh = tmp_path / "fresh"
+  with pytest.raises(m4seg.BuildError, match="missing_image"):
+    m4seg.build({"train": [bad]}, crafted["roots"], fresh, strict=True)
+  assert sorted(p.name for p in fresh.iterdir()) == []
+
+
+def test_an_unreadable_annotation_file_stops_the_build_before_any_work(tmp_path, capsys):
+  crafted = write_crafted(tmp_path / "src")
+  garbage = tmp_path / "garbage.json"
+  garbage.write_text("not json")
+  argv = build_argv(crafted, tmp_path / "out", "train") + ["--annotations", f"paco_lvis={garbage}"]
+  assert build.main(argv) == 2
+  assert capsys.readouterr().err == (f"error: source 'paco_lvis' (split train): annotation file {garbage}: "
+                                     "not valid JSON (Expecting value: line 1 column 1 (char 0))\n")
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_split_without_any_example_is_one_error_and_writes_nothing(tmp_path, capsys):
+  crafted = write_crafted(tmp_path / "src")
+  path = tmp_path / "none_train.json"
+  path.write_text(json.dumps([{**paco_record(), "img_ids": [1, 3]}]))  # image 3 has no file
+  argv = ["--records", str(path), "--out", str(tmp_path / "out")]
+  argv += [f"--image-root={name}={root}" for name, root in crafted["roots"].items()]
+  assert build.main(argv) == 2
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      "error: split 'train': none of its 1 record(s) became an example (skipped: missing_image=1; the "
+      "details with --validate); nothing was written")
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+def test_leftovers_of_killed_builds_are_removed_and_running_ones_kept(tmp_path, capsys):
+  import os
+  import socket
+
+  crafted = write_crafted(tmp_path / "src")
+  out = tmp_path / "out"
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                        text=True, check=True)
+  host = socket.gethostname()
+  leftovers = {".m4_seg.tmp-0000dead": f"{host} {dead.stdout.strip()}",  # its process has exited
+               ".m4_seg.tmp-00000a1e": f"{host} {os.getpid()}",  # this process: still running
+               ".m4_seg.tmp-0000e15e": "another-host 1",  # unknowable: kept
+               ".m4_seg.old-00000000": None}  # moved aside by an interrupted replacement
+  for name, owner in leftovers.items():
+    (out / name / "m4_seg").mkdir(parents=True)
+    if owner:
+      (out / name / "OWNER").write_text(owner + "\n")
+  (out / ".other.tmp-00000000").mkdir()  # not a build of this target: untouched
+  assert build.main(build_argv(crafted, out, "train")) == 0
+  printed = capsys.readouterr().out
+  assert f"[m4seg] removed {out / '.m4_seg.tmp-0000dead'}, left by an interrupted build" in printed
+  assert f"[m4seg] removed {out / '.m4_seg.old-00000000'}" in printed
+  assert f"[m4seg] kept {out / '.m4_seg.tmp-00000a1e'}: the build of process {host} {os.getpid()}" in printed
+  assert scratch_dirs(out) == [".m4_seg.tmp-00000a1e", ".m4_seg.tmp-0000e15e"]
+  assert (out / ".other.tmp-00000000").is_dir() and len(m4seg.data_source(out, "train")) == 1
+
+
+def test_an_out_that_is_a_file_is_one_error_line(tmp_path, capsys):
+  crafted = write_crafted(tmp_path / "src")
+  (tmp_path / "out").write_text("x")
+  assert build.main(build_argv(crafted, tmp_path / "out", "train")) == 2
+  assert capsys.readouterr().err == f"error: --out={tmp_path / 'out'} is a file, not a directory\n"
+
+
+def test_images_over_the_pixel_limit_are_skipped_and_counted(tmp_path, monkeypatch, capsys):
+  from prima_jax.data import images
+
+  crafted = write_crafted(tmp_path / "src")
+  path = tmp_path / "sizes_train.json"
+  path.write_text(json.dumps([small_record(), paco_record()]))  # images 20x16; 20x16 and 24x18
+  monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 400)
+  builder = m4seg.build({"train": [path]}, crafted["roots"], tmp_path / "out")
+  summary = builder.skipped["train"]
+  assert summary["kept"] == 1 and summary["skipped"] == {rec.IMAGE_TOO_LARGE: 1}
+  assert summary["details"][0]["record"] == 1
+  assert "000000000002.png: 24x18 = 432 pixels, over the limit of 400" in summary["details"][0]["detail"]
+  assert "skipped: image_too_large=1" in capsys.readouterr().out
+  assert len(m4seg.data_source(tmp_path / "out", "train")) == 1

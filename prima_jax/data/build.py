@@ -2,7 +2,8 @@
 
   python -m prima_jax.data.build --records Part_Segm/m4seg_train.json --records test=PATH.parquet \\
       --image-root paco_lvis=Part_Segm/paco_lvis --image-root ade20k_part234=Part_Segm/ADE20KPart234 \\
-      --out DATA_DIR [--strict] [--max-images 5] [--workers N] [--field q=question ...] [--budget segs=16]
+      --out DATA_DIR [--overwrite] [--strict] [--max-images 5] [--workers N] [--field q=question ...] \\
+      [--budget segs=16]
   python -m prima_jax.data.build --validate --records ... [--image-root ...]
 
 ``--records [SPLIT=]PATH`` (JSON or parquet; repeatable; a wildcard in the file name, quoted, reads
@@ -13,6 +14,12 @@ the original layout (see ``prima_jax.data.records.SOURCES``); ``--annotations NA
 ``--image-dir NAME=TEMPLATE`` override its annotation file / image directory (``{split}``,
 ``{image_split}``; relative to DIR). Record files, annotation files and images may be object-store
 URLs (gs://...); ``--out`` must be a local directory (or a mounted bucket).
+
+The build is atomic: it is written beside its place (``DATA_DIR/.m4_seg.tmp-XXXXXXXX``) and renamed
+to ``DATA_DIR/m4_seg`` when complete, so a failed or killed build leaves no partial dataset. A
+``--out`` that already holds a build is refused (one ``error:`` line) unless ``--overwrite``, which
+replaces ``DATA_DIR/m4_seg`` whole; scratch directories of killed builds are removed on the next
+build (kept, and said so, while their process still runs).
 
 Every record file is read and every annotation file and image directory the records need is
 checked before any conversion: a problem is printed as one ``error:`` line naming the path and the
@@ -130,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--annotations", action="append", default=[], metavar="NAME=TEMPLATE")
   parser.add_argument("--image-dir", action="append", default=[], metavar="NAME=TEMPLATE")
   parser.add_argument("--out", metavar="DATA_DIR", help="local TFDS data dir (required unless --validate)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing build in --out (DATA_DIR/m4_seg); default: refuse it")
   parser.add_argument("--strict", action="store_true", help="fail on the first bad record")
   parser.add_argument("--max-images", type=int, default=rec.DEFAULT_MAX_IMAGES)
   parser.add_argument("--workers", type=int, default=1, help="processes converting records")
@@ -153,11 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 1 if validate(records, sources, max_images=args.max_images, fields=fields, budget=budget) else 0
     if not args.out:
       parser.error("--out is required unless --validate")
-    out = paths.local_only(args.out, what="--out", why="the ArrayRecord writer that TFDS uses")
-    builder = m4seg.build(records, roots, out, annotations=annotations, image_dirs=image_dirs,
+    builder = m4seg.build(records, roots, args.out, annotations=annotations, image_dirs=image_dirs,
                           strict=args.strict, max_images=args.max_images, num_workers=args.workers,
-                          fields=fields, budget=budget)
-  except (rec.SetupError, paths.PathError) as e:
+                          fields=fields, budget=budget, overwrite=args.overwrite, what="--out")
+  except (rec.SetupError, paths.PathError, FileExistsError, m4seg.BuildError) as e:
     for line in str(e).splitlines():
       print(f"error: {line}", file=sys.stderr)
     return 2

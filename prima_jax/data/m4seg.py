@@ -68,6 +68,11 @@ def _int() -> tfds.features.Tensor:
   return tfds.features.Tensor(shape=(), dtype=np.int32)
 
 
+class BuildError(ValueError):
+  """A build stopped by its records: the first bad one under ``strict``, or a split left without
+  examples (TFDS cannot write an empty split). Nothing is written."""
+
+
 class Sources:
   """Per-source annotation indices and image directories, resolved lazily per split.
 
@@ -102,8 +107,9 @@ class Sources:
 
   def check(self, needed: Mapping[str, Iterable[Any]]) -> list[str]:
     """One line per missing annotation file or image directory of the configured sources that
-    ``needed`` ({split: source names of its records}) uses; each names the path, the source, its
-    split(s) and the flags that set it. Sources without an image root are not checked."""
+    ``needed`` ({split: source names of its records}) uses, and per annotation file that is not
+    COCO-style JSON (each is read here, and kept); each names the path, the source, its split(s) and
+    the flags that set it. Sources without an image root are not checked."""
     missing: dict[tuple[str, str, str], list[str]] = {}
     problems: list[str] = []
     for split, names in needed.items():
@@ -113,10 +119,16 @@ class Sources:
         except rec.SetupError as e:
           problems += [p for p in e.problems if p not in problems]
           continue
-        if not annotation_path.is_file():
+        found = annotation_path.is_file()
+        if not found:
           missing.setdefault((name, "annotation file", str(annotation_path)), []).append(split)
         if not image_dir.is_dir():
           missing.setdefault((name, "image directory", str(image_dir)), []).append(split)
+        elif found:  # Read now (and kept for the conversion): a bad file stops the run before any work.
+          try:
+            self.get(name, split)
+          except rec.SetupError as e:
+            problems += [f"source {name!r} (split {split}): {p}" for p in e.problems]
     for (name, kind, path), splits in missing.items():
       layout = self.layout(name)
       flag, template = ("--annotations", layout.annotations) if kind == "annotation file" else (
@@ -284,7 +296,7 @@ class M4Seg(tfds.core.GeneratorBasedBuilder):
       for path, i, result in convert(jobs):
         if isinstance(result, rec.SkipExample):
           if self._strict:
-            raise ValueError(f"{path} record {i} ({split} example {index}): {result}") from result
+            raise BuildError(f"{path} record {i} ({split} example {index}): {result} (--strict)") from None
           counts[result.reason] += 1
           details.append({"file": path, "record": i, "reason": result.reason, "detail": result.detail})
         else:
@@ -292,6 +304,10 @@ class M4Seg(tfds.core.GeneratorBasedBuilder):
           lengths.add(len(result["images"]), len(result["segs"]), result["question"], result["answer"])
           yield result["example_id"], result
         index += 1
+    if not kept:
+      reasons = ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
+      raise BuildError(f"split {split!r}: none of its {index} record(s) became an example (skipped: "
+                       f"{reasons}; the details with --validate); nothing was written")
     self.skipped[split] = {"records": index, "kept": kept, "skipped": dict(counts), "details": details,
                            "lengths": lengths.summary(self._budget)}
     print(format_summary(split, self.skipped[split]))
@@ -417,7 +433,8 @@ def build(records: Mapping[str, Sequence[str | os.PathLike]], image_roots: Mappi
           data_dir: str | os.PathLike, *, annotations: Mapping[str, str] | None = None,
           image_dirs: Mapping[str, str] | None = None, strict: bool = False,
           max_images: int = rec.DEFAULT_MAX_IMAGES, num_workers: int = 1,
-          fields: Mapping[str, str] | None = None, budget: Mapping[str, int] | None = None) -> M4Seg:
+          fields: Mapping[str, str] | None = None, budget: Mapping[str, int] | None = None,
+          overwrite: bool = False, what: str = "data_dir") -> M4Seg:
   """Prepares the splits into ``data_dir/m4_seg/1.0.0``; returns the builder (``.skipped`` = summary).
 
   Record files, annotation files and images may be local or object-store URLs; ``data_dir`` must be
@@ -425,19 +442,37 @@ def build(records: Mapping[str, Sequence[str | os.PathLike]], image_roots: Mappi
   names (``records.field_table``); ``budget`` sets the thresholds of the per-split length summary
   (``records.DEFAULT_BUDGET``).
 
+  The build is atomic: it is written in a scratch directory ``data_dir/.m4_seg.tmp-XXXXXXXX`` and
+  renamed to ``data_dir/m4_seg`` when every split is complete (a failed or killed build leaves
+  ``data_dir/m4_seg`` as it was). An existing ``data_dir/m4_seg`` is replaced whole with
+  ``overwrite``, else refused; other files in ``data_dir`` are left alone. Scratch directories of
+  killed builds are removed first (those whose process still runs are kept), one printed line each.
+
   Raises:
     SetupError: a record file, annotation file or image directory is missing or unreadable, or a
       record file lacks a column (all problems, one per line, before any conversion).
-    PathError: ``data_dir`` is a URL, or a URL's client is not installed.
+    PathError: ``data_dir`` is a URL or a file, or a URL's client is not installed.
+    FileExistsError: ``data_dir/m4_seg`` exists and ``overwrite`` is False (nothing is read or written).
   """
-  local = paths.local_only(data_dir, what="data_dir", why="the ArrayRecord writer that TFDS uses")
+  local = epath.Path(paths.local_only(data_dir, what=what, why="the ArrayRecord writer that TFDS uses"))
+  if local.exists() and not local.is_dir():
+    raise paths.PathError(f"{what}={data_dir} is a file, not a directory")
+  target = local / M4Seg.name
+  if target.exists() and not overwrite:
+    raise FileExistsError(f"{what}={data_dir} already holds an M4Seg build ({target}); pass --overwrite "
+                          "(overwrite=True) to replace it")
+  for line in paths.clean_leftovers(target):
+    print(f"[m4seg] {line}")
+  scratch = paths.scratch_dir(target)
   builder = M4Seg(records=records, image_roots=image_roots, annotations=annotations, image_dirs=image_dirs,
                   strict=strict, max_images=max_images, num_workers=num_workers, fields=fields, budget=budget,
-                  data_dir=local)
-  if not builder.data_path.exists():  # Problems with the inputs raise before TFDS writes anything.
-    builder.prepare_inputs()
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return builder
+                  data_dir=os.fspath(scratch))
+  builder.prepare_inputs()  # Problems with the inputs raise before anything is written.
+  with paths.staged_dir(target, scratch):
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  built = M4Seg(data_dir=os.fspath(local))
+  built.skipped = builder.skipped
+  return built
 
 
 def load_skipped(data_dir: str | os.PathLike) -> dict[str, Any]:

@@ -667,9 +667,15 @@ class ImageIndex:
       except (KeyError, TypeError, ValueError) as e:
         raise SetupError(f"annotation file {path}: images[{i}] needs id, file_name, height, width "
                          f"({e!r})") from None
-    categories = {c["id"]: c["name"] for c in data.get("categories", []) if "id" in c and "name" in c}
-    object_names = {int(a["id"]): categories[a["category_id"]] for a in data.get("annotations", [])
-                    if "id" in a and a.get("category_id") in categories}
+    def entries(key: str) -> list[dict]:
+      value = data.get(key, [])
+      return [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
+
+    categories = {c["id"]: c["name"] for c in entries("categories")
+                  if "id" in c and "name" in c and isinstance(c["id"], (int, str))}
+    object_names = {int(a["id"]): categories[a["category_id"]] for a in entries("annotations")
+                    if _is_int(a.get("id")) and isinstance(a.get("category_id"), (int, str))
+                    and a["category_id"] in categories}
     return cls(images, object_names, str(path))
 
   def __contains__(self, image_id: Any) -> bool:
