@@ -11,7 +11,8 @@ with ``prima_jax.evaluation.metrics`` (mIoU, Recall, gIoU, cIoU, SS, S-IoU, I-SS
 Devices and hosts: the batch is sharded over all devices (mesh axis ``data``); process i takes examples
 i, i + P, ... of the split and every process gathers all per-example statistics, which are aggregated
 after sorting by example id, so the metrics do not depend on the number of devices or processes.
-Prints the table and examples/s; ``--out`` gets the metrics as JSON (written whole, atomically).
+Prints the table and examples/s; ``--out`` gets the metrics as JSON (written whole, atomically). An
+existing ``--out`` is refused (before the model is built) unless ``--overwrite``.
 
 ``--checkpoint`` and ``--out`` may be local paths or object-store URLs (``gs://...``); the dataset and
 ``--similarity`` encoder are read from local disk. Paths are checked before the model is built: a
@@ -135,12 +136,13 @@ LOCAL_SIMILARITIES = (None, "default", "lexical")
 def run(*, config=None, checkpoint: str | None = None, split: str | None = None, limit: int | None = None,
         similarity: str | None = "default", out: str | None = None, data_dir: str | None = None,
         batch_size: int | None = None, max_new_tokens: int = 256, teacher_forced: bool = False,
-        devices=None, verbose: bool = True) -> dict[str, Any]:
+        devices=None, verbose: bool = True, overwrite: bool = False) -> dict[str, Any]:
   """Evaluates on ``split`` over ``devices`` (default all) and this process's shard; returns the results
   (the dict written to ``out``).
 
-  Raises, before the model is built: paths.PathError (an unusable --out / --checkpoint URL, or a URL
-  for --data_dir / --similarity, which are read locally), workdir.NotAWorkdir (no checkpoint there),
+  Raises, before the model is built: paths.PathError (an unusable --out / --checkpoint URL, an --out
+  that is a directory, or a URL for --data_dir / --similarity, which are read locally),
+  FileExistsError (``out`` exists and not ``overwrite``), workdir.NotAWorkdir (no checkpoint there),
   ValueError (no such split).
   """
   import jax  # noqa: PLC0415
@@ -153,6 +155,10 @@ def run(*, config=None, checkpoint: str | None = None, split: str | None = None,
   from prima_jax.sharding import make_mesh  # noqa: PLC0415
 
   out_path = paths.resolve(out, what="--out") if out else None
+  if out_path is not None and out_path.is_dir():
+    raise paths.PathError(f"--out={out} is a directory; --out names the results file")
+  if out_path is not None:
+    paths.check_new(out_path, overwrite=overwrite, what="--out")
   if data_dir:
     data_dir = paths.local_only(data_dir, what="--data_dir", why="the ArrayRecord reader")
   if similarity not in LOCAL_SIMILARITIES:
@@ -220,8 +226,9 @@ def main(argv) -> int:
   try:
     run(config=_CONFIG.value, checkpoint=_CHECKPOINT.value, split=_SPLIT.value, limit=_LIMIT.value,
         similarity=_SIMILARITY.value, out=_OUT.value, data_dir=_DATA_DIR.value, batch_size=_BATCH_SIZE.value,
-        max_new_tokens=_MAX_NEW_TOKENS.value, teacher_forced=_TEACHER_FORCED.value)
-  except (paths.PathError, NotAWorkdir, IncompatibleCheckpoint, FileNotFoundError, ValueError) as e:
+        max_new_tokens=_MAX_NEW_TOKENS.value, teacher_forced=_TEACHER_FORCED.value,
+        overwrite=_OVERWRITE.value)
+  except (paths.PathError, NotAWorkdir, IncompatibleCheckpoint, OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
   return 0
@@ -238,6 +245,7 @@ if __name__ == "__main__":
   _SIMILARITY = flags.DEFINE_string("similarity", "default", "Text similarity: 'default' (lexical, no model) "
                                     "or a directory with a transformers encoder (e.g. bert-base-uncased).")
   _OUT = flags.DEFINE_string("out", None, "Write the results JSON here (local or a URL such as gs://...).")
+  _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out file.")
   _DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset directory (default: config / WORKDIR/data).")
   _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch (default: eval.batch_size; rounded "
                                      "up to a multiple of the device count).")

@@ -7,7 +7,11 @@ r"""Answer a question about 1..max_images images with grounded masks.
 comes from the run's record. ``--config`` alone runs the config's seeded (random) initialisation.
 Prints the answer and the masks; writes ``OUT/prediction.json`` and ``OUT/image{k}_overlay.png``
 (k = 1-based image index, the ``(IMAGEk)`` of the answer) with every mask of that image drawn in its
-own colour and labelled with its phrase. Each file is written whole (atomically).
+own colour and labelled with its phrase. Each file is written whole (atomically), ``prediction.json``
+last: a directory without it holds no complete result. An ``--out`` holding a previous prediction is
+refused unless ``--overwrite``; then the previous run's files that this one does not write (the
+overlays of images it does not have) are removed, so no stale file is left beside the new result.
+Other files in ``--out`` are left alone.
 
 ``--checkpoint``, ``--image`` and ``--out`` may be local paths or object-store URLs (``gs://...``);
 they are checked before the model is built: a bad one exits with status 2 and one ``error:`` line.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -93,38 +98,71 @@ def overlay_name(k: int) -> str:
   return f"image{k + 1}_overlay.png"
 
 
+_OUTPUT_FILE = re.compile(r"^(?:prediction\.json|image[0-9]+_overlay\.png)$")
+
+
+def previous_outputs(out_dir: str | os.PathLike) -> list[str]:
+  """The names of the files in ``out_dir`` that a prediction writes (sorted; empty when none).
+
+  Raises:
+    paths.PathError: ``out_dir`` is a file.
+  """
+  out = paths.resolve(out_dir, what="--out")
+  if not out.exists():
+    return []
+  if not out.is_dir():
+    raise paths.PathError(f"--out={out_dir} is a file, not a directory")
+  return sorted(p.name for p in out.iterdir() if _OUTPUT_FILE.match(p.name))
+
+
+def check_out(out_dir: str | os.PathLike, *, overwrite: bool) -> None:
+  """FileExistsError when ``out_dir`` holds a previous prediction and ``overwrite`` is False."""
+  found = previous_outputs(out_dir)
+  if found and not overwrite:
+    raise FileExistsError(f"--out={out_dir} holds a previous prediction ({', '.join(found)}); pass "
+                          "--overwrite to replace it")
+
+
 def write_outputs(out_dir: str | os.PathLike, prediction, images: Sequence[np.ndarray],
                   image_paths: Sequence[str], question: str, meta: dict) -> dict:
-  """Writes prediction.json and one overlay PNG per image (each atomically, local or object store);
-  returns the JSON dict."""
+  """Writes one overlay PNG per image, removes a previous run's files that this one does not write,
+  then writes prediction.json (each file atomically, local or object store); returns the JSON dict."""
   out = paths.resolve(out_dir, what="--out")
   record = dict(question=question, images=list(image_paths), image_index_base=1, **prediction.to_json(),
                 **meta)
-  paths.write_text_atomic(out / PREDICTION_FILE, json.dumps(record, indent=1))
+  pngs = {}
   for k, image in enumerate(images):
     segs = [(j, s) for j, s in enumerate(prediction.segs) if s.image_index == k]
     pil = draw_overlay(image, [s.mask for _, s in segs], [f"{j + 1}: {s.phrase}" for j, s in segs],
                        [PALETTE[j % len(PALETTE)] for j, _ in segs])
     png = io.BytesIO()
     pil.save(png, format="PNG")
-    paths.write_bytes_atomic(out / overlay_name(k), png.getvalue())
+    pngs[overlay_name(k)] = png.getvalue()
+  stale = [name for name in previous_outputs(out) if name not in pngs]
+  # The previous prediction.json goes first: while the overlays change, none describes them.
+  for name in sorted(stale, key=lambda n: n != PREDICTION_FILE):
+    (out / name).unlink()
+  for name, data in pngs.items():
+    paths.write_bytes_atomic(out / name, data)
+  paths.write_text_atomic(out / PREDICTION_FILE, json.dumps(record, indent=1))
   return record
 
 
 def run(*, config=None, checkpoint: str | None = None, image_paths: Sequence[str], question: str,
         out_dir: str, data_dir: str | None = None, max_new_tokens: int = 128, temperature: float = 0.0,
-        top_p: float = 1.0, seed: int = 0, answer_prefix: str | None = None) -> dict:
+        top_p: float = 1.0, seed: int = 0, answer_prefix: str | None = None, overwrite: bool = False) -> dict:
   """Reads the images, predicts, writes ``out_dir``; returns the prediction record.
 
   Raises, before the model is built: paths.PathError (an unusable --out, --checkpoint or --image
-  URL), workdir.NotAWorkdir (no checkpoint there), InputError (bad image path or content, image
-  count, empty question).
+  URL, an --out that is a file), FileExistsError (``out_dir`` holds a previous prediction and not
+  ``overwrite``), workdir.NotAWorkdir (no checkpoint there), InputError (bad image path or content,
+  image count, empty question).
   """
   from prima_jax.inference.engine import InputError, Predictor  # noqa: PLC0415
   from prima_jax.inference.generate import SamplingConfig  # noqa: PLC0415
   from prima_jax.inference.loading import load, open_run  # noqa: PLC0415
 
-  paths.resolve(out_dir, what="--out")
+  check_out(out_dir, overwrite=overwrite)
   opened = open_run(config, checkpoint)
   if not question or not question.strip():
     raise InputError("the question is empty (--question)")
@@ -170,9 +208,8 @@ def main(argv) -> int:
     record = run(config=_CONFIG.value, checkpoint=_CHECKPOINT.value, image_paths=_IMAGES.value,
                  question=_QUESTION.value, out_dir=_OUT.value, data_dir=_DATA_DIR.value,
                  max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
-                 seed=_SEED.value, answer_prefix=_ANSWER_PREFIX.value)
-  except (paths.PathError, NotAWorkdir, IncompatibleCheckpoint, InputError, FileNotFoundError,
-          ValueError) as e:
+                 seed=_SEED.value, answer_prefix=_ANSWER_PREFIX.value, overwrite=_OVERWRITE.value)
+  except (paths.PathError, NotAWorkdir, IncompatibleCheckpoint, InputError, OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
   print(format_record(record))
@@ -197,4 +234,5 @@ if __name__ == "__main__":
   _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
   _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
   _ANSWER_PREFIX = flags.DEFINE_string("answer_prefix", None, "Force the answer to start with this text.")
+  _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a previous prediction in --out.")
   cli.run(main)
