@@ -289,3 +289,39 @@ def test_checkpoint_writer_streams_groups_casts_frozen_and_checks_completeness(t
     writer.add(first[0], values[first[0]])
   writer.abort()
   assert os.listdir(tmp_path / "partial") == ["config.json"]
+
+
+def _safetensors_bytes(header) -> bytes:
+  text = json.dumps(header).encode()
+  return len(text).to_bytes(8, "little") + text
+
+
+def test_bad_weight_files_fail_when_opened_naming_the_file(tmp_path):
+  import safetensors.numpy
+
+  rng = np.random.default_rng(5)
+  good = tmp_path / "good.safetensors"
+  safetensors.numpy.save_file({"w": rng.normal(size=(4, 4)).astype(np.float32)}, str(good))
+  np.testing.assert_array_equal(torch_io.open_state_dict(good)["w"].shape, (4, 4))
+  data = good.read_bytes()
+  cases = {
+      "truncated": (data[:-20], r"is truncated: tensor w ends at byte 64 of the data, the file holds 44"),
+      "garbage": (rng.bytes(300), r"not a safetensors file, or is truncated \(its header size is \d+ bytes"),
+      "short": (b"\x01\x02", r"shorter than its header size"),
+      "list": (_safetensors_bytes([]), r"its header is a JSON list, not an object"),
+      "entry": (_safetensors_bytes({"w": {"dtype": "F32", "shape": [2]}}), r"header entry 'w' is not"),
+      "text": ((3).to_bytes(8, "little") + b"\xff\xfe\xfd", r"its header is not JSON"),
+  }
+  for name, (content, message) in cases.items():
+    path = tmp_path / f"{name}.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + message):
+      torch_io.open_state_dict(path, what="--prima")
+  bad_bin = tmp_path / "garbage.bin"
+  bad_bin.write_bytes(rng.bytes(300))
+  with pytest.raises(ValueError, match=re.escape(f"--prima={bad_bin}: not a PyTorch checkpoint that "
+                                                 "torch.load can read (UnpicklingError: ")):
+    torch_io.open_state_dict(bad_bin, what="--prima")
+  legacy = tmp_path / "legacy.bin"  # the pre-zip format cannot be memory-mapped: read whole instead
+  torch.save({"w": torch.ones(2, 3)}, legacy, _use_new_zipfile_serialization=False)
+  np.testing.assert_array_equal(np.asarray(torch_io.open_state_dict(legacy)["w"]), np.ones((2, 3)))

@@ -30,6 +30,7 @@ import contextlib
 import functools
 import json
 import os
+import pickle
 import re
 import shutil
 import struct
@@ -241,6 +242,23 @@ def _st_numpy_dtypes() -> dict[str, np.dtype]:
   return out
 
 
+def _check_entry(path: epath.Path, key: str, entry: Any, data_bytes: int) -> None:
+  """ValueError naming the file and tensor when a header entry is malformed or lies past the end of
+  the file (a truncated download), so that a bad file fails when opened, not midway through."""
+  ok = (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+        and isinstance(entry.get("shape"), list)
+        and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+        and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+        and all(isinstance(o, int) for o in entry["data_offsets"])
+        and 0 <= entry["data_offsets"][0] <= entry["data_offsets"][1])
+  if not ok:
+    raise ValueError(f"{path} is not a safetensors file (header entry {key!r} is not "
+                     "{dtype, shape, data_offsets: [begin, end]})")
+  if entry["data_offsets"][1] > data_bytes:
+    raise ValueError(f"{path} is truncated: tensor {key} ends at byte {entry['data_offsets'][1]} of the "
+                     f"data, the file holds {data_bytes}")
+
+
 class SafetensorsFile:
   """One safetensors file (local or on an object store): its header, and tensors read by byte range
   through a file object (nothing but the asked tensor is read)."""
@@ -248,17 +266,27 @@ class SafetensorsFile:
   def __init__(self, path: epath.Path):
     self.path = path
     with path.open("rb") as f:
+      size = f.seek(0, os.SEEK_END)
+      f.seek(0)
       head = f.read(8)
       if len(head) != 8:
         raise ValueError(f"{path} is not a safetensors file (shorter than its header size)")
       (n,) = struct.unpack("<Q", head)
+      if n > size - 8:  # checked first: a garbage size would make the read below allocate it
+        raise ValueError(f"{path} is not a safetensors file, or is truncated (its header size is {n} bytes; "
+                         f"the file has {size})")
       try:
         header = json.loads(f.read(n))
       except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not a safetensors file (its header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+      raise ValueError(f"{path} is not a safetensors file (its header is a JSON {type(header).__name__}, "
+                       "not an object)")
     self.metadata = header.pop("__metadata__", None)
     self.entries: dict[str, dict] = header
     self._data_start = 8 + n
+    for key, entry in header.items():
+      _check_entry(path, key, entry, size - self._data_start)
 
   def shape_of(self, key: str) -> tuple[int, ...]:
     return tuple(self.entries[key]["shape"])
@@ -324,6 +352,16 @@ def safetensors_files(path: str | os.PathLike, name: str = layouts.MODEL_FILE) -
   return [path]
 
 
+def _torch_load_reason(e: Exception) -> str:
+  """The line of a torch.load error that says what is wrong with the file (its message opens with
+  advice about ``weights_only`` that does not apply to a file that is no checkpoint)."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  if "WeightsUnpickler error:" in str(e):
+    after = str(e).split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+    return after[0].strip() if after else "unreadable"
+  return lines[0] if lines else "unreadable"
+
+
 def open_state_dict(path: str | os.PathLike, name: str = layouts.MODEL_FILE, *,
                     what: str = "path") -> Mapping[str, Any]:
   """A lazy state dict: safetensors (file, sharded index, or directory), or a ``.bin`` / ``.pth`` / ``.pt``
@@ -335,11 +373,20 @@ def open_state_dict(path: str | os.PathLike, name: str = layouts.MODEL_FILE, *,
   if path.name.endswith((".bin", ".pth", ".pt")):
     import torch  # noqa: PLC0415
 
-    if paths.is_local(path):
-      state = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
-    else:
-      with path.open("rb") as f:
-        state = torch.load(f, map_location="cpu", weights_only=True)
+    try:
+      if paths.is_local(path):
+        try:
+          state = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # not the zip format (a legacy file, or not a checkpoint): no mmap
+          if "mmap" not in str(e):
+            raise
+          state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+      else:
+        with path.open("rb") as f:
+          state = torch.load(f, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:  # torch.load's bad-file errors
+      raise ValueError(f"{what}={path}: not a PyTorch checkpoint that torch.load can read "
+                       f"({type(e).__name__}: {_torch_load_reason(e)})") from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
       state = state["state_dict"]
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
