@@ -421,3 +421,22 @@ def test_length_stats_nearest_rank_and_budget():
   empty = rec.LengthStats().summary()
   assert empty["examples"] == 0 and empty["segs"] == {"budget": 16, "over": 0}
   assert "no examples" in rec.format_lengths("val", empty)
+
+
+def test_unusable_record_files_name_the_file(tmp_path):
+  cases = {"dir_train.json": None, "dict_train.json": '{"records": []}', "cut_train.json": '[{"q": ',
+           "empty_train.json": ""}
+  for name, text in cases.items():
+    if text is None:
+      (tmp_path / name).mkdir()
+    else:
+      (tmp_path / name).write_text(text)
+  expect = {"dir_train.json": "is a directory; --records names JSON or parquet files",
+            "dict_train.json": ": expected a JSON list of records, got dict",
+            "cut_train.json": ": not valid JSON (Expecting value: line 1 column 8",
+            "empty_train.json": ": not valid JSON (Expecting value: line 1 column 1"}
+  for name, message in expect.items():
+    with pytest.raises(rec.SetupError) as e:
+      rec.load_records(tmp_path / name)
+    text = str(e.value)
+    assert text.startswith(f"records file {tmp_path / name}") and message in text, text

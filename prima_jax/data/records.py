@@ -230,6 +230,9 @@ def load_records(path: str | os.PathLike, *, fields: Mapping[str, str] | None = 
   """
   table = field_table(fields)
   path = paths.resolve(path, what="--records")
+  if path.is_dir():
+    raise SetupError(f"records file {path} is a directory; --records names JSON or parquet files "
+                     "(a wildcard such as DIR/*.parquet reads every match)")
   if not path.is_file():
     raise SetupError(f"records file {path} does not exist (--records)")
   if path.suffix == ".parquet":
