@@ -155,3 +155,20 @@ def test_record_decoder_maps_errors_to_skip_reasons(rng, monkeypatch):
   with pytest.raises(rec.SkipExample) as e:
     rec.decode_image(encode(Image.new("L", (8, 8))), "big.png")
   assert e.value.reason == rec.IMAGE_TOO_LARGE and "big.png: 8x8 = 64 pixels" in e.value.detail
+
+
+def test_stored_images_decode_by_the_same_rules(rng):
+  """What the input pipeline decodes (m4seg.decode_example on a stored record) is images.decode's."""
+  from prima_jax.data import m4seg
+
+  value = rng.integers(0, 65536, (6, 9)).astype(np.uint16)
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  files = [encode(Image.fromarray(value)), encode(Image.fromarray(value.astype(np.uint8)), exif=exif)]
+  raw = {"example_id": b"x", "source": b"s", "category": b"", "question": b"q", "answer": b"a",
+         "images": {"encoded": files, "id": [b"1", b"2"], "height": [6, 9], "width": [9, 6]},
+         "segs": {"rle": [], "height": [], "width": [], "phrase": [], "image_index": []}}
+  ex = m4seg.decode_example(raw)
+  for got, data in zip(ex.images, files):
+    np.testing.assert_array_equal(got, images.decode(data))
+  assert ex.images[0].mean() > 100 and ex.images[1].shape == (9, 6, 3)
