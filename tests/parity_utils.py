@@ -2,7 +2,38 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
+
+# Softmax ignores a constant shift of its logits, so an attention key bias has zero gradient in exact
+# arithmetic: its computed gradient is float32 rounding noise, which Adam then normalises to updates of
+# up to the learning rate. Comparisons between two ways of computing the same step leave these out.
+KEY_BIAS = re.compile(r"\['(k_proj|key)'\]\['bias'\]")
+
+
+def largest_entry(tree) -> float:
+  """max |x| over every leaf of a pytree."""
+  import jax  # noqa: PLC0415
+
+  return max(float(np.max(np.abs(np.asarray(x)))) for x in jax.tree.leaves(tree))
+
+
+def worst_relative_difference(ga, gb, *, noise: float = 1e-6) -> float:
+  """max over leaves of max|a - b| / max|a|, over leaves of ``ga`` that are not zero up to rounding
+  (largest entry above ``noise`` x the largest entry of any leaf: there a relative difference says
+  nothing)."""
+  import jax  # noqa: PLC0415
+
+  leaves = [(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb))]
+  floor = noise * largest_entry(ga)
+  worst = 0.0
+  for x, y in leaves:
+    scale = float(np.max(np.abs(x)))
+    if scale > floor:
+      worst = max(worst, float(np.max(np.abs(x - y))) / scale)
+  print(f"largest difference relative to the leaf's largest entry: {worst:.2e}")
+  return worst
 
 
 def to_numpy(x) -> np.ndarray:

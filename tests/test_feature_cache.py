@@ -25,6 +25,8 @@ from prima_jax.training.defaults import TRAINABLE_ALL_BUT_TOWERS
 from prima_jax.training.loop import initial_parameters, train_and_evaluate
 from prima_jax.training.validate import ConfigError, build_mesh
 
+from parity_utils import worst_relative_difference
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_IMAGES = 8
 
@@ -169,7 +171,7 @@ def test_step_from_the_cache_equals_the_online_step(built):
   lb, gb = _loss_and_grads(built, b)
   print(f"loss online {float(la)!r} cached {float(lb)!r}")
   np.testing.assert_allclose(float(lb), float(la), rtol=1e-5)
-  assert _worst_gradient_difference(ga, gb) < 1e-4
+  assert worst_relative_difference(ga, gb) < 1e-4
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(ga), jax.tree_util.tree_leaves(gb)):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6,
                                err_msg=jax.tree_util.keystr(path))
@@ -177,23 +179,7 @@ def test_step_from_the_cache_equals_the_online_step(built):
   # exchanged (a cache keyed wrongly) moves the gradients far beyond the bound.
   swapped = dict(b, **{k: np.roll(b[k], 1, axis=0) for k in ("eva_features", "sam_embeddings")})
   _, gs = _loss_and_grads(built, swapped)
-  assert _worst_gradient_difference(ga, gs) > 1e-2
-
-
-def _worst_gradient_difference(ga, gb) -> float:
-  """max over leaves of max|a - b| / max|a|, over leaves whose gradient is not zero up to rounding
-  (largest entry > 1e-6 of the largest gradient entry anywhere: some, such as the attention key biases,
-  are float32 noise around 0, where a relative difference says nothing)."""
-  leaves = [(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree_util.tree_leaves(ga),
-                                                          jax.tree_util.tree_leaves(gb))]
-  floor = 1e-6 * max(float(np.max(np.abs(x))) for x, _ in leaves)
-  worst = 0.0
-  for x, y in leaves:
-    scale = float(np.max(np.abs(x)))
-    if scale > floor:
-      worst = max(worst, float(np.max(np.abs(x - y))) / scale)
-  print(f"largest gradient difference relative to the leaf's largest entry: {worst:.2e}")
-  return worst
+  assert worst_relative_difference(ga, gs) > 1e-2
 
 
 def test_bfloat16_cache_stays_close(built, tmp_path):
@@ -211,7 +197,7 @@ def test_bfloat16_cache_stays_close(built, tmp_path):
   lb, gb = _loss_and_grads(built, cached)
   print(f"loss online {float(la)!r} bfloat16 cache {float(lb)!r}")
   assert abs(float(lb) - float(la)) < 1e-3 * abs(float(la))
-  worst = _worst_gradient_difference(ga, gb)
+  worst = worst_relative_difference(ga, gb)
   assert 1e-6 < worst < 5e-2  # the rounding is visible, and small
 
 

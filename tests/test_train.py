@@ -31,6 +31,8 @@ from prima_jax.training import visualize
 from prima_jax.training.loop import NonFiniteLoss, schema, train_and_evaluate
 from prima_jax.training.validate import ConfigError, build_mesh, check_batch, check_keys, check_schedule
 
+from parity_utils import KEY_BIAS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -384,9 +386,12 @@ def _losses(workdir) -> dict[int, float]:
   return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
 
-def _max_param_diff(a, b) -> float:
+def _max_param_diff(a, b, *, key_biases: bool) -> float:
+  """max |a - b| over the parameters that are (or are not) attention key biases."""
   return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-             for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])))
+             for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a["params"]),
+                                     jax.tree.leaves(b["params"]))
+             if bool(KEY_BIAS.search(jax.tree_util.keystr(path))) == key_biases)
 
 
 def test_two_processes_train_like_one_and_resume_across_process_counts(tmp_path, data_dir):
@@ -420,11 +425,15 @@ def test_two_processes_train_like_one_and_resume_across_process_counts(tmp_path,
     final[name], meta = checkpointer.restore(4, target)
     checkpointer.close()
     assert meta["data"] == {"batches": 4, "drops": dict.fromkeys(DROP_REASONS, 0)}
-  diffs = {name: _max_param_diff(state, one["state"]) for name, state in final.items()}
-  print(f"max |parameter difference| after 4 steps vs 1 process: {diffs}")
+  diffs = {name: _max_param_diff(state, one["state"], key_biases=False) for name, state in final.items()}
+  noise = {name: _max_param_diff(state, one["state"], key_biases=True) for name, state in final.items()}
+  print(f"max |parameter difference| after 4 steps vs 1 process: {diffs}; attention key biases {noise}")
   for losses in (got, cont):
     np.testing.assert_allclose([losses[s] for s in range(1, 5)], [ref[s] for s in range(1, 5)], rtol=1e-6)
   assert max(diffs.values()) <= 1e-6, diffs
+  # Key biases follow Adam-normalised rounding noise (parity_utils.KEY_BIAS): bounded by a tenth of the
+  # learning rate (1e-3 peak), far below what a real divergence moves them.
+  assert max(noise.values()) <= 1e-4, noise
 
 
 def test_length_buckets_cut_only_padding():

@@ -435,7 +435,9 @@ def build(records: Mapping[str, Sequence[str | os.PathLike]], image_roots: Mappi
           max_images: int = rec.DEFAULT_MAX_IMAGES, num_workers: int = 1,
           fields: Mapping[str, str] | None = None, budget: Mapping[str, int] | None = None,
           overwrite: bool = False, what: str = "data_dir") -> M4Seg:
-  """Prepares the splits into ``data_dir/m4_seg/1.0.0``; returns the builder (``.skipped`` = summary).
+  """Prepares the splits into ``data_dir/m4_seg/1.0.0``; returns a builder reading the result, with the
+  build's ``.skipped`` summary and its ``.sources`` (the image roots, annotation indexes and image
+  directories the records were resolved against).
 
   Record files, annotation files and images may be local or object-store URLs; ``data_dir`` must be
   local (ArrayRecord writes local files only). ``fields`` maps our record fields to the files' column
@@ -471,7 +473,7 @@ def build(records: Mapping[str, Sequence[str | os.PathLike]], image_roots: Mappi
   with paths.staged_dir(target, scratch):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   built = M4Seg(data_dir=os.fspath(local))
-  built.skipped = builder.skipped
+  built.skipped, built.sources = builder.skipped, builder.sources
   return built
 
 
