@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -27,9 +28,18 @@ from prima_jax.data.pipeline import DROP_REASONS
 from prima_jax.models.prima import Prima
 from prima_jax.training import checkpoint as ckpt_lib
 from prima_jax.training import data as data_lib
+from prima_jax.training import loop as loop_lib
+from prima_jax.training import steps as steps_lib
 from prima_jax.training import visualize
 from prima_jax.training.loop import NonFiniteLoss, schema, train_and_evaluate
-from prima_jax.training.validate import ConfigError, build_mesh, check_batch, check_keys, check_schedule
+from prima_jax.training.validate import (
+  ConfigError,
+  build_mesh,
+  check_batch,
+  check_keys,
+  check_numbers,
+  check_schedule,
+)
 
 from parity_utils import KEY_BIAS
 
@@ -172,6 +182,91 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     train_and_evaluate(c, str(tmp_path / "w"))
   steps = ckpt_lib.Checkpointer(str(tmp_path / "w" / "checkpoints"), keep=2).all_steps()
   assert 1 <= len(steps) and max(steps) < 3
+
+
+def _poison_update_at(monkeypatch, count: int) -> None:
+  """The optimizer's update turns NaN when its step count is ``count`` (0-based): the loss and gradient
+  norm stay finite, only the update is not. A step that is not applied leaves the count where it was,
+  so every later step is poisoned too."""
+  import optax  # noqa: PLC0415
+
+  real = loop_lib.make_optimizer
+
+  def poisoned(opt_cfg, num_steps):
+    tx, schedule = real(opt_cfg, num_steps)
+    poison = optax.scale_by_schedule(lambda n: jnp.where(n == count, jnp.nan, 1.0))
+    return optax.chain(tx, poison), schedule
+
+  monkeypatch.setattr(loop_lib, "make_optimizer", poisoned)
+
+
+def test_a_non_finite_update_is_neither_applied_nor_saved(tmp_path, data_dir, monkeypatch):
+  """NaN in the update at step 3 (finite loss and gradient norm): training stops, names checkpoint 2,
+  which restores finite; with stop_on_nonfinite=False the bad steps are skipped and counted, and the
+  checkpoints after them hold step 2's parameters and optimizer state unchanged."""
+  _poison_update_at(monkeypatch, 2)
+
+  def config(stop: bool):
+    c = demo_test_config(data_dir, num_steps=4)
+    c.eval.every = 0
+    c.checkpoint.update(every=1, keep=5)
+    c.train.update(stop_on_nonfinite=stop, log_every=100)
+    return c
+
+  with pytest.raises(NonFiniteLoss) as stopped:
+    train_and_evaluate(config(True), str(tmp_path / "stop"))
+  print(stopped.value)
+  message = str(stopped.value)
+  assert "at step 3" in message and "not applied and not saved" in message
+  assert message.endswith(f"Last good checkpoint: {tmp_path / 'stop' / 'checkpoints'}/2")
+  skipped = train_and_evaluate(config(False), str(tmp_path / "skip"))
+  assert skipped["final_step"] == 4 and skipped["skipped_nonfinite"] == 2
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        skipped["state"])
+  restored = {}
+  for name, steps in (("stop", [1, 2]), ("skip", [1, 2, 3, 4])):
+    checkpointer = ckpt_lib.Checkpointer(tmp_path / name / "checkpoints", keep=5, async_save=False)
+    assert checkpointer.all_steps() == steps
+    restored[name] = {s: checkpointer.restore(s, target)[0] for s in steps}
+    checkpointer.close()
+  two = restored["stop"][2]
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(two))
+  assert_trees_equal(two["params"], restored["skip"][2]["params"])
+  for s in (3, 4):  # not applied: the parameters and optimizer state of step 2
+    assert_trees_equal(restored["skip"][s]["params"], two["params"])
+    assert_trees_equal(restored["skip"][s]["opt_state"], two["opt_state"])
+  assert not np.array_equal(np.asarray(jax.tree.leaves(restored["skip"][1]["params"])[0]),
+                            np.asarray(jax.tree.leaves(two["params"])[0]))  # steps 1 and 2 were applied
+
+
+def test_all_finite_sees_one_nan_or_inf_in_any_leaf():
+  check = jax.jit(steps_lib.all_finite)
+  tree = {"a": jnp.full((4, 3), 3e38, jnp.float32), "b": jnp.ones(5, jnp.bfloat16), "n": jnp.arange(3)}
+  assert bool(check(tree))  # large values do not overflow the check; integer leaves are ignored
+  for bad in (np.nan, np.inf, -np.inf):
+    for leaf in ("a", "b"):
+      broken = dict(tree, **{leaf: tree[leaf].at[-1].set(bad)})
+      assert not bool(check(broken)), (leaf, bad)
+
+
+def test_numeric_fields_that_cannot_be_right_are_refused(tmp_path, data_dir):
+  c = demo_test_config(data_dir, num_steps=2)
+  c.optimizer.update(learning_rate=float("nan"), b2=1.0, end_factor=2.0)
+  c.model.loss.dice_weight = -0.5
+  with pytest.raises(ConfigError) as e:
+    train_and_evaluate(c, str(tmp_path / "w"))
+  message = str(e.value)
+  for part in ("optimizer.learning_rate=nan must be a finite number in (0, inf)",
+               "optimizer.b2=1.0 must be a finite number in [0, 1)",
+               "optimizer.end_factor=2.0 must be a finite number in [0, 1]",
+               "model.loss.dice_weight=-0.5 must be a finite number in [0, inf)"):
+    assert part in message, message
+  assert not (tmp_path / "w").exists()
+  c.optimizer.update(learning_rate=0.0, b2=0.95, end_factor=0.0)
+  c.model.loss.dice_weight = 0.5
+  only_lr = r"^optimizer.learning_rate=0.0 must be a finite number in \(0, inf\)$"
+  with pytest.raises(ConfigError, match=only_lr):
+    check_numbers(c)
 
 
 # --- validation errors (no compilation) --------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import signal
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from prima_jax.training.validate import (
   check_batch,
   check_keys,
   check_model,
+  check_numbers,
   check_schedule,
 )
 from prima_jax.training.visualize import prediction_panels, write_predictions
@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
-  """Training produced a NaN/inf loss or gradient norm; the last good checkpoint is kept."""
+  """A step produced a NaN/inf loss, gradient norm, parameter or optimizer state (not applied, not
+  saved); every saved checkpoint is finite, the newest is named."""
 
 
 def schema():
@@ -198,7 +199,8 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
 
   Returns a summary: ``start_step``, ``final_step``, ``evals`` [(step, metrics)], ``steps_per_s``,
   ``wall_s``, ``stopped`` (True when a signal ended the run early), ``memory`` (compiled per-device).
-  Raises ConfigError / IncompatibleCheckpoint before compiling, NonFiniteLoss on a NaN/inf loss.
+  Raises ConfigError / IncompatibleCheckpoint before compiling, NonFiniteLoss on a NaN/inf step
+  (``train.stop_on_nonfinite``).
   """
   t_start = time.time()
   is_main = jax.process_index() == 0
@@ -207,6 +209,7 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
   wd = workdir if isinstance(workdir, workdir_lib.Workdir) else workdir_lib.Workdir(workdir)
   check_keys(config, schema())
   check_schedule(config)
+  check_numbers(config)
   check_model(config)
   mesh = build_mesh(config)
   check_batch(config, mesh)
@@ -352,8 +355,25 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
 
     last_saved = start_step
     last_good = latest
+    skipped = 0  # non-finite steps left out (train.stop_on_nonfinite=False)
+
+    def check_finite(step: int, m: dict[str, float]) -> None:
+      """The step found a NaN / inf and was not applied (steps.py): stop, or count and go on."""
+      nonlocal skipped
+      if m["finite"]:
+        return
+      what = (f"non-finite loss, gradient or update at step {step} (loss {m['loss']}, grad norm "
+              f"{m['grad_norm']}); the update was not applied")
+      if t.stop_on_nonfinite:
+        checkpointer.wait()
+        raise NonFiniteLoss(f"{what} and not saved. Last good checkpoint: "
+                            + (f"{checkpointer.directory}/{last_good}" if last_good is not None else "none"))
+      skipped += 1
+      writer.print(f"warning: {what}; skipped ({skipped} so far, train.stop_on_nonfinite=False)")
+
     step = start_step
     batch = first
+    pending = None  # the previous step's metrics, checked one step late so the check never waits on a step
     t_log, steps_since_log, t_loop = time.time(), 0, time.time()
     while step < t.num_steps:
       if batch is None:
@@ -363,18 +383,18 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
       batch = None
       step += 1
       steps_since_log += 1
+      if pending is not None and not float(jax.device_get(pending[1]["finite"])):
+        check_finite(pending[0], _host(pending[1]))
+      pending = (step, metrics)
       if on_step is not None:
         on_step(step)
       is_last = step == t.num_steps
       save = step % config.checkpoint.every == 0 or is_last or stop.requested
       if step % t.log_every == 0 or save or step == start_step + 1:
-        m = _host(metrics)
-        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])) and t.stop_on_nonfinite:
-          checkpointer.wait()
-          raise NonFiniteLoss(
-              f"non-finite loss/gradient at step {step} (loss {m['loss']}, grad norm {m['grad_norm']}); "
-              f"stopped without saving it. Last good checkpoint: "
-              + (f"{checkpointer.directory}/{last_good}" if last_good is not None else "none"))
+        m, pending = _host(metrics), None
+        check_finite(step, m)  # before anything is saved: a saved state is always finite
+        m["skipped_nonfinite"] = skipped
+        del m["finite"]
         dt = (time.time() - t_log) / steps_since_log
         t_log, steps_since_log = time.time(), 0
         global_batch = t.batch_size
@@ -402,6 +422,7 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
     elapsed = time.time() - t_loop
     summary["steps_per_s"] = (step - start_step) / elapsed if elapsed > 0 and step > start_step else None
     summary["drops"] = data_lib.global_drops(train_iter)
+    summary["skipped_nonfinite"] = skipped
   finally:
     stop.uninstall()
     checkpointer.close()

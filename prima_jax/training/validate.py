@@ -91,6 +91,44 @@ def check_schedule(config) -> None:
                       f"(0, data.max_length={config.data.max_length}], got {bad}")
 
 
+# (field, lowest, highest, lowest allowed, highest allowed): the numeric fields a NaN, an inf or a
+# sign error would turn into a run that trains on nothing or diverges at step 1.
+NUMERIC_RANGES = (
+    ("optimizer.learning_rate", 0.0, math.inf, False, False),
+    ("optimizer.b1", 0.0, 1.0, True, False),
+    ("optimizer.b2", 0.0, 1.0, True, False),
+    ("optimizer.eps", 0.0, math.inf, False, False),
+    ("optimizer.weight_decay", 0.0, math.inf, True, False),
+    ("optimizer.end_factor", 0.0, 1.0, True, True),
+    ("optimizer.grad_clip_norm", 0.0, math.inf, True, False),
+    ("optimizer.warmup_steps", 0, math.inf, True, False),
+    ("model.loss.ce_weight", 0.0, math.inf, True, False),
+    ("model.loss.bce_weight", 0.0, math.inf, True, False),
+    ("model.loss.dice_weight", 0.0, math.inf, True, False),
+    ("model.loss.dice_scale", 0.0, math.inf, False, False),
+    ("model.loss.dice_eps", 0.0, math.inf, False, False),
+)
+
+
+def _interval(lo, hi, lo_in: bool, hi_in: bool) -> str:
+  return f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def check_numbers(config) -> None:
+  """Every field of NUMERIC_RANGES is a finite number inside its range (all problems in one error)."""
+  problems = []
+  for name, lo, hi, lo_in, hi_in in NUMERIC_RANGES:
+    node = config
+    for key in name.split("."):
+      node = node[key]
+    ok = (isinstance(node, (int, float)) and not isinstance(node, bool) and math.isfinite(node)
+          and (node >= lo if lo_in else node > lo) and (node <= hi if hi_in else node < hi))
+    if not ok:
+      problems.append(f"{name}={node!r} must be a finite number in {_interval(lo, hi, lo_in, hi_in)}")
+  if problems:
+    raise ConfigError("; ".join(problems))
+
+
 def check_model(config) -> None:
   policy = config.model.get("remat_policy", "full")
   if policy not in REMAT_POLICIES:
