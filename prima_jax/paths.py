@@ -221,6 +221,50 @@ def _running(owner: str) -> bool:
   return True
 
 
+class Locked(RuntimeError):
+  """Another live process holds the lock file."""
+
+
+@contextlib.contextmanager
+def exclusive(lock: epath.Path, *, what: str) -> Iterator[str | None]:
+  """Holds the local file ``lock`` ("host pid", created with O_EXCL) while the body runs; yields a
+  notice when it took over the lock of a process that is no longer running (else None). URLs are not
+  locked (object stores have no create-if-absent here): yields None.
+
+  Raises:
+    Locked: a running process (or one on another host, whose liveness cannot be checked) holds it.
+  """
+  import socket  # noqa: PLC0415
+
+  if not is_local(lock):
+    yield None
+    return
+  me = f"{socket.gethostname()} {os.getpid()}"
+  notice = None
+  for _ in range(2):
+    try:
+      fd = os.open(os.fspath(lock), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      holder = lock.read_text().strip() if lock.is_file() else ""
+      if holder and _running(holder):
+        raise Locked(f"{what} is in use by process {holder} ({lock}); stop it or use another {what}"
+                     + ("" if holder.rpartition(" ")[0] == socket.gethostname() else
+                        f" (it runs on another host: delete {lock} if it has stopped)")) from None
+      lock.unlink(missing_ok=True)
+      notice = f"took over {lock}, left by process {holder or '?'} which is no longer running"
+      continue
+    with os.fdopen(fd, "w") as f:
+      f.write(me + "\n")
+    break
+  else:
+    raise Locked(f"{what}: could not create {lock}")
+  try:
+    yield notice
+  finally:
+    if lock.is_file() and lock.read_text().strip() == me:
+      lock.unlink()
+
+
 def clean_leftovers(target: epath.Path) -> list[str]:
   """Removes the scratch directories of :func:`staged_dir` beside ``target`` that killed runs left;
   returns one line per leftover found: removed, or kept (its process still runs, or runs on another

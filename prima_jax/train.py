@@ -69,7 +69,7 @@ def initialize_distributed() -> None:
 
 def main(argv) -> int:
   del argv
-  from prima_jax.paths import PathError  # noqa: PLC0415
+  from prima_jax.paths import Locked, PathError  # noqa: PLC0415
   from prima_jax.workdir import IncompatibleCheckpoint, Workdir  # noqa: PLC0415
 
   try:  # before anything starts or is written: a bad --workdir is one line
@@ -87,7 +87,7 @@ def main(argv) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   try:
     summary = train_and_evaluate(_CONFIG.value, workdir)
-  except (ConfigError, IncompatibleCheckpoint, NonFiniteLoss, PathError) as e:
+  except (ConfigError, IncompatibleCheckpoint, Locked, NonFiniteLoss, PathError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2 if not isinstance(e, NonFiniteLoss) else 3
   if jax.process_index() == 0:

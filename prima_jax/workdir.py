@@ -3,7 +3,9 @@
 ::
 
   WORKDIR/
-    config.json            the config the run was started with (written once; a resume must agree)
+    .trainer.lock          "host pid" of the process training here (local workdirs)
+    config.json            the config the run was started with (a resume must agree on the model;
+                           a resume with other changes adds config.step_<n>.json)
     checkpoints/<step>/    Orbax train state (params, optimizer state, step, RNG) + meta JSON
     frozen/                frozen parameters, written once per run (Orbax pytree)
     data/                  the prepared synthetic benchmark and its tokenisers (local workdirs)
@@ -36,6 +38,7 @@ from prima_jax.models import configs as model_configs
 log = logging.getLogger(__name__)
 
 CONFIG_RECORD = "config.json"
+TRAINER_LOCK = ".trainer.lock"  # "host pid" of the process training in this workdir
 CHECKPOINTS = "checkpoints"
 FROZEN = "frozen"
 DATA = "data"
@@ -117,6 +120,15 @@ class Workdir:
   def create(self) -> None:
     self.path.mkdir(parents=True, exist_ok=True)
 
+  @property
+  def lock_path(self) -> epath.Path:
+    return self.path / TRAINER_LOCK
+
+  def lock(self):
+    """Context manager: this process is the workdir's one trainer (:func:`prima_jax.paths.exclusive`);
+    yields a notice when a dead trainer's lock was taken over. Raises ``paths.Locked``."""
+    return paths.exclusive(self.lock_path, what=f"{self.what}={self.path}")
+
   # --- the config record -----------------------------------------------------------------------
 
   def read_config_record(self) -> dict[str, Any] | None:
@@ -154,9 +166,29 @@ class Workdir:
           + "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
           + f"\nUse a new {self.what}, or restore the original settings to resume.")
 
-  def write_config_record(self, config) -> None:
+  def write_config_record(self, config) -> str | None:
+    """Records the config of a start or resume; returns a notice when it was recorded beside config.json.
+
+    ``config.json`` describes the checkpoints, so once a checkpoint exists it is never rewritten: a resume
+    whose config differs (on keys outside :data:`COMPATIBILITY_KEYS`, which :meth:`check_compatible`
+    enforces) is recorded as ``config.step_<latest checkpoint>.json``, and the notice names the changed keys.
+    """
+    new = config_record(config)
+    old = self.read_config_record()
+    steps = self.checkpoint_steps() if old is not None else []
+    target, notice = self.config_path, None
+    if old is not None and steps:
+      if old == new:
+        return None
+      changed = [p.split(":")[0] for p in _diff(old, new)]
+      target = self.path / f"config.step_{steps[-1]}.json"
+      notice = (f"resuming at step {steps[-1]} with {', '.join(changed[:10])}"
+                + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
+                + f" changed: recorded as {target} ({self.config_path} keeps the settings the run was "
+                "started with)")
     if jax.process_index() == 0:
-      paths.write_text_atomic(self.config_path, json.dumps(config_record(config), indent=1, sort_keys=True))
+      paths.write_text_atomic(target, json.dumps(new, indent=1, sort_keys=True))
+    return notice
 
   # --- checkpoints -----------------------------------------------------------------------------
 

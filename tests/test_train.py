@@ -20,6 +20,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from prima_jax import paths
 from prima_jax import workdir as workdir_lib
 from prima_jax.convert import torch_io
 from prima_jax.convert.state_dict import param_paths, path_str
@@ -32,6 +33,7 @@ from prima_jax.training import loop as loop_lib
 from prima_jax.training import steps as steps_lib
 from prima_jax.training import visualize
 from prima_jax.training.loop import NonFiniteLoss, schema, train_and_evaluate
+from prima_jax.training.metrics import MetricWriter
 from prima_jax.training.validate import (
   ConfigError,
   build_mesh,
@@ -237,6 +239,72 @@ def test_a_non_finite_update_is_neither_applied_nor_saved(tmp_path, data_dir, mo
     assert_trees_equal(restored["skip"][s]["opt_state"], two["opt_state"])
   assert not np.array_equal(np.asarray(jax.tree.leaves(restored["skip"][1]["params"])[0]),
                             np.asarray(jax.tree.leaves(two["params"])[0]))  # steps 1 and 2 were applied
+
+
+def test_a_resume_never_rewrites_the_config_its_checkpoints_were_made_with(tmp_path, data_dir):
+  c = demo_test_config(data_dir, num_steps=2)
+  wd = workdir_lib.Workdir(str(tmp_path / "w"))
+  assert wd.write_config_record(c) is None  # a new run: config.json
+  c.train.num_steps = 5
+  assert wd.write_config_record(c) is None  # no checkpoint yet: nothing describes the old record
+  assert json.loads(wd.config_path.read_text())["train"]["num_steps"] == 5
+  (wd.checkpoints / "2" / "state").mkdir(parents=True)
+  assert wd.write_config_record(c) is None  # the same config again
+  recorded = wd.config_path.read_text()
+  c.train.num_steps, c.eval.batch_size = 8, 8
+  notice = wd.write_config_record(c)
+  assert notice.startswith("resuming at step 2 with eval.batch_size, train.num_steps changed: recorded as ")
+  assert wd.config_path.read_text() == recorded
+  assert json.loads((tmp_path / "w" / "config.step_2.json").read_text())["train"]["num_steps"] == 8
+  c.checkpoint.resume = False
+  with pytest.raises(ConfigError, match=r"holds checkpoints \(steps \[2\]\) and checkpoint.resume=False"):
+    train_and_evaluate(c, str(tmp_path / "w"))
+
+
+def test_a_resume_drops_the_metric_rows_it_repeats(tmp_path, capsys):
+  """A run killed after step 5 whose last checkpoint is step 3: resuming removes steps 4-5 (and a row
+  cut short by the kill) from metrics.jsonl, so the repeated steps appear once."""
+  writer = MetricWriter(tmp_path, tensorboard=False, console=True, is_main=True)
+  for step in range(1, 6):
+    writer.write(step, "train", {"loss": float(step)})
+  writer.write(3, "eval", {"miou": 0.5})
+  writer.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 6, "ti')
+  resumed = MetricWriter(tmp_path, tensorboard=False, console=True, is_main=True)
+  resumed.resume_at(3)
+  resumed.write(4, "train", {"loss": 40.0})
+  resumed.close()
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["kind"]) for r in rows] == [(1, "train"), (2, "train"), (3, "train"), (3, "eval"),
+                                                    (4, "train")]
+  assert rows[-1]["loss"] == 40.0
+  assert f"{tmp_path / 'metrics.jsonl'}: removed 3 row(s) after step 3" in capsys.readouterr().out
+
+
+def test_one_trainer_per_workdir(tmp_path, data_dir, caplog):
+  """A live process's lock refuses a second trainer before anything is written; a dead one's is taken
+  over with a notice; the lock is gone when training ends."""
+  c = demo_test_config(data_dir, num_steps=1)
+  c.eval.every = 0
+  wd = workdir_lib.Workdir(str(tmp_path / "w"))
+  wd.create()
+  other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    wd.lock_path.write_text(f"{socket.gethostname()} {other.pid}\n")
+    with pytest.raises(paths.Locked, match=f"in use by process {socket.gethostname()} {other.pid}"):
+      train_and_evaluate(c, wd)
+    assert sorted(p.name for p in wd.path.iterdir()) == [".trainer.lock"]  # nothing else written
+  finally:
+    other.kill()
+    other.wait()
+  with caplog.at_level("WARNING"):
+    assert train_and_evaluate(c, wd)["final_step"] == 1
+  assert f"took over {wd.lock_path}, left by process {socket.gethostname()} {other.pid}" in caplog.text
+  assert not wd.lock_path.exists()
+  wd.lock_path.write_text(f"another-host-{socket.gethostname()} 1\n")
+  with pytest.raises(paths.Locked, match="runs on another host: delete"):
+    train_and_evaluate(c, wd)
 
 
 def test_all_finite_sees_one_nan_or_inf_in_any_leaf():

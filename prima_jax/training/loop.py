@@ -213,11 +213,23 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
   check_model(config)
   mesh = build_mesh(config)
   check_batch(config, mesh)
-  t = config.train
   if config.data.kind not in ("tfds", "synthetic"):
     raise ConfigError(f"data.kind must be 'tfds' or 'synthetic', got {config.data.kind!r}")
   ddir = wd.data_dir(config)
   wd.create()
+  if not is_main:  # process 0 holds the lock for the run
+    return _train(config, wd, mesh, ddir, t_start, on_step)
+  with wd.lock() as taken_over:
+    if taken_over:
+      log.warning(taken_over)
+    return _train(config, wd, mesh, ddir, t_start, on_step)
+
+
+def _train(config, wd: workdir_lib.Workdir, mesh, ddir, t_start: float,
+           on_step: Callable[[int], None] | None) -> dict[str, Any]:
+  """train_and_evaluate after validation, holding the workdir."""
+  t = config.train
+  is_main = jax.process_index() == 0
 
   # --- data, tokenisers, and the model config they fix ------------------------------------------
   if config.data.kind == "synthetic":
@@ -230,7 +242,12 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
   model_cfg = config.model
   if config.checkpoint.resume:
     wd.check_compatible(config)
-  wd.write_config_record(config)
+  elif wd.checkpoint_steps():
+    raise ConfigError(f"{wd.what}={wd.path} holds checkpoints (steps {wd.checkpoint_steps()}) and "
+                      "checkpoint.resume=False would train over them: resume, or use a new workdir")
+  notice = wd.write_config_record(config)
+  if notice and is_main:
+    log.warning(notice)
 
   # --- abstract model -> shardings -> sharded initialisation ------------------------------------
   model = initial_parameters(config, wd, mesh, model_cfg)
@@ -276,6 +293,7 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
     drops = dict(data_meta.get("drops", {})) if data_meta else {}
     writer.print(f"resumed from {checkpointer.directory}/{latest} "
                  f"(step {start_step}, global batch {data_pos}; saved {meta.get('time', '?')})")
+    writer.resume_at(start_step)
   # The run's config as TensorBoard text (markdown: a code block keeps the JSON's layout).
   writer.text(start_step, "config", "```\n" + json.dumps(workdir_lib.config_record(config), indent=1,
                                                           sort_keys=True) + "\n```")

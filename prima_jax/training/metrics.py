@@ -126,11 +126,38 @@ class JsonlWriter:
     self.path.write_text("".join(self._lines))
     self._flushed = time.time()
 
+  def drop_after(self, step: int) -> int:
+    """Removes the rows of steps after ``step`` (and a line cut short by a kill); returns how many.
+
+    A resumed run repeats the steps after its checkpoint: without this they would appear twice.
+    """
+    if self._local:
+      self._f.close()
+      lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+    else:
+      lines = self._lines
+    kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
+    if self._local:
+      if len(kept) != len(lines):
+        paths.write_text_atomic(self.path, "".join(kept))
+      self._f = self.path.open("a", encoding="utf-8")
+    else:
+      self._lines = kept
+      self._flush()
+    return len(lines) - len(kept)
+
   def close(self) -> None:
     if self._local:
       self._f.close()
     else:
       self._flush()
+
+
+def _row_step(line: str) -> int | None:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 class MetricWriter:
@@ -163,6 +190,14 @@ class MetricWriter:
   def text(self, step: int, tag: str, text: str) -> None:
     if self.is_main and self.tb is not None:
       self.tb.text(step, tag, text)
+
+  def resume_at(self, step: int) -> None:
+    """A run resumed from the checkpoint of ``step``: the rows of later steps are dropped (they will be
+    written again), with one line saying how many."""
+    if self.jsonl is not None:
+      dropped = self.jsonl.drop_after(step)
+      if dropped:
+        self.print(f"{self.jsonl.path}: removed {dropped} row(s) after step {step}, which this run repeats")
 
   def print(self, text: str) -> None:
     if self.console:
