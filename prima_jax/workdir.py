@@ -182,7 +182,7 @@ class Workdir:
         return None
       changed = [p.split(":")[0] for p in _diff(old, new)]
       target = self.path / f"config.step_{steps[-1]}.json"
-      notice = (f"resuming at step {steps[-1]} with {', '.join(changed[:10])}"
+      notice = (f"resuming with {', '.join(changed[:10])}"
                 + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
                 + f" changed: recorded as {target} ({self.config_path} keeps the settings the run was "
                 "started with)")

@@ -253,7 +253,7 @@ def test_a_resume_never_rewrites_the_config_its_checkpoints_were_made_with(tmp_p
   recorded = wd.config_path.read_text()
   c.train.num_steps, c.eval.batch_size = 8, 8
   notice = wd.write_config_record(c)
-  assert notice.startswith("resuming at step 2 with eval.batch_size, train.num_steps changed: recorded as ")
+  assert notice.startswith("resuming with eval.batch_size, train.num_steps changed: recorded as ")
   assert wd.config_path.read_text() == recorded
   assert json.loads((tmp_path / "w" / "config.step_2.json").read_text())["train"]["num_steps"] == 8
   c.checkpoint.resume = False
@@ -305,6 +305,28 @@ def test_one_trainer_per_workdir(tmp_path, data_dir, caplog):
   wd.lock_path.write_text(f"another-host-{socket.gethostname()} 1\n")
   with pytest.raises(paths.Locked, match="runs on another host: delete"):
     train_and_evaluate(c, wd)
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_training_resumes_from_the_one_before(
+    tmp_path, data_dir, caplog):
+  c = demo_test_config(data_dir, num_steps=4)
+  c.eval.every = 0
+  c.checkpoint.update(every=2, keep=3, async_save=False)
+  train_and_evaluate(c, str(tmp_path / "w"))
+  checkpoints = tmp_path / "w" / "checkpoints"
+  files = [p for p in (checkpoints / "4" / "state").rglob("*") if p.is_file()]
+  data = max(files, key=lambda p: p.stat().st_size)
+  with open(data, "r+b") as f:  # a save cut short: the largest data file truncated
+    f.truncate(100)
+  c.train.num_steps = 6
+  with caplog.at_level("WARNING"):
+    resumed = train_and_evaluate(c, str(tmp_path / "w"))
+  print(caplog.text)
+  assert resumed["start_step"] == 2 and resumed["final_step"] == 6
+  assert f"checkpoint {checkpoints}/4 could not be read (" in caplog.text
+  assert f"moved to {checkpoints}/4.damaged, resuming from step 2" in caplog.text
+  assert (checkpoints / "4.damaged" / "state").is_dir()  # kept for inspection
+  assert ckpt_lib.Checkpointer(str(checkpoints), keep=3).all_steps() == [2, 4, 6]  # step 4 written anew
 
 
 def test_all_finite_sees_one_nan_or_inf_in_any_leaf():

@@ -47,9 +47,42 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     except (ValueError, KeyError, TypeError) as e:
       raise IncompatibleCheckpoint(
-          f"checkpoint {self.directory}/{step} does not fit the current model/optimizer state: "
-          f"{type(e).__name__}: {str(e)[:2000]}\nUse a new --workdir or the original config.") from e
+          f"checkpoint {self.directory}/{step} could not be restored into the current model/optimizer "
+          f"state (written with another configuration, or damaged): {type(e).__name__}: "
+          f"{str(e)[:2000]}\nUse the original config or a new --workdir.") from e
     return restored["state"], dict(restored["meta"] or {})
+
+  def restore_newest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any], list[str]] | None:
+    """Restores the newest checkpoint that reads back: (step, state, meta, notices), None when there is
+    none. A newer one that fails while an older one restores into the same target is damaged: it is
+    moved aside to ``<step>.damaged`` (kept, never deleted; process 0 moves it) with one notice line
+    each, so that training continues past it. When none restores, the newest one's error is raised.
+    """
+    import jax  # noqa: PLC0415
+
+    failed: list[tuple[int, str]] = []
+    first_error: Exception | None = None
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except Exception as e:  # noqa: BLE001 -- any failure: whether it is damage an older step decides
+        first_error = first_error or e
+        first_line = (str(e).splitlines() or [""])[0].split(" See full TensorStore details")[0]
+        failed.append((step, f"{type(e).__name__}: {first_line[:300]}"))
+        continue
+      notices = []
+      for bad, why in failed:
+        aside = self.directory / f"{bad}.damaged"
+        if jax.process_index() == 0:
+          (self.directory / str(bad)).rename(aside)
+        notices.append(f"checkpoint {self.directory}/{bad} could not be read ({why}); moved to {aside}, "
+                       f"resuming from step {step}")
+      if failed:
+        self.manager.reload()
+      return step, state, meta, notices
+    if first_error is not None:
+      raise first_error
+    return None
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -279,11 +279,14 @@ def _train(config, wd: workdir_lib.Workdir, mesh, ddir, t_start: float,
   checkpointer = ckpt_lib.Checkpointer(wd.checkpoints, keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
   start_step, data_pos, drops = 0, 0, {}
-  latest = checkpointer.latest_step() if config.checkpoint.resume else None
-  if latest is not None:
+  latest = None
+  if config.checkpoint.resume and checkpointer.all_steps():
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
     del state
-    state, meta = checkpointer.restore(latest, target)
+    latest, state, meta, notices = checkpointer.restore_newest(target)
+    for notice in notices:
+      if is_main:
+        log.warning(notice)
     start_step = int(jax.device_get(state["step"]))
     data_meta = meta.get("data")
     if data_meta is None:  # a checkpoint from `prima_jax.convert from-torch` or an older version
