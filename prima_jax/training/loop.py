@@ -242,8 +242,8 @@ def _train(config, wd: workdir_lib.Workdir, mesh, ddir, t_start: float,
   model_cfg = config.model
   if config.checkpoint.resume:
     wd.check_compatible(config)
-  elif wd.checkpoint_steps():
-    raise ConfigError(f"{wd.what}={wd.path} holds checkpoints (steps {wd.checkpoint_steps()}) and "
+  elif existing := wd.checkpoint_steps():
+    raise ConfigError(f"{wd.what}={wd.path} holds checkpoints (steps {existing}) and "
                       "checkpoint.resume=False would train over them: resume, or use a new workdir")
   notice = wd.write_config_record(config)
   if notice and is_main:

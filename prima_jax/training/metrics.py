@@ -136,7 +136,7 @@ class JsonlWriter:
       lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
     else:
       lines = self._lines
-    kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
+    kept = [line for line in lines if (row := _row_step(line)) is not None and row <= step]
     if self._local:
       if len(kept) != len(lines):
         paths.write_text_atomic(self.path, "".join(kept))
