@@ -29,8 +29,13 @@ setup(
     extras_require={
         # PyTorch export / import and parity references.
         "torch": ["torch>=2.13.0", "transformers>=5.24.0", "safetensors>=0.8.0", "peft>=0.21.2"],
-        # tensorboard: its EventAccumulator reads the training event files back in the tests.
-        "test": ["pytest>=9.0", "ruff>=0.14", "tensorboard>=2.21.0"],
+        # The web demo (python -m prima_jax.demo).
+        "demo": ["gradio>=6.31.0"],
+        # tensorboard: its EventAccumulator reads the training event files back in the tests;
+        # segment-anything: the original SAM modelling code, the reference for the SAM key layout;
+        # gradio + playwright: the web demo driven in a headless Chromium (Debian's, not downloaded).
+        "test": ["pytest>=9.0", "ruff>=0.14", "tensorboard>=2.21.0", "segment-anything>=1.0",
+                 "gradio>=6.31.0", "playwright>=1.65.3"],
         # Object-store workdirs and data: gs:// (epath's fsspec client, and Orbax's bucket queries).
         "gcs": ["gcsfs", "google-cloud-storage"],
         "s3": ["s3fs"],

@@ -148,6 +148,61 @@ def write_outputs(out_dir: str | os.PathLike, prediction, images: Sequence[np.nd
   return record
 
 
+def check_request(question: str, num_images: int, max_images: int) -> None:
+  """InputError for an empty question, no image, or more images than the model takes."""
+  from prima_jax.inference.engine import InputError  # noqa: PLC0415
+  if not question or not question.strip():
+    raise InputError("the question is empty (--question)")
+  if not num_images:
+    raise InputError("no image given (--image PATH, repeatable)")
+  if num_images > max_images:
+    raise InputError(f"{num_images} images given; the model takes at most {max_images}")
+
+
+class Session:
+  """A loaded model that answers questions: weights, tokenisers and the compiled predictor, kept
+  between questions (the command line asks one; the web demo, :mod:`prima_jax.demo`, many).
+
+  Args:
+    opened: ``prima_jax.inference.loading.open_run(config, checkpoint)``.
+    data_dir: directory holding ``tokenizers/`` (default: the run's data).
+    max_new_tokens: generation budget in tokens.
+  """
+
+  def __init__(self, opened, *, data_dir: str | None = None, max_new_tokens: int = 128):
+    from prima_jax.inference.engine import Predictor  # noqa: PLC0415
+    from prima_jax.inference.loading import load  # noqa: PLC0415
+    self.opened = opened
+    self.loaded = load(opened, data_dir=data_dir, build_missing_tokenizers=True)
+    self.max_new_tokens = max_new_tokens
+    self.predictor = Predictor(self.loaded.model, self.loaded.tokenizers, max_new_tokens=max_new_tokens,
+                               max_question_length=self.loaded.config.data.max_question_length)
+
+  @property
+  def max_images(self) -> int:
+    return int(self.loaded.config.model.prima.max_images)
+
+  def answer(self, images: Sequence[np.ndarray], question: str, *, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, answer_prefix: str | None = None):
+    """The grounded answer to ``question`` about ``images`` (uint8 [H, W, 3] each, IMAGE1 first).
+
+    Returns (prediction, meta): the :class:`prima_jax.inference.grounding.Prediction` and the record's
+    run fields (checkpoint, step, seconds, sampling, max_new_tokens). Raises InputError (see
+    :func:`check_request`, and a prompt too long for the model).
+    """
+    from prima_jax.inference.generate import SamplingConfig  # noqa: PLC0415
+    check_request(question, len(images), self.max_images)
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
+    example = self.predictor.prepare(list(images), question, forced_answer=answer_prefix, forced_eos=False,
+                                     seed=seed)
+    t0 = time.time()
+    prediction = self.predictor.predict([example], sampling)[0]
+    meta = dict(checkpoint=self.opened.checkpoint, step=self.loaded.step, seconds=round(time.time() - t0, 3),
+                sampling=dict(temperature=temperature, top_p=top_p, seed=seed),
+                max_new_tokens=self.max_new_tokens)
+    return prediction, meta
+
+
 def run(*, config=None, checkpoint: str | None = None, image_paths: Sequence[str], question: str,
         out_dir: str, data_dir: str | None = None, max_new_tokens: int = 128, temperature: float = 0.0,
         top_p: float = 1.0, seed: int = 0, answer_prefix: str | None = None, overwrite: bool = False) -> dict:
@@ -158,31 +213,15 @@ def run(*, config=None, checkpoint: str | None = None, image_paths: Sequence[str
   ``overwrite``), workdir.NotAWorkdir (no checkpoint there), InputError (bad image path or content,
   image count, empty question).
   """
-  from prima_jax.inference.engine import InputError, Predictor  # noqa: PLC0415
-  from prima_jax.inference.generate import SamplingConfig  # noqa: PLC0415
-  from prima_jax.inference.loading import load, open_run  # noqa: PLC0415
+  from prima_jax.inference.loading import open_run  # noqa: PLC0415
 
   check_out(out_dir, overwrite=overwrite)
   opened = open_run(config, checkpoint)
-  if not question or not question.strip():
-    raise InputError("the question is empty (--question)")
-  if not image_paths:
-    raise InputError("no image given (--image PATH, repeatable)")
-  max_images = opened.config.model.prima.max_images
-  if len(image_paths) > max_images:
-    raise InputError(f"{len(image_paths)} images given; the model takes at most {max_images}")
+  check_request(question, len(image_paths), opened.config.model.prima.max_images)
   images = [read_image(p) for p in image_paths]
-  sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
-  loaded = load(opened, data_dir=data_dir, build_missing_tokenizers=True)
-  predictor = Predictor(loaded.model, loaded.tokenizers, max_new_tokens=max_new_tokens,
-                        max_question_length=loaded.config.data.max_question_length)
-  example = predictor.prepare(images, question, forced_answer=answer_prefix, forced_eos=False, seed=seed)
-  t0 = time.time()
-  prediction = predictor.predict([example], sampling)[0]
-  seconds = time.time() - t0
-  meta = dict(checkpoint=opened.checkpoint, step=loaded.step,
-              seconds=round(seconds, 3), sampling=dict(temperature=temperature, top_p=top_p, seed=seed),
-              max_new_tokens=max_new_tokens)
+  session = Session(opened, data_dir=data_dir, max_new_tokens=max_new_tokens)
+  prediction, meta = session.answer(images, question, temperature=temperature, top_p=top_p, seed=seed,
+                                    answer_prefix=answer_prefix)
   image_urls = [str(paths.resolve(p, what="--image")) for p in image_paths]
   return write_outputs(out_dir, prediction, images, image_urls, question, meta)
 

@@ -18,7 +18,7 @@ def test_help_requested():
 
 @pytest.mark.parametrize("module,flag", [("prima_jax.train", "--workdir"), ("prima_jax.evaluate", "--split"),
                                          ("prima_jax.predict", "--image"),
-                                         ("prima_jax.data.cache", "--towers")])
+                                         ("prima_jax.data.cache", "--towers"), ("prima_jax.demo", "--port")])
 def test_help_exits_zero_and_lists_flags(module, flag):
   out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
