@@ -1,4 +1,4 @@
-"""Test setup: 8 fake CPU devices (must be set before JAX initialises) and offline HF."""
+"""Test setup: 8 fake CPU devices (must be set before JAX initialises), offline HF, replayable seeds."""
 
 import os
 
@@ -9,6 +9,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 import pytest  # noqa: E402
+
+from parity_utils import BASE_SEED  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
+
+
+def pytest_report_header(config):
+  return f"random seeds: PRIMA_TEST_SEED={BASE_SEED} (set it to replay a run, or 'random' for a fresh one)"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+  report = yield
+  if report.failed:
+    report.sections.append(("random seeds", f"replay with PRIMA_TEST_SEED={BASE_SEED} "
+                                            f"(seeds derive from it and the test id {item.nodeid})"))
+  return report
 
 
 @pytest.fixture

@@ -6,11 +6,13 @@ import pytest
 from prima_jax.models.batch import collate, random_example, validate_batch
 from prima_jax.models.configs import tiny_config
 
+from parity_utils import test_seed
+
 CFG = tiny_config()
 
 
 def _batch(num_images=(2, 1), num_masks=(2, 1), **kw):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(test_seed())
   ex = [random_example(CFG, rng, num_images=n, num_masks=m) for n, m in zip(num_images, num_masks)]
   return collate(ex, CFG, num_images=CFG.prima.max_images, **kw)
 
@@ -114,7 +116,7 @@ def test_sequence_longer_than_positions():
 
 
 def test_collate_rejects_oversized_example():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(test_seed())
   ex = random_example(CFG, rng, num_images=3, num_masks=1)
   with pytest.raises(ValueError, match="does not fit"):
     collate([ex], CFG, num_images=2)

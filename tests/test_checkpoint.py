@@ -9,6 +9,8 @@ import pytest
 from prima_jax import workdir as workdir_lib
 from prima_jax.training import checkpoint as ckpt_lib
 
+from parity_utils import test_seed
+
 
 def _tree(rng):
   return {"vision": {"layers": {0: {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.bfloat16)},
@@ -17,7 +19,7 @@ def _tree(rng):
 
 
 def test_frozen_round_trip_keeps_structure_dtypes_and_shardings(tmp_path):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(test_seed())
   saved = _tree(rng)
   assert workdir_lib.Workdir(str(tmp_path)).restore_frozen(saved) is None   # nothing written yet
   workdir_lib.Workdir(str(tmp_path)).save_frozen(saved)
@@ -33,7 +35,7 @@ def test_frozen_round_trip_keeps_structure_dtypes_and_shardings(tmp_path):
 
 
 def test_frozen_missing_parameter_is_an_error(tmp_path):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(test_seed())
   workdir_lib.Workdir(str(tmp_path)).save_frozen(_tree(rng))
   bigger = {**_tree(rng), "sam": {"kernel": jnp.zeros((2, 2))}}
   with pytest.raises(ckpt_lib.IncompatibleCheckpoint, match="sam/kernel"):

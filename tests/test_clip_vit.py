@@ -1,6 +1,5 @@
 """ClipVisionTower against transformers' CLIPVisionModel, the conversion table, and the projectors."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +13,11 @@ from prima_jax.convert import clip as clip_convert
 from prima_jax.convert import state_dict as sd
 from prima_jax.models import clip_vit
 
-from parity_utils import assert_close, randomise_torch
+from parity_utils import assert_close, randomise_torch, test_seed
 
 
 def _seed() -> int:
-  return int.from_bytes(os.urandom(4), "little")
+  return test_seed()
 
 
 def _hf_clip(cfg):

@@ -199,7 +199,7 @@ def test_no_overwrite_and_no_partial_output(work, capsys):
   assert _run("to-torch", "--checkpoint", workdir, "--out", exported) == 0
   lazy = torch_io.open_state_dict(str(exported))
   state = {k: lazy[k] for k in lazy}
-  state["model.norm.weight"] = np.zeros(7, np.float32)
+  state["base_model.model.model.norm.weight"] = np.zeros(7, np.float32)  # unmerged: PEFT-wrapped names
   writer = torch_io.SafetensorsWriter(str(root / "bad_state"))
   for k, v in state.items():
     writer.add(k, v)
@@ -208,11 +208,11 @@ def test_no_overwrite_and_no_partial_output(work, capsys):
   assert _run("from-torch", "--config", os.path.join(workdir, "config.json"), "--out", root / "never",
               "--prima", root / "bad_state") == 2
   err = capsys.readouterr().err
-  assert "model.norm.weight: shape (7,)" in err and "expected (64,)" in err
+  assert "base_model.model.model.norm.weight: shape (7,)" in err and "expected (64,)" in err
   assert set(os.listdir(root)) == before
 
   assert _run("to-torch", "--checkpoint", workdir, "--out", out, "--overwrite", "--dtype", "bfloat16") == 0
   assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").exists()
   lazy = torch_io.open_state_dict(str(out))
-  assert lazy["lm_head.weight"].dtype.name == "bfloat16"
+  assert lazy["base_model.model.lm_head.weight"].dtype.name == "bfloat16"
   del config

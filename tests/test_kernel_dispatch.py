@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ from prima_jax.models.prima import Prima
 from prima_jax.models.qformer import QFormer
 from prima_jax.models.square import Square
 
-from parity_utils import assert_close
+from parity_utils import assert_close, test_seed, worst_relative_difference
 
 _HAS_GPU_KERNEL = importlib.util.find_spec("prima_jax.kernels.pallas_gpu") is not None
 KERNELS = ["pallas_tpu"] + (["pallas_gpu"] if _HAS_GPU_KERNEL else [])
@@ -54,8 +53,8 @@ def _uses_pallas(fn, *args) -> bool:
 
 
 def test_none_on_cpu_uses_xla_and_logs_once(attention_log):
-  q, k, v = _qkv(np.random.default_rng())
-  mask = jnp.asarray(np.random.default_rng().random((2, 1, 1, 40)) > 0.3)
+  q, k, v = _qkv(np.random.default_rng(test_seed()))
+  mask = jnp.asarray(np.random.default_rng(test_seed()).random((2, 1, 1, 40)) > 0.3)
   run = lambda q, k, v: attention.dot_product_attention(q, k, v, mask=mask)  # noqa: E731
   out = run(q, k, v)
   run(q, k, v)
@@ -67,7 +66,7 @@ def test_none_on_cpu_uses_xla_and_logs_once(attention_log):
 
 @pytest.mark.parametrize("name", KERNELS)
 def test_explicit_kernel_runs_in_interpret_mode(name, attention_log):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(test_seed())
   q, k, v = _qkv(rng, q_len=12, kv_len=50)
   mask = jnp.asarray(rng.random((2, 1, 1, 50)) > 0.5)
   run = lambda q, k, v: attention.dot_product_attention(q, k, v, mask=mask, implementation=name)  # noqa: E731
@@ -79,7 +78,7 @@ def test_explicit_kernel_runs_in_interpret_mode(name, attention_log):
 @pytest.mark.parametrize("name", KERNELS)
 def test_kernel_runs_per_shard_under_activation_sharding(name):
   """Inside the jitted steps' activation_sharding the kernel runs in shard_map over batch and heads."""
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(test_seed())
   q, k, v = _qkv(rng, batch=4, q_len=12, kv_len=50, heads=2)
   mask = jnp.asarray(rng.random((4, 1, 1, 50)) > 0.3)
   cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
@@ -104,20 +103,20 @@ def test_kernel_runs_per_shard_under_activation_sharding(name):
 
 @pytest.mark.parametrize("name", KERNELS)
 def test_explicit_kernel_with_unsupported_shape_raises(name):
-  q, k, v = _qkv(np.random.default_rng(), dim=320)
+  q, k, v = _qkv(np.random.default_rng(test_seed()), dim=320)
   with pytest.raises(ValueError, match=f"attention implementation '{name}' cannot run .*head dim"):
     attention.dot_product_attention(q, k, v, implementation=name)
 
 
 def test_unknown_implementation_raises():
-  q, k, v = _qkv(np.random.default_rng())
+  q, k, v = _qkv(np.random.default_rng(test_seed()))
   with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
     attention.dot_product_attention(q, k, v, implementation="flash")
 
 
 @pytest.mark.parametrize("form", ["causal", "bias", "grouped_kv"])
 def test_other_forms_fall_back_to_xla_and_log_once(form, attention_log):
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(test_seed())
   q, k, v = _qkv(rng, q_len=8, kv_len=8, kv_heads=1 if form == "grouped_kv" else None)
   kw = {"mask": jnp.tril(jnp.ones((8, 8), bool))[None, None]} if form == "causal" else {}
   if form == "bias":
@@ -134,7 +133,7 @@ def test_other_forms_fall_back_to_xla_and_log_once(form, attention_log):
 
 
 def test_key_padding_mask_analysis():
-  valid = np.random.default_rng().random((3, 7)) > 0.5
+  valid = np.random.default_rng(test_seed()).random((3, 7)) > 0.5
   analyse = cross_image_attention.key_padding_mask
   for mask in (valid[:, None, None, :], valid[:, None, None, :].astype(np.int32)):
     key_valid, reason = analyse(jnp.asarray(mask), 3, 7)
@@ -189,7 +188,7 @@ def _loss_and_grads(name, inputs, cotangent, seed):
 @pytest.fixture(scope="module")
 def image_side_reference():
   """Fresh random inputs for the SQuARE + Q-Former check and the XLA loss and gradients."""
-  seed = int.from_bytes(os.urandom(4), "little")
+  seed = test_seed()
   rng = np.random.default_rng(seed)
   cfg = _model_config("xla")
   batch, images, tokens, text = 2, 3, 5, 6
@@ -234,7 +233,7 @@ def test_whole_prima_forward_and_backward_match_xla():
   """The tiny PRIMA with cfg.attention_implementation="pallas_tpu" (EVA, SQuARE, Q-Former and SAM-decoder
   attentions on the kernel in interpret mode; LLaMA and the SAM encoder fall back) gives the XLA loss and
   gradients w.r.t. every parameter."""
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(test_seed())
   seed = int(rng.integers(2**31))
   base = tiny_config()
   batch = collate([random_example(base, rng, num_images=n, num_masks=m) for n, m in ((2, 2), (1, 1))], base,
@@ -252,8 +251,9 @@ def test_whole_prima_forward_and_backward_match_xla():
   ref_loss, ref_grads = loss_and_grads("xla")
   assert_close("tiny PRIMA pallas_tpu loss", loss, ref_loss, rtol=1e-5)
   assert set(grads) == set(ref_grads)
-  worst = max(float(np.max(np.abs(grads[p][...] - ref_grads[p][...])))
-              / max(float(np.max(np.abs(ref_grads[p][...]))), 1e-12) for p in ref_grads
-              if np.max(np.abs(ref_grads[p][...])) > 1e-6)
+  # Attention key biases have zero gradient in exact arithmetic (parity_utils.KEY_BIAS): their float32
+  # noise is left out, as are leaves that are zero up to rounding relative to the largest gradient.
+  compared = {p: g for p, g in ref_grads.items() if p[-2:] not in (("k_proj", "bias"), ("key", "bias"))}
+  worst = worst_relative_difference([g[...] for g in compared.values()], [grads[p][...] for p in compared])
   print(f"PARITY tiny PRIMA pallas_tpu gradients: worst per-parameter max rel err {worst:.3e}")
   assert 0 < worst < 1e-4  # > 0: the kernels did run (bitwise equal gradients would mean the XLA path)

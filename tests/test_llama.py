@@ -1,6 +1,5 @@
 """LLaMA decoder: parity with transformers' LlamaForCausalLM, strict loading, KV-cache decoding."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +13,11 @@ from prima_jax.convert import llama as convert_llama
 from prima_jax.convert import state_dict as sd
 from prima_jax.models import configs, llama, lora
 
-from parity_utils import assert_close
+from parity_utils import assert_close, test_seed
 
 
 def _seed() -> int:
-  return int.from_bytes(os.urandom(4), "little")
+  return test_seed()
 
 
 def _llm_cfg(num_kv_heads: int = 2, tie: bool = False):

@@ -1,7 +1,6 @@
 """LoRA: no-op at init, merge/unmerge, dropout modes, PEFT-name round trip."""
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +12,11 @@ from prima_jax.convert import llama as convert_llama
 from prima_jax.convert import state_dict as sd
 from prima_jax.models import configs, llama, lora
 
+from parity_utils import test_seed
+
 
 def _seed() -> int:
-  return int.from_bytes(os.urandom(4), "little")
+  return test_seed()
 
 
 def _cfgs(dropout: float = 0.05):

@@ -9,9 +9,11 @@ from prima_jax.models import losses
 from prima_jax.models.batch import IGNORE_LABEL
 from prima_jax.models.configs import tiny_config
 
+from parity_utils import test_seed
+
 
 def test_cross_entropy_matches_torch():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(test_seed())
   logits = rng.standard_normal((3, 7, 11)).astype(np.float32)
   labels = rng.integers(0, 11, (3, 7))
   labels[rng.random((3, 7)) < 0.4] = IGNORE_LABEL
@@ -24,7 +26,7 @@ def test_cross_entropy_matches_torch():
 
 
 def test_bce_and_dice_match_torch_on_the_valid_region():
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(test_seed())
   logits = rng.standard_normal((4, 16, 16)).astype(np.float32) * 3
   gt = (rng.random((4, 16, 16)) < 0.4).astype(np.float32)
   sizes = np.asarray([[16, 16], [10, 16], [16, 7], [5, 9]])
@@ -56,7 +58,7 @@ def test_reductions():
 
 def test_prima_loss_ignores_padding():
   cfg = tiny_config()
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(test_seed())
   b, m, s, length, vocab = 2, 3, cfg.sam.image_size, 9, 13
   outputs = dict(logits=jnp.asarray(rng.standard_normal((b, length, vocab)), jnp.float32),
                  mask_logits=jnp.asarray(rng.standard_normal((b, m, s, s)), jnp.float32))

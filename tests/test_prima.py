@@ -1,6 +1,5 @@
 """The composed PRIMA model: image slots, [SEG] routing, padding, SQuARE across images."""
 
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,12 +11,14 @@ from prima_jax.models.configs import tiny_config
 from prima_jax.models.losses import prima_loss
 from prima_jax.models.prima import Prima
 
+from parity_utils import test_seed
+
 # jit: the first eager call of the tiny model costs ~20 s of op-by-op compilation, jit ~4 s.
 _forward = nnx.jit(lambda model, batch: model(batch))
 
 
 def _seed():
-  return int.from_bytes(os.urandom(4), "little")
+  return test_seed()
 
 
 def _model(cfg=None, square_zero_init=False):
@@ -37,7 +38,7 @@ def _rel(ours, ref) -> float:
 
 
 def _examples(cfg, counts, masks=None, rng=None):
-  rng = rng or np.random.default_rng()
+  rng = rng or np.random.default_rng(test_seed())
   masks = masks or [min(n + 1, cfg.prima.max_masks) for n in counts]
   return [random_example(cfg, rng, num_images=n, num_masks=m) for n, m in zip(counts, masks)]
 
@@ -60,7 +61,7 @@ def test_forward_shapes_and_loss_finite():
 def test_seg_hidden_is_read_at_its_position_after_slot_expansion(num_images):
   """The [SEG] hidden state comes from exactly the expanded position (LISA#71/#172)."""
   cfg, model = _model()
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(test_seed())
   ex = random_example(cfg, rng, num_images=num_images, num_masks=2, prompt_tokens=3)
   batch = collate([ex], cfg)
   out = _forward(model, batch)
@@ -100,7 +101,7 @@ def test_batch_of_four_equals_four_batches_of_one():
 
 def test_masks_are_decoded_against_the_routed_image():
   cfg, model = _model()
-  ex = random_example(cfg, np.random.default_rng(), num_images=2, num_masks=1)
+  ex = random_example(cfg, np.random.default_rng(test_seed()), num_images=2, num_masks=1)
   ex["seg_image_index"][:] = 0
   batch = collate([ex], cfg)
   base = _forward(model, batch)["mask_logits"]
@@ -123,7 +124,8 @@ def test_square_mixes_images_in_the_full_model():
                       b["qformer_attention_mask"])
     base = model.image_tokens(*args(batch))
     changed = dict(batch, eva_images=batch["eva_images"].copy())
-    changed["eva_images"][0, 1] = np.random.default_rng().standard_normal(changed["eva_images"].shape[2:])
+    noise = np.random.default_rng(test_seed()).standard_normal(changed["eva_images"].shape[2:])
+    changed["eva_images"][0, 1] = noise
     new = model.image_tokens(*args(changed))
     moved = float(jnp.max(jnp.abs(new[0, 0] - base[0, 0])))
     if enabled:
@@ -140,7 +142,7 @@ def test_padding_image_content_changes_nothing():
   for key in ("eva_images", "sam_images"):
     noisy[key] = batch[key].copy()
     pad = ~batch["image_valid"]
-    noisy[key][pad] = np.random.default_rng().standard_normal(noisy[key][pad].shape) * 10
+    noisy[key][pad] = np.random.default_rng(test_seed()).standard_normal(noisy[key][pad].shape) * 10
   out = _forward(model, noisy)
   for key in ("logits", "mask_logits", "seg_embeddings"):
     assert _rel(out[key], base[key]) < 1e-5, key

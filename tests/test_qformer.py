@@ -1,6 +1,5 @@
 """QFormer against transformers' InstructBlipQFormerModel, and strict loading of its table."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +13,11 @@ from prima_jax.convert import instructblip as ib
 from prima_jax.convert import state_dict as sd
 from prima_jax.models import configs, qformer
 
-from parity_utils import assert_close, assert_same_loss_and_grads, randomise_torch
+from parity_utils import assert_close, assert_same_loss_and_grads, randomise_torch, test_seed
 
 
 def _seed() -> int:
-  return int.from_bytes(os.urandom(4), "little")
+  return test_seed()
 
 
 def _hf_qformer(cfg):

@@ -1,6 +1,6 @@
-"""SAM parity against transformers SamModel (random weights, tiny config) and table checks."""
+"""SAM parity against transformers SamModel and the original segment_anything Sam (random weights,
+tiny config), and table checks."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +21,13 @@ from prima_jax.models.configs import tiny_config
 from prima_jax.models.sam import Sam, postprocess_masks, upscale_masks
 from prima_jax.sharding import LOGICAL_AXIS_RULES
 
-from parity_utils import assert_close
+from parity_utils import assert_close, original_sam, test_seed
 
 _CACHE = {}
 
 
 def _seed() -> int:
-  return int.from_bytes(os.urandom(4), "little")
+  return test_seed()
 
 
 def _cfg(window_size=None):
@@ -196,21 +196,66 @@ def test_segment_anything_layout_covers_the_same_parameters():
   as_paths = lambda rules: sorted((r.path, r.transform, r.torch_shape) for r in rules)  # noqa: E731
   assert as_paths(hf_rules) == as_paths(sa_rules)
   assert len({r.torch_key for r in sa_rules}) == len(sa_rules)
-  keys = {r.torch_key for r in sa_rules}
-  for key in ["image_encoder.patch_embed.proj.weight", "image_encoder.pos_embed",
-              "image_encoder.blocks.1.attn.rel_pos_h", "image_encoder.blocks.0.mlp.lin2.bias",
-              "image_encoder.neck.0.weight", "image_encoder.neck.3.bias",
-              "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
-              "prompt_encoder.point_embeddings.3.weight", "prompt_encoder.mask_downscaling.6.bias",
-              "prompt_encoder.no_mask_embed.weight", "prompt_encoder.not_a_point_embed.weight",
-              "mask_decoder.transformer.layers.1.cross_attn_image_to_token.out_proj.weight",
-              "mask_decoder.transformer.layers.0.norm4.bias",
-              "mask_decoder.transformer.norm_final_attn.weight",
-              "mask_decoder.output_upscaling.0.weight", "mask_decoder.output_upscaling.1.weight",
-              "mask_decoder.output_upscaling.3.bias",
-              "mask_decoder.output_hypernetworks_mlps.3.layers.2.weight",
-              "mask_decoder.iou_prediction_head.layers.2.bias", "mask_decoder.iou_token.weight"]:
-    assert key in keys, key
+
+
+def _original():
+  """(cfg, the original segment_anything Sam with random weights, our Sam loaded strictly from its
+  state dict through the ``segment_anything`` table)."""
+  if "segment_anything" in _CACHE:
+    return _CACHE["segment_anything"]
+  cfg = _cfg()
+  torch.manual_seed(test_seed())
+  ref = original_sam(cfg)
+  _randomise(ref)
+  with torch.no_grad():  # the Fourier matrix is a buffer there, a parameter here
+    ref.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.normal_()
+  ours = _zeros_sam(cfg, scan_layers=True)
+  rules = sam_rules(cfg, layout="segment_anything")
+  report = load_state_dict(ours, ref.state_dict(), rules, strict=True)
+  assert not report.initialised and not report.unexpected and not report.missing
+  assert len(report.loaded) == len(rules) == len(ref.state_dict()) == len(unrolled_param_shapes(ours))
+  _CACHE["segment_anything"] = (cfg, ref, ours)
+  return _CACHE["segment_anything"]
+
+
+def test_segment_anything_checkpoint_gives_the_original_sams_masks():
+  """Weights named as segment_anything names them (GLaMM's ``grounding_encoder``), imported through
+  our table: image embeddings, prompt tokens and masks equal the original model's on its own weights.
+  Two same-shaped tensors swapped by the table change these outputs."""
+  cfg, ref, ours = _original()
+  s, c = cfg.image_size, cfg.prompt_embed_dim
+  image = torch.randn(1, 3, s, s)
+  points = torch.rand(2, 3, 2) * s  # two prompt sets on the one image
+  labels = torch.tensor([[1, 0, -1], [0, 1, 1]])
+  with torch.no_grad():
+    ref_embeddings = ref.image_encoder(image)  # [1, C, g, g]
+    sparse, dense = ref.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+    masks, iou = ref.mask_decoder(ref_embeddings, ref.prompt_encoder.get_dense_pe(), sparse, dense,
+                                  multimask_output=True)
+  embeddings = _encode(ours, _nhwc(image))
+  assert_close("segment_anything image embeddings", embeddings, ref_embeddings.permute(0, 2, 3, 1))
+  our_sparse = ours.prompt_encoder.embed_points(jnp.asarray(points.numpy()), jnp.asarray(labels.numpy()))
+  assert our_sparse.shape == (2, 4, c)  # the original pads one "not a point" when there is no box
+  assert_close("segment_anything point tokens", our_sparse, sparse)
+  dense_pe = ref.prompt_encoder.get_dense_pe()[0].permute(1, 2, 0)
+  our_pe = ours.prompt_encoder.image_positional_embedding()
+  assert_close("segment_anything dense positional embedding", our_pe, dense_pe)
+  got_masks, got_iou = ours.mask_decoder(jnp.repeat(embeddings, 2, axis=0),
+                                         ours.prompt_encoder.image_positional_embedding(), our_sparse,
+                                         ours.prompt_encoder.dense_no_mask(2), multimask_output=True)
+  assert_close("segment_anything masks", got_masks, masks)
+  assert_close("segment_anything iou", got_iou, iou)
+
+
+def test_segment_anything_export_loads_strictly_into_the_original_sam():
+  """Our export in the segment_anything layout is a state dict the original Sam loads with
+  ``strict=True`` (same key set, same shapes), holding its values exactly."""
+  cfg, ref, ours = _original()
+  exported = export_state_dict(ours, sam_rules(cfg, layout="segment_anything"))
+  fresh = original_sam(cfg)
+  fresh.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in exported.items()}, strict=True)
+  for key, value in ref.state_dict().items():
+    np.testing.assert_array_equal(fresh.state_dict()[key].numpy(), value.numpy(), err_msg=key)
 
 
 def test_logical_axes_and_remat():

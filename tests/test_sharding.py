@@ -12,7 +12,7 @@ from prima_jax.models.configs import tiny_config
 from prima_jax.models.losses import prima_loss
 from prima_jax.models.prima import Prima
 
-from parity_utils import KEY_BIAS, largest_entry
+from parity_utils import KEY_BIAS, largest_entry, test_seed
 
 
 def test_mesh_validation():
@@ -40,7 +40,7 @@ def test_sharded_forward_backward_equals_single_device():
   cfg.square.zero_init_output = False
   model = Prima(cfg, rngs=nnx.Rngs(0))
   model.eval()
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(test_seed())
   shapes = [(1, 1), (3, 2), (2, 0), (1, 2)]
   examples = [random_example(cfg, rng, num_images=n, num_masks=m) for n, m in shapes]
   batch = collate(examples, cfg, num_images=cfg.prima.max_images, max_masks=cfg.prima.max_masks)

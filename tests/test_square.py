@@ -1,6 +1,5 @@
 """SQuARE mixes information across images, and padding images change nothing."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +9,14 @@ from flax import nnx
 from prima_jax.models.configs import tiny_config
 from prima_jax.models.square import Square
 
+from parity_utils import test_seed
+
 
 def _square(zero_init: bool):
   cfg = tiny_config()
   cfg.square.zero_init_output = zero_init
   return cfg, Square(cfg.square, num_queries=cfg.qformer.num_query_tokens, width=cfg.qformer.hidden_size,
-                     kv_width=cfg.vision.width, rngs=nnx.Rngs(int.from_bytes(os.urandom(2), "little")))
+                     kv_width=cfg.vision.width, rngs=nnx.Rngs(test_seed()))
 
 
 def _features(cfg, rng, batch=2, images=3, tokens=5):
@@ -24,14 +25,14 @@ def _features(cfg, rng, batch=2, images=3, tokens=5):
 
 def test_zero_initialised_output_adds_nothing():
   cfg, square = _square(zero_init=True)
-  out = square(_features(cfg, np.random.default_rng()), jnp.ones((2, 3), bool))
+  out = square(_features(cfg, np.random.default_rng(test_seed())), jnp.ones((2, 3), bool))
   assert out.shape == (2, cfg.qformer.num_query_tokens, cfg.qformer.hidden_size)
   np.testing.assert_array_equal(np.asarray(out), 0.0)
 
 
 def test_changing_one_image_changes_the_shared_queries():
   cfg, square = _square(zero_init=False)
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(test_seed())
   feats = _features(cfg, rng)
   valid = jnp.ones((2, 3), bool)
   base = square(feats, valid)
@@ -45,7 +46,7 @@ def test_changing_one_image_changes_the_shared_queries():
 
 def test_padding_images_change_nothing():
   cfg, square = _square(zero_init=False)
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(test_seed())
   feats = _features(cfg, rng)
   valid = jnp.asarray([[True, True, False], [True, False, False]])
   base = square(feats, valid)
@@ -60,7 +61,7 @@ def test_padding_images_change_nothing():
 
 def test_gradients_reach_relational_queries():
   cfg, square = _square(zero_init=False)
-  feats = _features(cfg, np.random.default_rng())
+  feats = _features(cfg, np.random.default_rng(test_seed()))
 
   def loss(module):
     return jnp.sum(module(feats, jnp.ones((2, 3), bool)) ** 2)

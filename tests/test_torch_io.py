@@ -107,23 +107,18 @@ def test_layouts_cover_every_parameter_once(model):
     assert {path_str(r.path) for r in rules} == every, layout
     merged = [r for tf in layouts.layout_files(cfg, layout, merge_lora=True) for r in tf.rules]
     assert {path_str(r.path) for r in merged} == {n for n in every if not n.endswith(("lora_a", "lora_b"))}
-  keys = {r.torch_key for r in layouts.prima_rules(cfg)}
-  for key in ["model.visual_encoder.cls_token", "model.visual_encoder.blocks.1.attn.q_bias",
-              "model.visual_encoder.blocks.0.attn.qkv.weight", "model.ln_vision.weight", "model.query_tokens",
-              "model.Qformer.bert.embeddings.LayerNorm.bias",
-              "model.Qformer.bert.encoder.layer.0.crossattention.self.key.weight",
-              "model.Qformer.bert.encoder.layer.1.output_query.LayerNorm.weight", "model.mm_projector.weight",
-              "model.layers.1.self_attn.q_proj.weight", "lm_head.weight", "model.norm.weight",
-              "base_model.model.model.layers.0.self_attn.v_proj.lora_B.default.weight",
-              "model.text_hidden_fcs.0.0.weight", "model.text_hidden_fcs.0.2.bias",
-              "model.grounding_encoder.image_encoder.blocks.0.attn.rel_pos_h",
-              "model.grounding_encoder.mask_decoder.output_upscaling.3.weight",
-              "model.square.relational_queries", "model.square.layers.0.k_proj.weight"]:
-    assert key in keys, key
+  # Unmerged, the state dict is PeftModel.state_dict() of the whole model (tests/test_peft.py checks the
+  # names against PEFT); merged, the same names without the wrapper and without adapters.
+  wrapped = [r.torch_key for r in layouts.prima_rules(cfg)]
+  plain = {r.torch_key for r in layouts.prima_rules(cfg, with_lora=False)}
+  assert all(k.startswith("base_model.model.") for k in wrapped)
+  unwrapped = {k.removeprefix("base_model.model.").replace(".base_layer.", ".") for k in wrapped}
+  assert {k for k in unwrapped if ".lora_" not in k} == plain
+  assert len([k for k in wrapped if ".lora_" in k]) == 2 * 2 * cfg.llm.num_layers
 
 
 def _import(cfg, layout, state, strict=False):
-  tf = layouts.layout_files(cfg, layout)[0]
+  tf = layouts.prima_import_file(cfg, state) if layout == "prima" else layouts.layout_files(cfg, layout)[0]
   values = {}
   report = torch_io.import_sources(cfg, [("src", tf, state)], strict=strict, put=values.__setitem__)
   return values, report
@@ -141,7 +136,7 @@ def test_prima_state_dict_imports_completely_and_exactly(model):
 
 def test_missing_key_is_named_with_its_shape(model):
   cfg = model.cfg
-  state = _state(model, layouts.prima_rules(cfg))
+  state = _state(model, layouts.prima_rules(cfg, with_lora=False))
   del state["model.Qformer.bert.encoder.layer.1.intermediate_query.dense.weight"]
   with pytest.raises(ValueError, match=r"missing model\.Qformer\.bert\.encoder\.layer\.1\.intermediate_query"
                                        r"\.dense\.weight: expected shape \(32, 64\)"):
@@ -151,16 +146,17 @@ def test_missing_key_is_named_with_its_shape(model):
 def test_unexpected_key_is_reported_by_default_and_an_error_when_strict(model):
   cfg = model.cfg
   state = _state(model, layouts.prima_rules(cfg))
-  state["model.vision_tower.extra"] = np.zeros((2, 5), np.float32)
+  state["base_model.model.model.vision_tower.extra"] = np.zeros((2, 5), np.float32)
   _, report = _import(cfg, "prima", state)
-  assert report.unexpected == ["src:model.vision_tower.extra"] and report.initialised == []
-  with pytest.raises(ValueError, match=r"unexpected model\.vision_tower\.extra: shape \(2, 5\)"):
+  assert report.unexpected == ["src:base_model.model.model.vision_tower.extra"] and report.initialised == []
+  with pytest.raises(ValueError, match=r"unexpected base_model\.model\.model\.vision_tower\.extra: "
+                                       r"shape \(2, 5\)"):
     _import(cfg, "prima", state, strict=True)
 
 
 def test_shape_mismatch_names_shapes_found_and_expected(model):
   cfg = model.cfg
-  state = _state(model, layouts.prima_rules(cfg))
+  state = _state(model, layouts.prima_rules(cfg, with_lora=False))
   state["model.mm_projector.weight"] = np.zeros((64, 31), np.float32)
   state["model.query_tokens"] = np.zeros((1, 5, 32), np.float32)
   with pytest.raises(ValueError) as info:
@@ -172,7 +168,7 @@ def test_shape_mismatch_names_shapes_found_and_expected(model):
 
 def test_dtype_mismatch_is_an_error_but_bfloat16_loads(model):
   cfg = model.cfg
-  state = _state(model, layouts.prima_rules(cfg))
+  state = _state(model, layouts.prima_rules(cfg, with_lora=False))
   state["model.norm.weight"] = np.ones(64, np.int64)
   with pytest.raises(ValueError, match=r"model\.norm\.weight: dtype int64 \(shape \(64,\)\), expected a "
                                        r"floating"):
@@ -189,11 +185,11 @@ def test_merged_checkpoint_initialises_only_the_adapters(model):
   _, report = _import(cfg, "prima", state)
   assert report.initialised and all(n.endswith(("lora_a", "lora_b")) for n in report.initialised)
   assert len(report.initialised) == 2 * 2 * cfg.llm.num_layers
-  partial = dict(state, **{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight":
-                           np.zeros((4, 64), np.float32)})
+  partial = _state(model, layouts.prima_rules(cfg))  # PEFT-wrapped: every adapter is required
+  del partial["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"]
   with pytest.raises(ValueError, match=r"missing base_model\.model\.model\.layers\.0\.self_attn\.q_proj"
                                        r"\.lora_B"):
-    _import(cfg, "prima", partial)  # some adapters present: all of them are required
+    _import(cfg, "prima", partial)
 
 
 def test_merge_lora_export_equals_the_unmerged_forward(model):

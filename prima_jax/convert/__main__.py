@@ -120,8 +120,8 @@ def from_torch(args) -> int:
       sources.append((f"{label}:{tf.name}", tf, state))
 
   if "prima" in given:
-    sources.append(("prima", layouts.prima_layout(cfg)[0],
-                    torch_io.open_state_dict(given["prima"], what="--prima")))
+    state = torch_io.open_state_dict(given["prima"], what="--prima")
+    sources.append(("prima", layouts.prima_import_file(cfg, state), state))
   if "llama" in given:
     add("llama", "llama", given["llama"], layouts.llama_files(cfg))
   if dirs["instructblip"] is not None:

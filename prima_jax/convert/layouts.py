@@ -14,11 +14,16 @@ file name) with its rule table. Two layouts:
 ``model.mm_projector.{weight,bias}``            Q-Former -> LLM projection
 ``model.{embed_tokens,layers.*,norm}``,         LLaMA (:mod:`.llama`)
 ``lm_head.weight``
-``base_model.model.model.layers.{i}.self_attn.  LoRA adapters, PEFT names (absent with merged LoRA)
-{q,v}_proj.lora_{A,B}.default.weight``
+``model.layers.{i}.self_attn.{q,v}_proj.        LoRA adapters (absent with merged LoRA)
+lora_{A,B}.default.weight``
 ``model.text_hidden_fcs.0.{0,2}.*``             [SEG] head
 ``model.grounding_encoder.*``                   SAM, ``segment_anything`` names (:mod:`.sam`)
 ==============================================  ===============================================
+
+With unmerged LoRA the state dict is PEFT's ``PeftModel.state_dict()`` of the model, as GLaMM / LISA
+training saves it (and their merge script loads it strictly): every key above under
+``base_model.model.``, and an adapted projection's weight at ``...{q,v}_proj.base_layer.weight``.
+Merged (the released checkpoints) it holds the plain names and no adapter.
 
 ``hf`` -- directories that transformers loads without custom code: ``instructblip/``
 (``InstructBlipForConditionalGeneration``: ``vision_model``, ``qformer``, ``query_tokens``,
@@ -100,26 +105,27 @@ def extra_rules(cfg) -> list[Rule]:
 
 
 def prima_rules(cfg, *, with_lora: bool = True) -> list[Rule]:
-  """The ``prima`` layout's table (see the module docstring); ``with_lora=False`` drops the adapters
-  (merged export)."""
+  """The ``prima`` layout's table (see the module docstring): PEFT-wrapped names with the adapters,
+  plain names without them (``with_lora=False``: merged export, or LoRA disabled)."""
+  wrapped = with_lora and bool(llama.lora_rules(cfg.llm, cfg.lora))
   rules = prefix_rules(lavis.vision_rules(cfg.vision), "model.visual_encoder.", ("vision",))
   rules += prefix_rules(lavis.ln_vision_rules(), "model.", ("vision",))
   rules += prefix_rules([instructblip.query_tokens_rule(cfg.qformer)], "model.", ("qformer",))
   rules += prefix_rules(lavis.qformer_rules(cfg.qformer), "model.Qformer.bert.", ("qformer",))
   rules += prefix_rules(square_rules(cfg), "model.square.", ("square",))
   rules += _linear("model.mm_projector", ("language_projection",))
-  rules += prefix_rules(llama.llama_rules(cfg.llm, cfg.lora), "", ("llm",))
-  if with_lora:
-    rules += prefix_rules(llama.lora_rules(cfg.llm, cfg.lora), "", ("llm",))
+  rules += prefix_rules(llama.llama_rules(cfg.llm, cfg.lora, peft_wrapped=wrapped), "", ("llm",))
+  if wrapped:
+    rules += prefix_rules(llama.lora_rules(cfg.llm, cfg.lora, prefix=""), "", ("llm",))
   rules += prefix_rules(seg_head_rules(), "model.", ("seg_head",))
   rules += prefix_rules(sam.sam_rules(cfg.sam, "segment_anything"), "model.grounding_encoder.", ("sam",))
-  return rules
+  return prefix_rules(rules, llama.PEFT_PREFIX) if wrapped else rules
 
 
-def prima_ignored_prefixes(cfg) -> tuple[str, ...]:
+def prima_ignored_prefixes(cfg, *, wrapped: bool = False) -> tuple[str, ...]:
   """Buffers a PRIMA / GLaMM state dict may hold that are no parameter (rotary tables, position ids)."""
-  return (("model.Qformer.bert.embeddings.position_ids",)
-          + llama.llama_ignored_keys(cfg.llm))
+  keys = ("model.Qformer.bert.embeddings.position_ids",) + llama.llama_ignored_keys(cfg.llm)
+  return tuple(llama.PEFT_PREFIX + k for k in keys) if wrapped else keys
 
 
 def _lora_keys(rules: list[Rule]) -> tuple[str, ...]:
@@ -127,9 +133,18 @@ def _lora_keys(rules: list[Rule]) -> tuple[str, ...]:
 
 
 def prima_layout(cfg, *, merge_lora: bool = False) -> list[TensorFile]:
+  """The ``prima`` file; merged, it imports without adapter keys (the adapters are then initialised:
+  LoRA B = 0 is the merged model); unmerged (PEFT-wrapped names), every adapter is required."""
   rules = prima_rules(cfg, with_lora=not merge_lora)
-  return [TensorFile("", MODEL_FILE, tuple(rules), optional=_lora_keys(rules),
-                     ignore=prima_ignored_prefixes(cfg))]
+  wrapped = bool(rules) and rules[0].torch_key.startswith(llama.PEFT_PREFIX)
+  return [TensorFile("", MODEL_FILE, tuple(rules), ignore=prima_ignored_prefixes(cfg, wrapped=wrapped))]
+
+
+def prima_import_file(cfg, keys) -> TensorFile:
+  """The ``prima`` table that fits a state dict with ``keys``: PEFT-wrapped (unmerged LoRA) when a key
+  starts with ``base_model.model.``, plain (merged) otherwise."""
+  wrapped = any(str(k).startswith(llama.PEFT_PREFIX) for k in keys)
+  return prima_layout(cfg, merge_lora=not wrapped)[0]
 
 
 def adapter_rules(cfg, prefix: str = HF_ADAPTER_PREFIX) -> list[Rule]:

@@ -7,6 +7,11 @@ HF keys: ``model.embed_tokens.weight``, ``model.layers.{i}.self_attn.{q,k,v,o}_p
 ``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.default.weight`` [rank, in] and
 ``...lora_B.default.weight`` [out, rank]; ours are ``lora_a`` [in, rank] and ``lora_b`` [rank, out], so
 both are plain transposes.
+
+An unmerged state dict is PEFT's ``PeftModel.state_dict()``: every key under ``base_model.model.``,
+the base weight of an adapted projection at ``...q_proj.base_layer.weight`` (``peft_wrapped=True``
+below); ``save_pretrained`` writes the adapters alone, without the adapter name
+(``...q_proj.lora_A.weight``, ``adapter_name=None``).
 """
 
 from __future__ import annotations
@@ -26,19 +31,22 @@ def _projections() -> list[tuple[str, str]]:
   return ([("self_attn", p) for p in ATTENTION_PROJECTIONS] + [("mlp", p) for p in MLP_PROJECTIONS])
 
 
-def llama_rules(cfg_llm: Any, lora_cfg: Any = None) -> list[Rule]:
+def llama_rules(cfg_llm: Any, lora_cfg: Any = None, *, peft_wrapped: bool = False) -> list[Rule]:
   """Rules for every base weight of ``Llama(cfg_llm, lora_cfg)``.
 
   A projection wrapped by LoRA maps its HF weight to ``.../base/kernel``; the adapters themselves are in
   :func:`lora_rules`. With tied embeddings there is no ``lm_head.weight`` rule (see
-  :func:`llama_ignored_keys`).
+  :func:`llama_ignored_keys`). ``peft_wrapped``: the adapted projections' weights as PEFT's LoRA layer
+  holds them, ``{proj}.base_layer.weight`` (no ``base_model.model.`` prefix: add it with ``prefix_rules``).
   """
   rules = [Rule("model.embed_tokens.weight", ("embed_tokens",))]
   for i in range(cfg_llm.num_layers):
     key, path = f"model.layers.{i}.", ("layers", i)
     for sub, proj in _projections():
-      kernel = ("base", "kernel") if lora.is_target(proj, lora_cfg) else ("kernel",)
-      rules.append(Rule(f"{key}{sub}.{proj}.weight", path + (sub, proj) + kernel, "linear"))
+      adapted = lora.is_target(proj, lora_cfg)
+      kernel = ("base", "kernel") if adapted else ("kernel",)
+      weight = "base_layer.weight" if adapted and peft_wrapped else "weight"
+      rules.append(Rule(f"{key}{sub}.{proj}.{weight}", path + (sub, proj) + kernel, "linear"))
     for norm in ("input_layernorm", "post_attention_layernorm"):
       rules.append(Rule(f"{key}{norm}.weight", path + (norm, "scale")))
   rules.append(Rule("model.norm.weight", ("norm", "scale")))

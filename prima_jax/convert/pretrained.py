@@ -37,11 +37,13 @@ def instructblip_rules(cfg, *, with_language_model: bool = True) -> list[Rule]:
 
 
 def llama_model_rules(cfg, *, with_lora: bool = False) -> list[Rule]:
-  """Keys of transformers ``LlamaForCausalLM`` (optionally + PEFT adapters) -> Prima paths."""
-  rules = llama.llama_rules(cfg.llm, cfg.lora)
-  if with_lora:
-    rules += llama.lora_rules(cfg.llm, cfg.lora)
-  return prefix_rules(rules, "", ("llm",))
+  """Keys of transformers ``LlamaForCausalLM`` -> Prima paths; ``with_lora``: the keys of PEFT's
+  ``PeftModel.state_dict()`` of that model instead (everything under ``base_model.model.``)."""
+  if not with_lora:
+    return prefix_rules(llama.llama_rules(cfg.llm, cfg.lora), "", ("llm",))
+  rules = (llama.llama_rules(cfg.llm, cfg.lora, peft_wrapped=True)
+           + llama.lora_rules(cfg.llm, cfg.lora, prefix=""))
+  return prefix_rules(rules, llama.PEFT_PREFIX, ("llm",))
 
 
 def sam_model_rules(cfg) -> list[Rule]:
@@ -59,7 +61,8 @@ def load_pretrained(model, *, instructblip_state: Mapping[str, Any] | None = Non
       ``language_model.*`` weights load into the LLM unless ``llama_state`` is given (GLaMM's LLM
       is the one PRIMA starts from); then they are deliberately skipped.
     sam_state: a ``SamModel`` state dict.
-    llama_state: a ``LlamaForCausalLM`` state dict (optionally with PEFT ``lora_A/B`` keys).
+    llama_state: a ``LlamaForCausalLM`` state dict, or PEFT's ``PeftModel.state_dict()`` of one (keys
+      under ``base_model.model.``, adapters included).
     strict: missing or unexpected keys raise ValueError listing them.
   Returns:
     one :class:`LoadReport`; keys in ``missing`` / ``unexpected`` are prefixed by their source
@@ -73,9 +76,11 @@ def load_pretrained(model, *, instructblip_state: Mapping[str, Any] | None = Non
     sources.append(("instructblip", instructblip_state,
                     instructblip_rules(model.cfg, with_language_model=llama_state is None), ignore))
   if llama_state is not None:
-    with_lora = any(".lora_A." in k for k in llama_state)
-    sources.append(("llama", llama_state, llama_model_rules(model.cfg, with_lora=with_lora),
-                    llama.llama_ignored_keys(model.cfg.llm)))
+    with_lora = any(k.startswith(llama.PEFT_PREFIX) for k in llama_state)
+    ignore = llama.llama_ignored_keys(model.cfg.llm)
+    if with_lora:
+      ignore = tuple(llama.PEFT_PREFIX + k for k in ignore)
+    sources.append(("llama", llama_state, llama_model_rules(model.cfg, with_lora=with_lora), ignore))
   if sam_state is not None:
     sources.append(("sam", sam_state, sam_model_rules(model.cfg), sam.HF_IGNORED_KEYS))
   if not sources:
