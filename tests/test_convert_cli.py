@@ -2,6 +2,7 @@
 bit-exact round trips through both PyTorch layouts."""
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +13,9 @@ import torch
 import transformers
 from flax import nnx
 
+from prima_jax import cli
+from prima_jax.convert import __main__ as convert
 from prima_jax.convert import torch_io
-from prima_jax.convert.__main__ import main
 from prima_jax.models.configs import tiny_config
 from prima_jax.models.prima import Prima
 from prima_jax.training.checkpoint import Checkpointer
@@ -53,7 +55,7 @@ def work(tmp_path_factory):
 
 
 def _run(*argv):
-  return main([str(a) for a in argv])
+  return cli.call(convert, [str(a) for a in argv])
 
 
 def _checkpoint_values(path):
@@ -88,8 +90,8 @@ def test_hf_export_loads_into_transformers_and_matches_our_outputs(work):
   config, _, workdir, root = work
   cfg = config.model
   out = root / "hf_merged"
-  assert _run("to-torch", "--checkpoint", workdir, "--out", out, "--layout", "hf", "--merge-lora",
-              "--max-shard-size", "300KB") == 0
+  assert _run("to-torch", "--checkpoint", workdir, "--out", out, "--layout", "hf", "--merge_lora",
+              "--max_shard_size", "300KB") == 0
   ib, info = transformers.InstructBlipForConditionalGeneration.from_pretrained(
       out / "instructblip", output_loading_info=True, attn_implementation="eager")
   assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
@@ -148,21 +150,34 @@ def test_hf_export_loads_into_transformers_and_matches_our_outputs(work):
   assert not (out / "instructblip" / "adapter_model.safetensors").exists()
 
 
+def assert_progress_line(err: str, desc: str) -> None:
+  """Off a terminal (pytest captures stderr): plain progress lines, the last one complete, with the count
+  of tensors, the rate and the time left."""
+  assert "\r" not in err
+  lines = [line for line in err.splitlines() if line.startswith(f"{desc}:")]
+  assert lines, err
+  found = re.fullmatch(rf"{desc}: 100%\|.*\| (\d+)/(\d+) \[\d\d:\d\d<00:00, +[\d.]+ tensors/s\]", lines[-1])
+  assert found and found[1] == found[2] and int(found[1]) > 0, lines[-1]
+
+
 @pytest.mark.parametrize("layout", ["prima", "hf"])
 def test_round_trip_is_bit_exact_and_complete(work, layout, capsys):
   config, values, workdir, root = work
   exported = root / f"export_{layout}"
+  capsys.readouterr()
   assert _run("to-torch", "--checkpoint", workdir, "--out", exported, "--layout", layout,
-              "--max-shard-size", "1MB") == 0
+              "--max_shard_size", "1MB") == 0
+  assert_progress_line(capsys.readouterr().err, "to-torch")
   if layout == "hf":
     assert (exported / "instructblip" / "adapter_model.safetensors").exists()
     assert (exported / "instructblip" / "adapter_config.json").exists()
   back = root / f"back_{layout}"
   source = ["--prima", exported] if layout == "prima" else ["--hf", exported]
-  capsys.readouterr()
   assert _run("from-torch", "--config", os.path.join(workdir, "config.json"), "--out", back, *source,
-              "--strict", "--write-size", "200KB") == 0
-  printed = capsys.readouterr().out
+              "--strict", "--write_size", "200KB") == 0
+  captured = capsys.readouterr()
+  assert_progress_line(captured.err, "from-torch")
+  printed = captured.out
   assert "freshly initialised (0): none" in printed and "unexpected keys, ignored (0): none" in printed
   assert "absent optional keys" not in printed
   assert sorted(os.listdir(back)) == ["checkpoints", "config.json", "frozen"]  # no parts left behind

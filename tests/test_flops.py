@@ -190,7 +190,7 @@ def test_baseline_batch_validation_names_the_field():
 
 def test_cli_prints_the_table_on_the_tiny_config():
   cmd = [sys.executable, "-m", "prima_jax.tools.flops", "--config=configs/m4seg.py:tiny", "--images=2",
-         "--prompt-tokens=20", "--answer-tokens=6", "--masks=2", "--generate"]
+         "--prompt_tokens=20", "--answer_tokens=6", "--masks=2", "--generate"]
   res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
   print(res.stdout[-4000:], res.stderr[-2000:])

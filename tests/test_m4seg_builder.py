@@ -22,6 +22,7 @@ from test_records import (
   write_crafted,
 )
 
+from prima_jax import cli
 from prima_jax.data import build, m4seg
 from prima_jax.data import records as rec
 
@@ -41,9 +42,9 @@ def test_build_cli_round_trip_through_the_data_source(tmp_path):
   out = tmp_path / "out"
   argv = ["--records", str(crafted["train"]), "--records", f"test={crafted['test']}", "--out", str(out)]
   for name, root in crafted["roots"].items():
-    argv += ["--image-root", f"{name}={root}"]
+    argv += ["--image_root", f"{name}={root}"]
   with redirect_stdout(io.StringIO()) as stdout:
-    assert build.main(argv) == 0
+    assert cli.call(build, argv) == 0
   assert "train: kept 1 of 1 records; skipped: none" in stdout.getvalue()
   assert "tensorflow" not in sys.modules
   sources = sources_for(crafted)
@@ -117,19 +118,19 @@ def test_validate_prints_every_problem_with_its_record_index(tmp_path):
   crafted, path, expected, n = write_bad_file(tmp_path)
   argv = ["--validate", "--records", str(path)]
   for name, root in crafted["roots"].items():
-    argv += ["--image-root", f"{name}={root}"]
+    argv += ["--image_root", f"{name}={root}"]
   with redirect_stdout(io.StringIO()) as stdout:
-    assert build.main(argv) == 1
+    assert cli.call(build, argv) == 1
   lines = stdout.getvalue().splitlines()
   for i in range(1, n - 1):  # every bad record, by index (the last one has an unconfigured source)
     assert any(f"record {i}:" in line for line in lines), (i, lines)
   assert not any("record 0:" in line for line in lines)
   assert "record 1: missing_image" in stdout.getvalue()
-  assert "no --image-root for source 'no_such_source'" in stdout.getvalue()
+  assert "no --image_root for source 'no_such_source'" in stdout.getvalue()
   assert not (tmp_path / "out").exists()
   with redirect_stdout(io.StringIO()) as stdout:
-    assert build.main(["--validate", "--records", str(crafted["train"]),
-                       "--image-root", f"paco_lvis={crafted['roots']['paco_lvis']}"]) == 0
+    assert cli.call(build, ["--validate", "--records", str(crafted["train"]),
+                            "--image_root", f"paco_lvis={crafted['roots']['paco_lvis']}"]) == 0
   assert "0 record(s) with problems" in stdout.getvalue()
 
 
@@ -150,7 +151,7 @@ def crafted_argv(crafted, **overrides) -> list[str]:
   roots = {**crafted["roots"], **overrides}
   argv = ["--records", str(crafted["train"]), "--records", f"test={crafted['test']}"]
   for name, root in roots.items():
-    argv += ["--image-root", f"{name}={root}"]
+    argv += ["--image_root", f"{name}={root}"]
   return argv
 
 
@@ -165,11 +166,11 @@ def test_cli_names_missing_source_paths_and_their_flags_without_a_traceback(tmp_
   lines = run.stderr.splitlines()
   assert lines == [
       f"error: source 'paco_lvis' (split train): annotation file {paco}/annotations/paco_lvis_v1_train.json "
-      f"does not exist (template 'annotations/paco_lvis_v1_{{split}}.json' under --image-root "
-      f"paco_lvis={paco}); set it with --annotations paco_lvis=TEMPLATE or --image-root paco_lvis=DIR",
+      f"does not exist (template 'annotations/paco_lvis_v1_{{split}}.json' under --image_root "
+      f"paco_lvis={paco}); set it with --annotations paco_lvis=TEMPLATE or --image_root paco_lvis=DIR",
       f"error: source 'paco_lvis' (split train): image directory {tmp_path}/coco_2017 does not exist "
-      f"(template '../../coco_2017' under --image-root paco_lvis={paco}); set it with --image-dir "
-      "paco_lvis=TEMPLATE or --image-root paco_lvis=DIR"]
+      f"(template '../../coco_2017' under --image_root paco_lvis={paco}); set it with --image_dir "
+      "paco_lvis=TEMPLATE or --image_root paco_lvis=DIR"]
   assert not (tmp_path / "out").exists()
 
 
@@ -178,32 +179,32 @@ def test_overrides_are_checked_for_every_source_and_split_up_front(tmp_path, cap
   ade = crafted["roots"]["ade20k_part234"]
   both = crafted_argv(crafted) + ["--records", f"val={crafted['test']}",
                                   "--annotations", "ade20k_part234=/data/ade/{split}.json",
-                                  "--image-dir", "paco_lvis=coco/{image_split}"]
-  assert build.main(both + ["--out", str(tmp_path / "out")]) == 2
+                                  "--image_dir", "paco_lvis=coco/{image_split}"]
+  assert cli.call(build, both + ["--out", str(tmp_path / "out")]) == 2
   err = capsys.readouterr().err.splitlines()
   paco = crafted["roots"]["paco_lvis"]
   assert err == [
       f"error: source 'paco_lvis' (split train): image directory {paco}/coco/train does not exist (template "
-      f"'coco/{{image_split}}' under --image-root paco_lvis={paco}); set it with --image-dir "
-      "paco_lvis=TEMPLATE or --image-root paco_lvis=DIR",
+      f"'coco/{{image_split}}' under --image_root paco_lvis={paco}); set it with --image_dir "
+      "paco_lvis=TEMPLATE or --image_root paco_lvis=DIR",
       "error: source 'ade20k_part234' (splits test, val): annotation file /data/ade/val.json does not exist "
       "(--annotations ade20k_part234=/data/ade/{split}.json); set it with --annotations "
-      "ade20k_part234=TEMPLATE or --image-root ade20k_part234=DIR"]
+      "ade20k_part234=TEMPLATE or --image_root ade20k_part234=DIR"]
   assert not (tmp_path / "out").exists()
   # --validate checks the same paths before any record.
-  assert build.main(["--validate"] + both) == 2
+  assert cli.call(build, ["--validate"] + both) == 2
   assert capsys.readouterr().err.splitlines() == err
   # Pointing the overrides at the real files makes the same command work.
   fixed = crafted_argv(crafted) + ["--records", f"val={crafted['test']}", "--annotations",
                                    f"ade20k_part234={ade}/ade20k_instance_val_mixed_parts.json"]
-  assert build.main(["--validate"] + fixed) == 0
+  assert cli.call(build, ["--validate"] + fixed) == 0
   with pytest.raises(rec.SetupError, match="image directory .*coco/train does not exist"):
     m4seg.build({"train": [crafted["train"]]}, crafted["roots"], tmp_path / "out",
                 image_dirs={"paco_lvis": "coco/{image_split}"})
 
 
 def test_a_missing_record_file_is_one_error_line(tmp_path, capsys):
-  assert build.main(["--validate", "--records", str(tmp_path / "m4seg_train.json")]) == 2
+  assert cli.call(build, ["--validate", "--records", str(tmp_path / "m4seg_train.json")]) == 2
   assert capsys.readouterr().err == f"error: records file {tmp_path / 'm4seg_train.json'} does not exist " \
                                     "(--records)\n"
 
@@ -241,7 +242,7 @@ def test_validate_prints_the_text_side_lengths_of_records_without_problems(tmp_p
   broken = {k: v for k, v in small_record().items() if k != "a"}
   path.write_text(json.dumps([paco_record(), ade_record(), broken, small_record()]))
   budget = [a for k, v in BUDGET.items() for a in ("--budget", f"{k}={v}")]
-  assert build.main(["--validate", "--records", str(path), *budget]) == 1  # the broken record
+  assert cli.call(build, ["--validate", "--records", str(path), *budget]) == 1  # the broken record
   lines = length_lines(capsys.readouterr().out, "train")
   assert lines[0] == "train: text-side lengths of 3 example(s) (words split on whitespace, question and " \
                      "answer as converted):"
@@ -278,7 +279,7 @@ def test_build_summary_holds_the_lengths_of_the_kept_examples(tmp_path):
 def build_argv(crafted, out, *splits):
   argv = [arg for split in splits for arg in ("--records", f"{split}={crafted[split]}")] + ["--out", str(out)]
   for name, root in crafted["roots"].items():
-    argv += ["--image-root", f"{name}={root}"]
+    argv += ["--image_root", f"{name}={root}"]
   return argv
 
 
@@ -289,17 +290,17 @@ def scratch_dirs(out):
 def test_an_existing_build_is_refused_unless_overwrite_which_replaces_it(tmp_path, capsys):
   crafted = write_crafted(tmp_path / "src")
   out = tmp_path / "out"
-  assert build.main(build_argv(crafted, out, "train")) == 0
+  assert cli.call(build, build_argv(crafted, out, "train")) == 0
   (out / "notes.txt").write_text("mine")
   before = sorted(p.name for p in (out / "m4_seg/1.0.0").iterdir())
   capsys.readouterr()
-  assert build.main(build_argv(crafted, out, "test")) == 2
+  assert cli.call(build, build_argv(crafted, out, "test")) == 2
   captured = capsys.readouterr()
   assert captured.err == (f"error: --out={out} already holds an M4Seg build ({out / 'm4_seg'}); pass "
                           "--overwrite (overwrite=True) to replace it\n")
   assert "wrote" not in captured.out
   assert sorted(p.name for p in (out / "m4_seg/1.0.0").iterdir()) == before
-  assert build.main(build_argv(crafted, out, "test") + ["--overwrite"]) == 0
+  assert cli.call(build, build_argv(crafted, out, "test") + ["--overwrite"]) == 0
   assert f"wrote {out / 'm4_seg/1.0.0'}" in capsys.readouterr().out
   assert len(m4seg.data_source(out, "test")) == 1
   with pytest.raises(Exception, match="train"):  # replaced whole: the old split is gone
@@ -311,11 +312,11 @@ def test_an_existing_build_is_refused_unless_overwrite_which_replaces_it(tmp_pat
 def test_a_build_failing_midway_leaves_the_previous_build_and_no_scratch(tmp_path, capsys):
   crafted, bad, _, _ = write_bad_file(tmp_path)
   out = tmp_path / "out"
-  assert build.main(build_argv(crafted, out, "train")) == 0
+  assert cli.call(build, build_argv(crafted, out, "train")) == 0
   argv = ["--records", str(crafted["train"]), "--records", f"train={bad}", "--out", str(out), "--overwrite",
-          "--strict"] + [f"--image-root={name}={root}" for name, root in crafted["roots"].items()]
+          "--strict"] + [f"--image_root={name}={root}" for name, root in crafted["roots"].items()]
   capsys.readouterr()
-  assert build.main(argv) == 2  # record 0 of the second file is converted, record 1 stops the build
+  assert cli.call(build, argv) == 2  # record 0 of the second file is converted, record 1 stops the build
   err = capsys.readouterr().err
   assert err.splitlines()[-1].startswith(f"error: {bad} record 1 (train example 2): missing_image: ")
   assert "Traceback" not in err
@@ -332,7 +333,7 @@ def test_an_unreadable_annotation_file_stops_the_build_before_any_work(tmp_path,
   garbage = tmp_path / "garbage.json"
   garbage.write_text("not json")
   argv = build_argv(crafted, tmp_path / "out", "train") + ["--annotations", f"paco_lvis={garbage}"]
-  assert build.main(argv) == 2
+  assert cli.call(build, argv) == 2
   assert capsys.readouterr().err == (f"error: source 'paco_lvis' (split train): annotation file {garbage}: "
                                      "not valid JSON (Expecting value: line 1 column 1 (char 0))\n")
   assert not (tmp_path / "out").exists()
@@ -343,8 +344,8 @@ def test_a_split_without_any_example_is_one_error_and_writes_nothing(tmp_path, c
   path = tmp_path / "none_train.json"
   path.write_text(json.dumps([{**paco_record(), "img_ids": [1, 3]}]))  # image 3 has no file
   argv = ["--records", str(path), "--out", str(tmp_path / "out")]
-  argv += [f"--image-root={name}={root}" for name, root in crafted["roots"].items()]
-  assert build.main(argv) == 2
+  argv += [f"--image_root={name}={root}" for name, root in crafted["roots"].items()]
+  assert cli.call(build, argv) == 2
   assert capsys.readouterr().err.splitlines()[-1] == (
       "error: split 'train': none of its 1 record(s) became an example (skipped: missing_image=1; the "
       "details with --validate); nothing was written")
@@ -369,7 +370,7 @@ def test_leftovers_of_killed_builds_are_removed_and_running_ones_kept(tmp_path, 
     if owner:
       (out / name / "OWNER").write_text(owner + "\n")
   (out / ".other.tmp-00000000").mkdir()  # not a build of this target: untouched
-  assert build.main(build_argv(crafted, out, "train")) == 0
+  assert cli.call(build, build_argv(crafted, out, "train")) == 0
   printed = capsys.readouterr().out
   assert f"[m4seg] removed {out / '.m4_seg.tmp-0000dead'}, left by an interrupted build" in printed
   assert f"[m4seg] removed {out / '.m4_seg.old-00000000'}" in printed
@@ -381,7 +382,7 @@ def test_leftovers_of_killed_builds_are_removed_and_running_ones_kept(tmp_path, 
 def test_an_out_that_is_a_file_is_one_error_line(tmp_path, capsys):
   crafted = write_crafted(tmp_path / "src")
   (tmp_path / "out").write_text("x")
-  assert build.main(build_argv(crafted, tmp_path / "out", "train")) == 2
+  assert cli.call(build, build_argv(crafted, tmp_path / "out", "train")) == 2
   assert capsys.readouterr().err == f"error: --out={tmp_path / 'out'} is a file, not a directory\n"
 
 

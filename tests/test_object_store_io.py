@@ -18,10 +18,10 @@ from etils import epath
 from PIL import Image
 
 from configs.demo import get_config
-from prima_jax import evaluate, predict
+from prima_jax import cli, evaluate, predict
 from prima_jax import workdir as workdir_lib
+from prima_jax.convert import __main__ as convert
 from prima_jax.convert import torch_io
-from prima_jax.convert.__main__ import main as convert_main
 from prima_jax.data import synthetic
 from prima_jax.data.tokenizer import build_synthetic_tokenizers
 from prima_jax.evaluation.rle import decode_rle
@@ -115,12 +115,12 @@ def test_convert_round_trip_through_gs_equals_the_local_one(object_store, run, l
   gs:// export (and gs:// config record) -> gs:// workdir (values equal to the local import)."""
   url = _gs_workdir(object_store, run, "runs", "convert")
   export_url = object_store.url("exports", layout)
-  args = ["--layout", layout, "--max-shard-size", "300KB", "--read-size", "200KB"]
-  assert convert_main(["to-torch", "--checkpoint", url, "--out", export_url, *args]) == 0
+  args = ["--layout", layout, "--max_shard_size", "300KB", "--read_size", "200KB"]
+  assert cli.call(convert, ["to-torch", "--checkpoint", url, "--out", export_url, *args]) == 0
   local_export = run["root"] / f"export_{layout}"
   if not local_export.exists():
-    assert convert_main(["to-torch", "--checkpoint", str(run["local"]), "--out", str(local_export),
-                         *args]) == 0
+    assert cli.call(convert, ["to-torch", "--checkpoint", str(run["local"]), "--out", str(local_export),
+                              *args]) == 0
   exported = _tree(object_store.local(export_url))
   assert exported == _tree(local_export)
   assert sum(n.endswith(".safetensors") for n in exported) > 3  # several shards: the streaming writer ran
@@ -129,14 +129,14 @@ def test_convert_round_trip_through_gs_equals_the_local_one(object_store, run, l
   imported_url = object_store.url("runs", f"imported_{layout}")
   source = ["--prima", export_url] if layout == "prima" else ["--hf", export_url]
   capsys.readouterr()
-  assert convert_main(["from-torch", "--config", url + "/config.json", "--out", imported_url, *source,
-                       "--strict", "--write-size", "200KB"]) == 0
+  assert cli.call(convert, ["from-torch", "--config", url + "/config.json", "--out", imported_url, *source,
+                            "--strict", "--write_size", "200KB"]) == 0
   assert "freshly initialised (0): none" in capsys.readouterr().out
   local_imported = run["root"] / f"imported_{layout}"
   if not local_imported.exists():
     local_source = ["--prima", str(local_export)] if layout == "prima" else ["--hf", str(local_export)]
-    assert convert_main(["from-torch", "--config", str(run["local"] / "config.json"), "--out",
-                         str(local_imported), *local_source, "--strict", "--write-size", "200KB"]) == 0
+    assert cli.call(convert, ["from-torch", "--config", str(run["local"] / "config.json"), "--out",
+                              str(local_imported), *local_source, "--strict", "--write_size", "200KB"]) == 0
   stored = object_store.local(imported_url)
   assert sorted(p.name for p in stored.iterdir()) == ["checkpoints", "config.json", "frozen"]
   got = torch_io.CheckpointParams(torch_io.find_step_dir(imported_url))

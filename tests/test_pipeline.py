@@ -336,8 +336,9 @@ def test_example_dataclass_is_not_mutated(cfg, toks):
 
 
 def test_bench_runs(capsys):
+  from prima_jax import cli  # noqa: PLC0415
   from prima_jax.data import bench  # noqa: PLC0415 (imports the builder modules)
-  bench.main(["--only", "tiny", "--batches", "1"])
+  cli.call(bench, ["--only", "tiny", "--batches", "1"])
   out = capsys.readouterr().out
   assert "samples/s" in out and "image decode" in out and "tokenisation" in out
   assert "with cached SAM features" in out and "with cached EVA + SAM features" in out

@@ -15,7 +15,7 @@ import pytest
 from test_m4seg_builder import assert_same_example
 from test_records import PACO_SIZES, ade_record, compressed_rle, paco_record, write_crafted
 
-from prima_jax import paths
+from prima_jax import cli, paths
 from prima_jax.data import build, m4seg
 from prima_jax.data import records as rec
 
@@ -129,11 +129,11 @@ def test_a_file_with_other_columns_names_expected_found_and_the_flag(tmp_path, c
   assert "found columns: id, question, answer, image_ids, dataset_name, groundings" in message
   assert "--field FIELD=COLUMN" in message
   # The CLI prints it as one error line, exit status 2, no traceback; the mapping then reads the file.
-  assert build.main(["--validate", "--records", str(path)]) == 2
+  assert cli.call(build, ["--validate", "--records", str(path)]) == 2
   err = capsys.readouterr().err
   assert err == f"error: {message}\n" and "Traceback" not in err
   mapped = ["--field", "q=question", "--field", "a=answer", "--field", "img_ids=image_ids"]
-  assert build.main(["--validate", "--records", str(path), *mapped]) == 0
+  assert cli.call(build, ["--validate", "--records", str(path), *mapped]) == 0
   assert "train: text-side lengths of 1 example(s)" in capsys.readouterr().out
 
 
@@ -142,9 +142,7 @@ def test_field_flag_errors():
     rec.field_table({"question": "q"})
   with pytest.raises(rec.SetupError, match="fields q, a would all read column 'text'"):
     rec.field_table({"q": "text", "a": "text"})
-  with pytest.raises(SystemExit) as info:
-    build.main(["--validate", "--records", "x_train.json", "--field", "question=q"])
-  assert info.value.code == 2
+  assert cli.call(build, ["--validate", "--records", "x_train.json", "--field", "question=q"]) == 2
 
 
 # The crafted ADE20K source has validation files only: its records in a train split read those.
@@ -155,8 +153,8 @@ ADE_VAL = {"annotations": {"ade20k_part234": "ade20k_instance_val_mixed_parts.js
 def sources_argv(crafted) -> list[str]:
   argv = []
   for name, root in crafted["roots"].items():
-    argv += ["--image-root", f"{name}={root}"]
-  for flag, key in (("--annotations", "annotations"), ("--image-dir", "image_dirs")):
+    argv += ["--image_root", f"{name}={root}"]
+  for flag, key in (("--annotations", "annotations"), ("--image_dir", "image_dirs")):
     argv += [flag, f"ade20k_part234={ADE_VAL[key]['ade20k_part234']}"]
   return argv
 
@@ -168,10 +166,10 @@ def test_cli_builds_the_renamed_map_parquet_like_the_json(tmp_path):
   fields = [a for field, column in RENAMED.items() for a in ("--field", f"{field}={column}")]
   roots = sources_argv(crafted)
   with redirect_stdout(io.StringIO()) as stdout:
-    assert build.main(["--records", f"train={tmp_path / 'released' / 'train.parquet'}", *fields, *roots,
-                       "--out", str(tmp_path / "from_parquet")]) == 0
-    assert build.main(["--records", str(tmp_path / "records_train.json"), *roots,
-                       "--out", str(tmp_path / "from_json")]) == 0
+    assert cli.call(build, ["--records", f"train={tmp_path / 'released' / 'train.parquet'}", *fields, *roots,
+                            "--out", str(tmp_path / "from_parquet")]) == 0
+    assert cli.call(build, ["--records", str(tmp_path / "records_train.json"), *roots,
+                            "--out", str(tmp_path / "from_json")]) == 0
   assert stdout.getvalue().count("train: kept 2 of 2 records") == 2
   a = m4seg.data_source(tmp_path / "from_parquet", "train")
   b = m4seg.data_source(tmp_path / "from_json", "train")
@@ -185,9 +183,9 @@ def test_wildcard_reads_every_shard_in_order(tmp_path, capsys):
     write_parquet(tmp_path / f"train-0000{shard}-of-00002.parquet", kind)
   files = rec.record_files(tmp_path / "train-*.parquet")
   assert [f.name for f in files] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
-  assert build.main(["--validate", "--records", str(tmp_path / "train-*.parquet")]) == 0
+  assert cli.call(build, ["--validate", "--records", str(tmp_path / "train-*.parquet")]) == 0
   assert "train: text-side lengths of 4 example(s)" in capsys.readouterr().out
-  assert build.main(["--validate", "--records", str(tmp_path / "val-*.parquet")]) == 2
+  assert cli.call(build, ["--validate", "--records", str(tmp_path / "val-*.parquet")]) == 2
   assert capsys.readouterr().err == f"error: --records {tmp_path / 'val-*.parquet'}: no file matches " \
                                     f"{tmp_path / 'val-*.parquet'}\n"
 
@@ -228,17 +226,17 @@ def test_object_store_errors_are_one_line(tmp_path, object_store, capsys):
   records = object_store.url("Part_Segm", "crafted_train.json")
   root = object_store.url("Part_Segm", "paco_lvis")
   # Images are not in the bucket: the image directory is named with its URL and flag.
-  argv = ["--records", records, "--image-root", f"paco_lvis={root}", "--out", str(tmp_path / "o")]
-  assert build.main(argv) == 2
+  argv = ["--records", records, "--image_root", f"paco_lvis={root}", "--out", str(tmp_path / "o")]
+  assert cli.call(build, argv) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "Traceback" not in err
   images = object_store.url("coco_2017")
   assert (f"error: source 'paco_lvis' (split train): image directory {images} does not exist (template "
-          f"'../../coco_2017' under --image-root paco_lvis={root}); set it with --image-dir "
-          "paco_lvis=TEMPLATE or --image-root paco_lvis=DIR") in err
+          f"'../../coco_2017' under --image_root paco_lvis={root}); set it with --image_dir "
+          "paco_lvis=TEMPLATE or --image_root paco_lvis=DIR") in err
   assert not (tmp_path / "o").exists()
   # The ArrayRecord output cannot be a URL.
-  assert build.main(["--records", str(crafted["train"]), "--out", object_store.url("out")]) == 2
+  assert cli.call(build, ["--records", str(crafted["train"]), "--out", object_store.url("out")]) == 2
   err = capsys.readouterr().err
   assert err.startswith(f"error: --out={object_store.url('out')}: the ArrayRecord writer")
   assert err.count("\n") == 1
@@ -246,7 +244,7 @@ def test_object_store_errors_are_one_line(tmp_path, object_store, capsys):
 
 def test_a_url_without_its_client_fails_in_one_line(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(paths, "missing_clients", lambda scheme: ["gcsfs"])
-  assert build.main(["--validate", "--records", "gs://bucket/m4seg_train.parquet"]) == 2
+  assert cli.call(build, ["--validate", "--records", "gs://bucket/m4seg_train.parquet"]) == 2
   err = capsys.readouterr().err
   assert err == ("error: --records=gs://bucket/m4seg_train.parquet: gs:// needs gcsfs, which is not "
                  "installed (pip install gcsfs); nothing was written\n")

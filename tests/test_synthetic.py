@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from prima_jax import cli
 from prima_jax.data import synthetic
 
 # pycocotools 2.0.11 `decode` under numpy 2 warns once per call; it is not ours to fix.
@@ -252,7 +253,7 @@ def test_generation_speed(tmp_path):
 
 
 def test_cli_and_bad_arguments(tmp_path, capsys):
-  synthetic.main(["--out", str(tmp_path), "--seed", "2", "--train", "3", "--val", "2", "--test", "0"])
+  cli.call(synthetic, ["--out", str(tmp_path), "--seed", "2", "--train", "3", "--val", "2", "--test", "0"])
   assert "train: 3 examples" in capsys.readouterr().out
   records, _ = _load(str(tmp_path), "test")
   assert records == []
@@ -260,8 +261,8 @@ def test_cli_and_bad_arguments(tmp_path, capsys):
     synthetic.generate(str(tmp_path), sizes={"dev": 3})
   with pytest.raises(ValueError, match="n_examples"):
     synthetic.make_split(0, "train", -1)
-  with pytest.raises(SystemExit):
-    synthetic.main(["--out", str(tmp_path), "--train", "-2"])
+  assert cli.call(synthetic, ["--out", str(tmp_path), "--train", "-2"]) == 2
+  assert capsys.readouterr().err == "error: --train must be >= 0\n"
 
 
 def test_generate_writes_the_same_bytes_to_an_object_store(tmp_path, object_store):
@@ -277,7 +278,5 @@ def test_generate_writes_the_same_bytes_to_an_object_store(tmp_path, object_stor
 def test_cli_url_without_its_client_is_a_usage_error(monkeypatch, capsys):
   from prima_jax import paths
   monkeypatch.setattr(paths, "missing_clients", lambda scheme: ["gcsfs"])
-  with pytest.raises(SystemExit) as info:
-    synthetic.main(["--out", "gs://bucket/syn", "--train", "1"])
-  assert info.value.code == 2
+  assert cli.call(synthetic, ["--out", "gs://bucket/syn", "--train", "1"]) == 2
   assert "error: --out=gs://bucket/syn: gs:// needs gcsfs" in capsys.readouterr().err

@@ -1,11 +1,13 @@
 r"""Checkpoint interop with PyTorch.
 
   python -m prima_jax.convert to-torch --checkpoint WORKDIR --out DIR [--config CFG] [--layout prima|hf]
-      [--merge-lora] [--dtype float32|bfloat16|float16] [--max-shard-size 5GB] [--read-size 512MB]
+      [--merge_lora] [--dtype float32|bfloat16|float16] [--max_shard_size 5GB] [--read_size 512MB]
       [--step N]
       [--overwrite] [--strict]
   python -m prima_jax.convert from-torch --config CFG --out DIR [--prima PATH] [--instructblip DIR]
-      [--sam DIR] [--llama DIR] [--extra DIR] [--hf DIR] [--write-size 512MB] [--overwrite] [--strict]
+      [--sam DIR] [--llama DIR] [--extra DIR] [--hf DIR] [--write_size 512MB] [--overwrite] [--strict]
+
+The subcommand comes first; a flag of the other subcommand is an error.
 
 ``--config`` is a config file as ``prima_jax.train`` takes it (``configs/demo.py``,
 ``configs/m4seg.py:tiny``) or a ``config.json`` record of a training workdir. ``to-torch`` may omit it
@@ -16,19 +18,22 @@ Every path may be local or an object-store URL (``gs://bucket/run``; the ``from-
 local or ``gs://``, where Orbax writes): a missing client is reported before anything is read or
 written. Output is built in a temporary directory next to ``--out`` and moved there when complete
 (a rename locally; on an object store the finished objects are copied); an existing ``--out`` is
-replaced only with ``--overwrite``. Exit status: 0 ok, 2 bad input (one ``error:`` line; for weights
-that do not fit, the message lists every offending key with the shapes found and expected).
+replaced only with ``--overwrite``. Progress (tensors, rate, ETA) goes to stderr: a bar on a terminal,
+a line every 30 s otherwise. Exit status: 0 ok, 2 bad input (one ``error:`` line; for weights that do
+not fit, the message lists every offending key with the shapes found and expected).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import sys
 import time
+from collections.abc import Sequence
 
-from prima_jax import paths
+from absl import flags
+
+from prima_jax import cli, paths
 from prima_jax.workdir import IncompatibleCheckpoint, NotAWorkdir, Workdir
 
 
@@ -79,7 +84,7 @@ def to_torch(args) -> int:
                                      merge_lora=args.merge_lora, dtype=args.dtype,
                                      max_shard_bytes=torch_io.parse_size(args.max_shard_size),
                                      group_bytes=torch_io.parse_size(args.read_size),
-                                     log=lambda s: print(s, flush=True))
+                                     log=lambda s: print(s, flush=True), progress=True)
   for sub, files in written.items():
     print(f"wrote {out / sub if sub else out}: {len(files)} files")
   print(f"done in {time.time() - t0:.1f} s", flush=True)
@@ -134,7 +139,7 @@ def from_torch(args) -> int:
   with torch_io.atomic_output(out.path, overwrite=args.overwrite) as tmp:
     report = torch_io.import_params(config, sources, Workdir(tmp, what="--out"), strict=args.strict,
                                     source_note=", ".join(label for label, _, _ in sources),
-                                    group_bytes=torch_io.parse_size(args.write_size))
+                                    group_bytes=torch_io.parse_size(args.write_size), progress=True)
   print(f"wrote {out.checkpoints / '0'} in {time.time() - t0:.1f} s")
   print(f"{len(report.loaded)} parameters loaded from {', '.join(label for label, _, _ in sources)}")
   print(f"freshly initialised ({len(report.initialised)}): " + (", ".join(report.initialised) or "none"))
@@ -145,45 +150,80 @@ def from_torch(args) -> int:
   return 0
 
 
-def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m prima_jax.convert", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = p.add_subparsers(dest="command", required=True)
-  t = sub.add_parser("to-torch", help="Orbax checkpoint -> PyTorch safetensors")
-  t.add_argument("--checkpoint", required=True, help="WORKDIR, WORKDIR/checkpoints or a step directory")
-  t.add_argument("--step", type=int, default=None, help="step to export (default: the latest)")
-  t.add_argument("--layout", choices=("prima", "hf"), default="prima")
-  t.add_argument("--merge-lora", action="store_true", help="fold LoRA into the base weights")
-  t.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                 help="cast floating tensors (default: keep the stored dtypes, bit-exact)")
-  t.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (5GB, 500MB, ...)")
-  t.add_argument("--read-size", default="512MB",
-                 help="checkpoint bytes restored at a time (peak memory: a few times this plus the "
-                      "largest tensor)")
-  f = sub.add_parser("from-torch", help="PyTorch weights -> Orbax training checkpoint")
-  f.add_argument("--prima", help="prima-layout state dict: .safetensors, index .json, directory, .bin/.pth")
-  f.add_argument("--instructblip", help="InstructBlipForConditionalGeneration directory (+ PEFT adapters)")
-  f.add_argument("--sam", help="SamModel directory")
-  f.add_argument("--llama", help="LlamaForCausalLM directory (+ PEFT adapters); overrides InstructBLIP's LLM")
-  f.add_argument("--extra", help="prima_extra directory (SQuARE, [SEG] head)")
-  f.add_argument("--hf", help="an hf-layout export (instructblip/, sam/, prima_extra/)")
-  f.add_argument("--write-size", default="512MB",
-                 help="parameter bytes written at a time (peak memory: a few times this)")
-  for s in (t, f):
-    s.add_argument("--config", required=s is f, help="config file (path.py[:arg]) or config.json record")
-    s.add_argument("--out", required=True, help="output directory (local or a URL such as gs://bucket/x)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    s.add_argument("--strict", action="store_true", help="unexpected keys are an error (default: reported)")
-  return p
+COMMANDS = {"to-torch": to_torch, "from-torch": from_torch}
+# The flags each subcommand reads, besides the shared ones; the ones that must be given.
+SHARED_FLAGS = ("config", "out", "overwrite", "strict")
+COMMAND_FLAGS = {"to-torch": ("checkpoint", "step", "layout", "merge_lora", "dtype", "max_shard_size",
+                              "read_size"),
+                 "from-torch": (*SOURCE_FLAGS, "write_size")}
+REQUIRED_FLAGS = {"to-torch": ("checkpoint", "out"), "from-torch": ("config", "out")}
 
 
-def main(argv=None) -> int:
-  args = parser().parse_args(argv)
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Both subcommands' flags, each once, on ``fv`` (see ``prima_jax.cli.call``)."""
+  d = dict(flag_values=fv)
+  # to-torch
+  flags.DEFINE_string("checkpoint", None, "to-torch: WORKDIR, WORKDIR/checkpoints or a step directory.", **d)
+  flags.DEFINE_integer("step", None, "to-torch: step to export (default: the latest).", **d)
+  flags.DEFINE_enum("layout", "prima", ["prima", "hf"], "to-torch: output layout.", **d)
+  flags.DEFINE_bool("merge_lora", False, "to-torch: fold LoRA into the base weights.", **d)
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "to-torch: cast floating tensors "
+                    "(default: keep the stored dtypes, bit-exact).", **d)
+  flags.DEFINE_string("max_shard_size", "5GB", "to-torch: safetensors shard size (5GB, 500MB, ...).", **d)
+  flags.DEFINE_string("read_size", "512MB", "to-torch: checkpoint bytes restored at a time (peak memory: a "
+                      "few times this plus the largest tensor).", **d)
+  # from-torch
+  flags.DEFINE_string("prima", None, "from-torch: prima-layout state dict: .safetensors, index .json, "
+                      "directory, .bin/.pth.", **d)
+  flags.DEFINE_string("instructblip", None, "from-torch: InstructBlipForConditionalGeneration directory "
+                      "(+ PEFT adapters).", **d)
+  flags.DEFINE_string("sam", None, "from-torch: SamModel directory.", **d)
+  flags.DEFINE_string("llama", None, "from-torch: LlamaForCausalLM directory (+ PEFT adapters); overrides "
+                      "InstructBLIP's LLM.", **d)
+  flags.DEFINE_string("extra", None, "from-torch: prima_extra directory (SQuARE, [SEG] head).", **d)
+  flags.DEFINE_string("hf", None, "from-torch: an hf-layout export (instructblip/, sam/, prima_extra/).", **d)
+  flags.DEFINE_string("write_size", "512MB", "from-torch: parameter bytes written at a time (peak memory: a "
+                      "few times this).", **d)
+  # both
+  flags.DEFINE_string("config", None, "Config file (path.py[:arg]) or config.json record (required by "
+                      "from-torch).", **d)
+  flags.DEFINE_string("out", None, "Output directory (local or a URL such as gs://bucket/x; required).", **d)
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --out.", **d)
+  flags.DEFINE_bool("strict", False, "Unexpected keys are an error (default: reported).", **d)
+
+
+def usage_error(argv: Sequence[str], fv: flags.FlagValues) -> str | None:
+  """What is wrong with the subcommand (``argv[1]``) and the flags given for it, or None."""
+  names = " or ".join(COMMANDS)
+  if len(argv) < 2:
+    return f"a subcommand is required: {names}"
+  command = argv[1]
+  if command not in COMMANDS:
+    return f"unknown subcommand {command!r} (expected {names})"
+  if len(argv) > 2:
+    return f"unexpected argument(s) after {command}: {' '.join(argv[2:])}"
+  other = next(c for c in COMMANDS if c != command)
+  wrong = [f"--{n}" for n in COMMAND_FLAGS[other] if fv[n].present]
+  if wrong:
+    return f"{command} does not take {', '.join(wrong)} (a flag of {other})"
+  missing = [f"--{n}" for n in REQUIRED_FLAGS[command] if fv[n].value is None]
+  if missing:
+    return f"{command} needs {' and '.join(missing)}"
+  return None
+
+
+def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
+  """``argv``: [program, subcommand]; ``fv``: the parsed flags. Exit status 0, or 2 with one ``error:``
+  line."""
+  problem = usage_error(argv, fv)
+  if problem is not None:
+    print(f"error: {problem}", file=sys.stderr, flush=True)
+    return 2
   from prima_jax.convert.torch_io import limit_malloc_arenas  # noqa: PLC0415
 
   limit_malloc_arenas()
   try:
-    return to_torch(args) if args.command == "to-torch" else from_torch(args)
+    return COMMANDS[argv[1]](fv)
   except (paths.PathError, NotAWorkdir, IncompatibleCheckpoint, ValueError, FileExistsError,
           FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
@@ -191,4 +231,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  cli.run(main, bad_flags_status=2)

@@ -1,6 +1,6 @@
-"""Memory of checkpoint conversion: ``python -m prima_jax.convert.bench [--size-mb 300]``.
+"""Memory of checkpoint conversion: ``python -m prima_jax.convert.bench [--size_mb 300]``.
 
-Builds a PRIMA config whose parameters take about ``--size-mb`` MB (the tiny config with a wider,
+Builds a PRIMA config whose parameters take about ``--size_mb`` MB (the tiny config with a wider,
 deeper LLM), writes a training checkpoint of random values, then runs, each in its own process,
 ``to-torch`` in both layouts and ``from-torch`` back from each, and prints each process's peak resident memory
 (``VmHWM``) next to its resident memory after imports (the baseline) and the checkpoint size.
@@ -8,7 +8,6 @@ deeper LLM), writes a training checkpoint of random values, then runs, each in i
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -16,8 +15,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
+
+from prima_jax import cli
 
 
 def _status_mib(field: str) -> float:
@@ -35,13 +38,13 @@ def _child(argv: list[str]) -> None:
   import orbax.checkpoint  # noqa: F401, PLC0415
   import transformers  # noqa: F401, PLC0415
 
+  from prima_jax.convert import __main__ as convert  # noqa: PLC0415
   from prima_jax.convert import torch_io  # noqa: PLC0415
-  from prima_jax.convert.__main__ import main  # noqa: PLC0415
 
   torch_io.limit_malloc_arenas()  # before the baseline, as main() would do it
   baseline = _status_mib("VmRSS")
   t0 = time.time()
-  rc = main(argv)
+  rc = cli.call(convert, argv)
   # VmHWM starts afresh at exec; ru_maxrss would carry the parent's peak over the fork.
   peak = _status_mib("VmHWM")
   print(json.dumps(dict(rc=rc, baseline_mib=baseline, peak_mib=peak, seconds=time.time() - t0)))
@@ -69,14 +72,22 @@ def _du(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--size-mb", type=float, default=300.0)
-  p.add_argument("--max-shard-size", default="50MB")
-  p.add_argument("--read-size", default="32MB", help="to-torch --read-size")
-  p.add_argument("--write-size", default="32MB", help="from-torch --write-size")
-  p.add_argument("--dir", default=None, help="local scratch directory (default: a temporary one, deleted)")
-  args = p.parse_args()
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``fv`` (see ``prima_jax.cli.call``)."""
+  flags.DEFINE_float("size_mb", 300.0, "Parameter MB (float32) of the benchmark config.", flag_values=fv)
+  flags.DEFINE_string("max_shard_size", "50MB", "to-torch --max_shard_size.", flag_values=fv)
+  flags.DEFINE_string("read_size", "32MB", "to-torch --read_size.", flag_values=fv)
+  flags.DEFINE_string("write_size", "32MB", "from-torch --write_size.", flag_values=fv)
+  flags.DEFINE_string("dir", None, "Local scratch directory (default: a temporary one, deleted).",
+                      flag_values=fv)
+
+
+def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
+  """The benchmark on parsed flags ``fv``."""
+  if len(argv) > 1:
+    print(f"error: unexpected argument(s): {' '.join(argv[1:])}", file=sys.stderr)
+    return 2
+  args = fv
 
   from prima_jax import paths  # noqa: PLC0415
   from prima_jax.convert import torch_io  # noqa: PLC0415
@@ -85,7 +96,8 @@ def main() -> None:
     root = (paths.local_only(args.dir, what="--dir", why="the benchmark (it sizes the files on disk)")
             if args.dir else tempfile.mkdtemp(prefix="prima_convert_bench-"))
   except paths.PathError as e:
-    sys.exit(f"error: {e}")
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   try:
     config = bench_config(args.size_mb)
     names = torch_io.abstract_params(config.model)
@@ -102,20 +114,20 @@ def main() -> None:
           f"disk (LLM {config.model.llm.num_layers} x {config.model.llm.hidden_size}); largest tensor "
           f"{largest:.1f} MiB; written in {time.time() - t0:.1f} s", flush=True)
     record = os.path.join(workdir, "config.json")
-    read = ["--read-size", args.read_size]
+    read = ["--read_size", args.read_size]
     runs = [
         ("to-torch --layout prima", ["to-torch", "--checkpoint", workdir,
                                      "--out", os.path.join(root, "prima"),
-                                     "--max-shard-size", args.max_shard_size, *read]),
+                                     "--max_shard_size", args.max_shard_size, *read]),
         ("to-torch --layout hf", ["to-torch", "--checkpoint", workdir, "--out", os.path.join(root, "hf"),
-                                  "--layout", "hf", "--max-shard-size", args.max_shard_size, *read]),
-        ("to-torch --layout prima --merge-lora --dtype bfloat16",
-         ["to-torch", "--checkpoint", workdir, "--out", os.path.join(root, "prima_bf16"), "--merge-lora",
-          "--dtype", "bfloat16", "--max-shard-size", args.max_shard_size, *read]),
+                                  "--layout", "hf", "--max_shard_size", args.max_shard_size, *read]),
+        ("to-torch --layout prima --merge_lora --dtype bfloat16",
+         ["to-torch", "--checkpoint", workdir, "--out", os.path.join(root, "prima_bf16"), "--merge_lora",
+          "--dtype", "bfloat16", "--max_shard_size", args.max_shard_size, *read]),
         ("from-torch --prima", ["from-torch", "--config", record, "--out", os.path.join(root, "back"),
-                                "--prima", os.path.join(root, "prima"), "--write-size", args.write_size]),
+                                "--prima", os.path.join(root, "prima"), "--write_size", args.write_size]),
         ("from-torch --hf", ["from-torch", "--config", record, "--out", os.path.join(root, "back_hf"),
-                             "--hf", os.path.join(root, "hf"), "--write-size", args.write_size]),
+                             "--hf", os.path.join(root, "hf"), "--write_size", args.write_size]),
     ]
     print(f"{'conversion':55s} {'baseline MiB':>12s} {'peak MiB':>9s} {'peak-base':>9s} {'vs ckpt':>8s} "
           f"{'time s':>7s}")
@@ -133,7 +145,9 @@ def main() -> None:
   finally:
     if args.dir is None:
       shutil.rmtree(root, ignore_errors=True)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run(main, bad_flags_status=2)

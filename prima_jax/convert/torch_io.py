@@ -661,9 +661,21 @@ def _plan(rules: Sequence[Rule], merge: bool) -> list[tuple[str, list[Rule], lis
   return plan
 
 
+def _progress(total: int, desc: str, enabled: bool):
+  """A :class:`prima_jax.progress.Progress` over ``total`` tensors, shown by process 0 when ``enabled``."""
+  from prima_jax.progress import Progress  # noqa: PLC0415
+
+  if enabled:
+    import jax  # noqa: PLC0415
+
+    enabled = jax.process_index() == 0
+  return Progress(total, "tensors", desc=desc, enabled=enabled)
+
+
 def export_params(cfg, source, out_dir: str | os.PathLike, *, layout: str = "prima", merge_lora: bool = False,
                   dtype: str | None = None, max_shard_bytes: int = 5 * 10 ** 9, group_bytes: int = 256 * MB,
-                  log: Callable[[str], None] = lambda s: None) -> dict[str, list[str]]:
+                  log: Callable[[str], None] = lambda s: None,
+                  progress: bool = False) -> dict[str, list[str]]:
   """Writes every parameter of ``source`` (:class:`CheckpointParams` or :class:`ModuleParams`) into
   ``out_dir`` in ``layout``.
 
@@ -674,6 +686,8 @@ def export_params(cfg, source, out_dir: str | os.PathLike, *, layout: str = "pri
       stored dtype (bit-exact round trips).
     max_shard_bytes: data bytes per safetensors shard.
     group_bytes: parameter bytes restored together (with the largest tensor, this bounds peak memory).
+    progress: show the tensors exported (count, rate, ETA) on stderr (:mod:`prima_jax.progress`;
+      process 0 only).
   Returns:
     {directory relative to out_dir: files written}.
   """
@@ -688,6 +702,7 @@ def export_params(cfg, source, out_dir: str | os.PathLike, *, layout: str = "pri
   scaling = float(lora_cfg.alpha) / float(lora_cfg.rank) if merge else 1.0
   written: dict[str, list[str]] = {}
   used: set[str] = set()
+  bar = _progress(len(source.shapes), "to-torch", progress)
   for tf in layouts.layout_files(cfg, layout, merge_lora=merge):
     directory = out_dir / tf.subdir if tf.subdir else out_dir
     writer = SafetensorsWriter(directory, tf.name, max_shard_bytes=max_shard_bytes,
@@ -707,6 +722,7 @@ def export_params(cfg, source, out_dir: str | os.PathLike, *, layout: str = "pri
         i += 1
       names = list(dict.fromkeys(n for _, _, ns in group for n in ns))
       values = source.read(names)
+      before = len(used)
       used.update(names)
 
       def read(path: Path, values=values) -> np.ndarray:
@@ -721,9 +737,11 @@ def export_params(cfg, source, out_dir: str | os.PathLike, *, layout: str = "pri
         writer.add(key, array)
       del values
       release_memory()
+      bar.update(len(used) - before)
     written.setdefault(tf.subdir, []).extend(writer.close())
     log(f"  {'/'.join(p for p in (tf.subdir, tf.name) if p)}: {len(plan)} tensors, "
         f"{writer.total_bytes / MB:.1f} MiB")
+  bar.close()
   unused = sorted(set(source.shapes) - used)
   if unused:
     raise AssertionError(f"layout {layout!r} left parameters unexported (a table bug): {unused[:20]}")
@@ -1042,7 +1060,7 @@ def _chunks(cfg, names: Sequence[str], group_bytes: int) -> Iterator[list[str]]:
 
 def import_params(config, sources: Sequence[tuple[str, layouts.TensorFile, Mapping[str, Any]]],
                   out_dir: str | os.PathLike | Workdir, *, strict: bool = False, source_note: str = "",
-                  group_bytes: int = 512 * MB) -> LoadReport:
+                  group_bytes: int = 512 * MB, progress: bool = False) -> LoadReport:
   """Builds a training checkpoint in ``out_dir`` from ``sources`` (see :func:`import_sources`);
   parameters no source supplies are freshly initialised (seed ``config.seed``) and listed in the
   returned report's ``initialised``.
@@ -1050,12 +1068,20 @@ def import_params(config, sources: Sequence[tuple[str, layouts.TensorFile, Mappi
   Streams: each tensor goes from the lazy state dict to a :class:`CheckpointWriter`, which writes
   ``group_bytes`` at a time, so peak memory is a few times ``group_bytes`` (plus the optimizer state
   of the trainable parameters), not the checkpoint size. On error the parts written are removed.
+  ``progress`` shows the tensors written (count, rate, ETA) on stderr (:mod:`prima_jax.progress`; process
+  0 only).
   """
   writer = CheckpointWriter(config, out_dir, group_bytes=group_bytes)
+  bar = _progress(len(unrolled_targets(config.model)), "from-torch", progress)
+
+  def add(name: str, value: np.ndarray) -> None:
+    writer.add(name, value)
+    bar.update(1)
+
   try:
     # After a source's error the later ones may offer a parameter again; the error is raised anyway.
     report = import_sources(config.model, sources, strict=strict,
-                            put=lambda name, value: None if name in writer else writer.add(name, value))
+                            put=lambda name, value: None if name in writer else add(name, value))
     # Fresh values are made per stored parameter (a stacked one at once) and added per table name.
     stacks = model_stacks(config.model)
     parts: dict[str, list[tuple[str, int | None]]] = {}
@@ -1068,10 +1094,11 @@ def import_params(config, sources: Sequence[tuple[str, layouts.TensorFile, Mappi
     for chunk in _chunks(config.model, list(parts), group_bytes):
       for stored, value in init_params(config.model, chunk, int(config.seed)).items():
         for name, g in parts[stored]:
-          writer.add(name, value if g is None else value[g])
+          add(name, value if g is None else value[g])
     writer.close(meta=dict(step=0, source=source_note, report=dict(
         loaded=len(report.loaded), initialised=report.initialised, missing=report.missing,
         unexpected=report.unexpected)))
+    bar.close()
   except BaseException:
     writer.abort()
     raise

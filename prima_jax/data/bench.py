@@ -19,18 +19,20 @@ are the synthetic ones (no Vicuna file here).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import ml_dtypes
 import numpy as np
+from absl import flags
 from etils import epath
 from PIL import Image
 
+from prima_jax import cli
 from prima_jax.data import features, m4seg, preprocess
 from prima_jax.data import records as rec
 from prima_jax.data.pipeline import CollateFn, make_dataset, prepare_example
@@ -201,12 +203,20 @@ def run(name: str, cfg, records, toks, *, batch_size: int, batches: int, threads
     print(f"    {k:32s} {1e3 * v:7.2f} ms  {100 * v / total:5.1f} %")
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--threads", type=int, default=1, help="pipeline threads (read_threads)")
-  parser.add_argument("--batches", type=int, default=8, help="timed batches per configuration")
-  parser.add_argument("--only", choices=("tiny", "full"), default=None)
-  args = parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> int | None:
+  """The command's flags, on ``fv`` (see ``prima_jax.cli.call``)."""
+  flags.DEFINE_integer("threads", 1, "Pipeline threads (read_threads).", flag_values=fv)
+  flags.DEFINE_integer("batches", 8, "Timed batches per configuration.", flag_values=fv)
+  flags.DEFINE_enum("only", None, ["tiny", "full"], "Run one configuration only (default: both).",
+                    flag_values=fv)
+
+
+def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int | None:
+  """The benchmark on parsed flags ``fv``."""
+  if len(argv) > 1:
+    print(f"error: unexpected argument(s): {' '.join(argv[1:])}", file=sys.stderr)
+    return 2
+  args = fv
   tmp = tempfile.TemporaryDirectory()
   # The same files at each model's added-token ids.
   toks_for = lambda cfg: build_synthetic_tokenizers(WORDS, tmp.name, first_added_id=cfg.prima.first_added_id)
@@ -228,4 +238,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run(main, bad_flags_status=2)

@@ -1,17 +1,17 @@
 """Build (or validate) an M⁴Seg-format dataset as TFDS ArrayRecord.
 
   python -m prima_jax.data.build --records Part_Segm/m4seg_train.json --records test=PATH.parquet \\
-      --image-root paco_lvis=Part_Segm/paco_lvis --image-root ade20k_part234=Part_Segm/ADE20KPart234 \\
-      --out DATA_DIR [--overwrite] [--strict] [--max-images 5] [--workers N] [--field q=question ...] \\
+      --image_root paco_lvis=Part_Segm/paco_lvis --image_root ade20k_part234=Part_Segm/ADE20KPart234 \\
+      --out DATA_DIR [--overwrite] [--strict] [--max_images 5] [--workers N] [--field q=question ...] \\
       [--budget segs=16]
-  python -m prima_jax.data.build --validate --records ... [--image-root ...]
+  python -m prima_jax.data.build --validate --records ... [--image_root ...]
 
 ``--records [SPLIT=]PATH`` (JSON or parquet; repeatable; a wildcard in the file name, quoted, reads
 every match): without ``SPLIT=`` the split is the last of train/val/validation/test in the file name.
 ``--field FIELD=COLUMN`` reads our record field FIELD (dataset_name, img_ids, q, a, groundings,
-category) from the file's column COLUMN. ``--image-root NAME=DIR``: the folder of source NAME in
+category) from the file's column COLUMN. ``--image_root NAME=DIR``: the folder of source NAME in
 the original layout (see ``prima_jax.data.records.SOURCES``); ``--annotations NAME=TEMPLATE`` and
-``--image-dir NAME=TEMPLATE`` override its annotation file / image directory (``{split}``,
+``--image_dir NAME=TEMPLATE`` override its annotation file / image directory (``{split}``,
 ``{image_split}``; relative to DIR). Record files, annotation files and images may be object-store
 URLs (gs://...); ``--out`` must be a local directory (or a mounted bucket).
 
@@ -32,13 +32,14 @@ root) and exits 1 if there is any. Both print per split the text-side lengths of
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
 
-from prima_jax import paths
+from absl import flags
+
+from prima_jax import cli, paths
 from prima_jax.data import m4seg
 from prima_jax.data import records as rec
 
@@ -121,57 +122,74 @@ def validate(records: Mapping[str, Sequence[str]], sources: m4seg.Sources, *, ma
         index += 1
     print(rec.format_lengths(split, lengths.summary(budget), prefix=""), file=out)
   for name, splits in m4seg.unconfigured(inputs, sources).items():
-    print(f"note: no --image-root for source {name!r} ({', '.join(splits)}): its images and masks were not "
+    print(f"note: no --image_root for source {name!r} ({', '.join(splits)}): its images and masks were not "
           "checked", file=out)
   print(f"{bad} record(s) with problems", file=out)
   return bad
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m prima_jax.data.build", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--records", action="append", required=True, metavar="[SPLIT=]PATH")
-  parser.add_argument("--field", action="append", default=[], metavar="FIELD=COLUMN",
-                      help="read record field FIELD from column COLUMN (repeatable; default: same name)")
-  parser.add_argument("--image-root", action="append", default=[], metavar="NAME=DIR")
-  parser.add_argument("--annotations", action="append", default=[], metavar="NAME=TEMPLATE")
-  parser.add_argument("--image-dir", action="append", default=[], metavar="NAME=TEMPLATE")
-  parser.add_argument("--out", metavar="DATA_DIR", help="local TFDS data dir (required unless --validate)")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace an existing build in --out (DATA_DIR/m4_seg); default: refuse it")
-  parser.add_argument("--strict", action="store_true", help="fail on the first bad record")
-  parser.add_argument("--max-images", type=int, default=rec.DEFAULT_MAX_IMAGES)
-  parser.add_argument("--workers", type=int, default=1, help="processes converting records")
-  parser.add_argument("--validate", action="store_true", help="check records and images, write nothing")
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``fv`` (see ``prima_jax.cli.call``)."""
+  flags.DEFINE_multi_string("records", [], "[SPLIT=]PATH of a record file (JSON or parquet; repeatable; "
+                            "required).", flag_values=fv)
+  flags.DEFINE_multi_string("field", [], "FIELD=COLUMN: read record field FIELD from column COLUMN "
+                            "(repeatable; default: same name).", flag_values=fv)
+  flags.DEFINE_multi_string("image_root", [], "NAME=DIR: the folder of source NAME (repeatable).",
+                            flag_values=fv)
+  flags.DEFINE_multi_string("annotations", [], "NAME=TEMPLATE: source NAME's annotation file (repeatable).",
+                            flag_values=fv)
+  flags.DEFINE_multi_string("image_dir", [], "NAME=TEMPLATE: source NAME's image directory (repeatable).",
+                            flag_values=fv)
+  flags.DEFINE_string("out", None, "DATA_DIR: local TFDS data dir (required unless --validate).",
+                      flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "Replace an existing build in --out (DATA_DIR/m4_seg); default: "
+                    "refuse it.", flag_values=fv)
+  flags.DEFINE_bool("strict", False, "Fail on the first bad record.", flag_values=fv)
+  flags.DEFINE_integer("max_images", rec.DEFAULT_MAX_IMAGES, "Images per example at most.", flag_values=fv)
+  flags.DEFINE_integer("workers", 1, "Processes converting records.", flag_values=fv)
+  flags.DEFINE_bool("validate", False, "Check records and images, write nothing.", flag_values=fv)
   defaults = " ".join(f"{k}={v}" for k, v in rec.DEFAULT_BUDGET.items())
-  parser.add_argument("--budget", action="append", default=[], metavar="NAME=N",
-                      help=f"count examples with more than N of NAME (repeatable; default {defaults})")
-  args = parser.parse_args(argv)
+  flags.DEFINE_multi_string("budget", [], f"NAME=N: count examples with more than N of NAME (repeatable; "
+                            f"default {defaults}).", flag_values=fv)
+
+
+def _error(message: str) -> int:
+  for line in message.splitlines():
+    print(f"error: {line}", file=sys.stderr)
+  return 2
+
+
+def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
+  """The command on parsed flags ``fv`` (exit status: 0 ok, 1 ``--validate`` found problems, 2 bad input)."""
+  if len(argv) > 1:
+    return _error(f"unexpected argument(s): {' '.join(argv[1:])}")
+  args = fv
+  if not args.records:
+    return _error("--records is required")
   try:
     records = parse_records(args.records)
-    roots = parse_pairs(args.image_root, "--image-root")
+    roots = parse_pairs(args.image_root, "--image_root")
     annotations = parse_pairs(args.annotations, "--annotations")
-    image_dirs = parse_pairs(args.image_dir, "--image-dir")
+    image_dirs = parse_pairs(args.image_dir, "--image_dir")
     fields = rec.field_table(parse_pairs(args.field, "--field"))
     budget = parse_budget(args.budget)
-  except ValueError as e:
-    parser.error(str(e))
+  except ValueError as e:  # SetupError is one
+    return _error(str(e))
   try:
     if args.validate:
       sources = m4seg.Sources(roots, annotations=annotations, image_dirs=image_dirs)
       return 1 if validate(records, sources, max_images=args.max_images, fields=fields, budget=budget) else 0
     if not args.out:
-      parser.error("--out is required unless --validate")
+      return _error("--out is required unless --validate")
     builder = m4seg.build(records, roots, args.out, annotations=annotations, image_dirs=image_dirs,
                           strict=args.strict, max_images=args.max_images, num_workers=args.workers,
                           fields=fields, budget=budget, overwrite=args.overwrite, what="--out")
   except (rec.SetupError, paths.PathError, FileExistsError, m4seg.BuildError) as e:
-    for line in str(e).splitlines():
-      print(f"error: {line}", file=sys.stderr)
-    return 2
+    return _error(str(e))
   print(f"wrote {builder.data_dir} (skip summary: {builder.data_dir}/{m4seg.SKIPPED_FILE})")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  cli.run(main, bad_flags_status=2)

@@ -90,7 +90,7 @@ class Sources:
     self._cache: dict[tuple[str, str], tuple[rec.ImageIndex, str]] = {}
 
   def layout(self, name: str) -> rec.SourceLayout:
-    """The source's layout with the ``--annotations`` / ``--image-dir`` overrides applied (a source
+    """The source's layout with the ``--annotations`` / ``--image_dir`` overrides applied (a source
     without a default layout has no annotation template and its images in the root itself)."""
     base = rec.SOURCES.get(name, rec.SourceLayout("", "."))
     return rec.SourceLayout(self.annotations.get(name, base.annotations),
@@ -101,9 +101,9 @@ class Sources:
     layout = self.layout(name)
     if not layout.annotations:
       raise rec.SetupError(f"source {name!r} has no default layout: set its annotation file with "
-                           f"--annotations {name}=TEMPLATE (and its image directory with --image-dir "
-                           f"{name}=TEMPLATE; default: the --image-root itself)")
-    return layout.paths(self.image_roots[name], split, what=f"--image-root {name}")
+                           f"--annotations {name}=TEMPLATE (and its image directory with --image_dir "
+                           f"{name}=TEMPLATE; default: the --image_root itself)")
+    return layout.paths(self.image_roots[name], split, what=f"--image_root {name}")
 
   def check(self, needed: Mapping[str, Iterable[Any]]) -> list[str]:
     """One line per missing annotation file or image directory of the configured sources that
@@ -132,15 +132,15 @@ class Sources:
     for (name, kind, path), splits in missing.items():
       layout = self.layout(name)
       flag, template = ("--annotations", layout.annotations) if kind == "annotation file" else (
-          "--image-dir", layout.images)
+          "--image_dir", layout.images)
       if paths.url_scheme(template) is None and not template.startswith("/"):
-        root = paths.resolve(self.image_roots[name], what=f"--image-root {name}")
-        where = f"template {template!r} under --image-root {name}={root}"
+        root = paths.resolve(self.image_roots[name], what=f"--image_root {name}")
+        where = f"template {template!r} under --image_root {name}={root}"
       else:
         where = f"{flag} {name}={template}"
       problems.append(f"source {name!r} ({'split' if len(splits) == 1 else 'splits'} {', '.join(splits)}): "
                       f"{kind} {path} does not exist ({where}); set it with {flag} {name}=TEMPLATE "
-                      f"or --image-root {name}=DIR")
+                      f"or --image_root {name}=DIR")
     return problems
 
   def get(self, name: str, split: str) -> tuple[rec.ImageIndex, str]:
@@ -273,7 +273,7 @@ class M4Seg(tfds.core.GeneratorBasedBuilder):
     if self._inputs is None:
       self._inputs = load_inputs(self._records, self.sources, fields=self._fields)
       for name, splits in unconfigured(self._inputs, self.sources).items():
-        print(f"[m4seg] note: no --image-root for source {name!r} ({', '.join(splits)}): its records are "
+        print(f"[m4seg] note: no --image_root for source {name!r} ({', '.join(splits)}): its records are "
               f"skipped ({rec.UNKNOWN_SOURCE})")
 
   def _split_generators(self, dl_manager):

@@ -712,7 +712,7 @@ class SourceLayout:
   image_split: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
   def paths(self, root: str | os.PathLike, split: str, *,
-            what: str = "--image-root") -> tuple[epath.Path, epath.Path]:
+            what: str = "--image_root") -> tuple[epath.Path, epath.Path]:
     """(annotation file, image directory) of ``split`` under ``root`` (local or a URL), normalised;
     absolute templates and URLs stay as they are."""
     names = {"split": self.split_alias.get(split, split), "image_split": self.image_split.get(split, split)}

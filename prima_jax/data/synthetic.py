@@ -34,26 +34,27 @@ of the same class, left to right), each followed by its parts in part-number ord
 ``obj_ann_id == id``, parts their object's id, and every annotation its RGB ``color``. Objects never
 overlap, so masks equal the drawn pixels.
 
-CLI: ``python -m prima_jax.data.synthetic --out DIR --seed S [--train N --val N --test N] [--image-size 96]``.
+CLI: ``python -m prima_jax.data.synthetic --out DIR --seed S [--train N --val N --test N] [--image_size 96]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
 import os
 import re
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+from absl import flags
 from etils import epath
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from prima_jax import paths
+from prima_jax import cli, paths
 from prima_jax.progress import Progress
 
 DATASET_NAME = "synthetic"
@@ -981,30 +982,43 @@ def vocabulary() -> list[str]:
 # CLI
 
 
-def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m prima_jax.data.synthetic",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True, help="output root DIR (local or an object-store URL)")
-  parser.add_argument("--seed", type=int, default=0)
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``fv`` (see ``prima_jax.cli.call``)."""
+  flags.DEFINE_string("out", None, "Output root DIR (local or an object-store URL; required).",
+                      flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
   for split in SPLITS:
-    parser.add_argument(f"--{split}", type=int, default=DEFAULT_SIZES[split], help=f"{split} examples")
-  parser.add_argument("--image-size", type=int, default=96, help="nominal image side (varies by +-20%%)")
-  args = parser.parse_args(argv)
+    flags.DEFINE_integer(split, DEFAULT_SIZES[split], f"{split} examples.", flag_values=fv)
+  flags.DEFINE_integer("image_size", 96, "Nominal image side (varies by +-20%).", flag_values=fv)
+
+
+def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
+  """The command on parsed flags ``fv``: 0, or 2 with one ``error:`` line for bad input."""
+  def error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+  if len(argv) > 1:
+    return error(f"unexpected argument(s): {' '.join(argv[1:])}")
+  args = fv
+  if not args.out:
+    return error("--out is required")
   sizes = {s: getattr(args, s) for s in SPLITS}
   for split, n in sizes.items():
     if n < 0:
-      parser.error(f"--{split} must be >= 0")
+      return error(f"--{split} must be >= 0")
   try:
     out = paths.resolve(args.out, what="--out")
   except paths.PathError as e:
-    parser.error(str(e))
+    return error(str(e))
   summary = generate(out, args.seed, sizes, args.image_size, progress=True)
   for split, s in summary["splits"].items():
     print(f"{split}: {s['examples']} examples ({s['multi_image']} multi-image), {s['images']} images, "
           f"{s['annotations']} annotations, categories {s['categories']}, encodings {s['encodings']}")
   print(f"wrote {args.out} in {summary['seconds']:.2f} s ({summary['examples_per_second']} examples/s)")
-  return summary
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run(main, bad_flags_status=2)

@@ -1,6 +1,6 @@
 """Benchmark of the cross-image attention kernels against the XLA reference.
 
-    python -m prima_jax.kernels.bench [--backend auto|tpu|gpu] [--dtype bf16|f32] [--check-hlo]
+    python -m prima_jax.kernels.bench [--backend auto|tpu|gpu] [--dtype bf16|f32] [--check_hlo]
 
 On a TPU or GPU: times the reference (:func:`prima_jax.models.attention.xla_attention` with the
 key-padding mask) and the backend's kernel at PRIMA's shapes (batch 8, up to 5 images x 257 EVA
@@ -8,7 +8,7 @@ tokens with 2..5 valid images per example, 32 or 32+24 queries, 12 heads x 64 or
 forward and forward+backward, and prints ms, the speed-up and TFLOP/s. FLOPs are model FLOPs over
 the *valid* keys only: 4 * heads * q_len * valid_keys * head_dim per example for the forward,
 three times that for forward+backward (no recomputation counted); the same count for both
-implementations, so the TFLOP/s ratio equals the time ratio. ``--check-hlo`` prints whether the
+implementations, so the TFLOP/s ratio equals the time ratio. ``--check_hlo`` prints whether the
 compiled program holds the kernel's custom call (tpu_custom_call, __gpu$xla.gpu.triton or
 mosaic_gpu).
 
@@ -18,15 +18,18 @@ the reference, printing the largest relative errors of out, dq, dk and dv.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import statistics
+import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
+from prima_jax import cli
 from prima_jax.models.attention import xla_attention
 
 TOKENS = 257  # EVA tokens per image
@@ -129,12 +132,21 @@ def check_cpu(backends: list[str], dtype) -> None:
       print(f"{'pallas_' + backend:>10} {q_len:>4} {heads:>5} {head_dim:>4} {errs}")
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--backend", choices=("auto", "tpu", "gpu"), default="auto")
-  parser.add_argument("--dtype", choices=("bf16", "f32"), default="bf16")
-  parser.add_argument("--check-hlo", action="store_true")
-  args = parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> int | None:
+  """The command's flags, on ``fv`` (see ``prima_jax.cli.call``)."""
+  flags.DEFINE_enum("backend", "auto", ["auto", "tpu", "gpu"], "Kernel backend (auto: the platform's).",
+                    flag_values=fv)
+  flags.DEFINE_enum("dtype", "bf16", ["bf16", "f32"], "Input dtype.", flag_values=fv)
+  flags.DEFINE_bool("check_hlo", False, "Print whether the compiled program holds the kernel's custom call.",
+                    flag_values=fv)
+
+
+def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int | None:
+  """The benchmark (or, on the CPU, the correctness check) on parsed flags ``fv``."""
+  if len(argv) > 1:
+    print(f"error: unexpected argument(s): {' '.join(argv[1:])}", file=sys.stderr)
+    return 2
+  args = fv
   dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32}[args.dtype]
   platform = jax.default_backend()
   if platform not in ("tpu", "gpu"):
@@ -149,4 +161,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run(main, bad_flags_status=2)

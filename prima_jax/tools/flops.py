@@ -1,7 +1,7 @@
 r"""Per-example FLOPs of PRIMA, GLaMM-style and LISA-style models, counted by XLA and analytically.
 
   python -m prima_jax.tools.flops --config=configs/m4seg.py \
-      [--images=3 --prompt-tokens=100 --answer-tokens=64 --masks=3 --generate --sweep]
+      [--images=3 --prompt_tokens=100 --answer_tokens=64 --masks=3 --generate --sweep]
   python -m prima_jax.tools.flops --config=configs/m4seg.py --training \
       [--images=3 --micro_batch=K --mesh=data,fsdp,tensor --fake_devices=N --json]
 
@@ -27,9 +27,9 @@ saving). It excludes elementwise work (LayerNorm / RMSNorm, softmax, GELU / SiLU
 residuals, masks), embedding look-ups and the scatter of image tokens. The two must agree within
 :data:`AGREEMENT_TOLERANCE` per component; the difference is that elementwise work.
 
-Protocol (printed with the table): ``--images`` N per example (all valid), ``--prompt-tokens`` P text
+Protocol (printed with the table): ``--images`` N per example (all valid), ``--prompt_tokens`` P text
 tokens of the prompt (system prompt + question; image tokens come on top, plus ``<im_start>`` /
-``<im_end>`` per image), ``--answer-tokens`` A, ``--masks`` M [SEG] masks, batch 1, the config's
+``<im_end>`` per image), ``--answer_tokens`` A, ``--masks`` M [SEG] masks, batch 1, the config's
 compute dtype, LoRA merged (inference). Without ``--generate`` one teacher-forced forward over the
 whole sequence (P + image tokens + A; logits at every position). With ``--generate``: a prefill
 over P + image tokens (logits at every position, as Hugging Face ``generate``), then A decode steps
@@ -855,12 +855,12 @@ if __name__ == "__main__":
   _CONFIG = _flag(config_flags.DEFINE_config_file, "config", None,
                   "Config file (path[:arg]); its `model` is PRIMA.")
   _IMAGES = flags.DEFINE_integer("images", Protocol.images, "Images per example.")
-  _PROMPT = flags.DEFINE_integer("prompt-tokens", Protocol.prompt_tokens,
+  _PROMPT = flags.DEFINE_integer("prompt_tokens", Protocol.prompt_tokens,
                                  "Text tokens of the prompt (image tokens and delimiters come on top).")
-  _ANSWER = flags.DEFINE_integer("answer-tokens", Protocol.answer_tokens, "Answer tokens.")
+  _ANSWER = flags.DEFINE_integer("answer_tokens", Protocol.answer_tokens, "Answer tokens.")
   _MASKS = flags.DEFINE_integer("masks", Protocol.masks, "[SEG] masks per example.")
   _GENERATE = flags.DEFINE_bool("generate", False, "Count prefill + KV-cache decoding, not one forward.")
-  _QUESTION = flags.DEFINE_integer("question-tokens", None,
+  _QUESTION = flags.DEFINE_integer("question_tokens", None,
                                    "Q-Former text tokens (default: the config's data.max_question_length).")
   _SWEEP = flags.DEFINE_bool("sweep", False, "Also sweep protocols (analytic) for the paper's saving.")
   _TRAINING = flags.DEFINE_bool("training", False,

@@ -8,14 +8,17 @@ random (``prima_jax.models.batch.random_example``); parameters are freshly initi
 
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import numpy as np
+from absl import flags
 from flax import nnx
 
+from prima_jax import cli
 from prima_jax.models.batch import collate, random_example
 from prima_jax.models.configs import full_config, tiny_config
 from prima_jax.models.losses import prima_loss
@@ -34,15 +37,22 @@ def _time(fn, steps: int) -> tuple[float, float]:
   return first, statistics.median(times)
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
-  parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--images", type=int, default=3)
-  parser.add_argument("--masks", type=int, default=2)
-  parser.add_argument("--dtype", default="float32")
-  parser.add_argument("--steps", type=int, default=5)
-  args = parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> int | None:
+  """The command's flags, on ``fv`` (see ``prima_jax.cli.call``)."""
+  flags.DEFINE_enum("size", "tiny", ["tiny", "full"], "Model config.", flag_values=fv)
+  flags.DEFINE_integer("batch", 4, "Examples per batch.", flag_values=fv)
+  flags.DEFINE_integer("images", 3, "Images per example (at most model.prima.max_images).", flag_values=fv)
+  flags.DEFINE_integer("masks", 2, "Masks per example.", flag_values=fv)
+  flags.DEFINE_string("dtype", "float32", "Compute dtype of the model.", flag_values=fv)
+  flags.DEFINE_integer("steps", 5, "Timed steps (the median is printed).", flag_values=fv)
+
+
+def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int | None:
+  """The benchmark on parsed flags ``fv``."""
+  if len(argv) > 1:
+    print(f"error: unexpected argument(s): {' '.join(argv[1:])}", file=sys.stderr)
+    return 2
+  args = fv
 
   cfg = tiny_config() if args.size == "tiny" else full_config()
   cfg.dtype = args.dtype
@@ -76,4 +86,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run(main, bad_flags_status=2)
