@@ -5,6 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="prima_jax",
     version="0.1.0",
+    license="Apache-2.0",
     description="PRIMA multi-image reasoning segmentation in JAX / Flax NNX",
     python_requires=">=3.11",
     packages=find_packages(include=["prima_jax", "prima_jax.*"]),
