@@ -17,6 +17,7 @@ Nothing is sent anywhere: gradio's analytics are off and no share link is made; 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -184,6 +185,8 @@ class Demo:
 def main(argv) -> int:
   del argv
   os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+  # gradio's HTTP client logs every request it makes to its own server at INFO.
+  logging.getLogger("httpx").setLevel(logging.WARNING)
   from prima_jax.inference.engine import InputError  # noqa: PLC0415
   from prima_jax.inference.loading import open_run  # noqa: PLC0415
   from prima_jax.workdir import IncompatibleCheckpoint, NotAWorkdir  # noqa: PLC0415
