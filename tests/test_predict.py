@@ -22,6 +22,8 @@ from prima_jax.models.configs import tiny_config
 from prima_jax.models.prima import Prima
 from prima_jax.models.sam.sam import postprocess_masks
 
+from parity_utils import test_seed
+
 T = 32
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANSWER_2 = "<p> red circle </p> [SEG] (IMAGE2) and <p> blue square </p> [SEG] (IMAGE1)"
@@ -110,6 +112,34 @@ def test_image_counts_and_sizes_reuse_compiled_shapes(batched):
   batched.predict([ex([(100, 20), (20, 100)]), ex([(64, 48), (10, 10), (33, 60)]), ex([(50, 50), (60, 20)])])
   assert dict(batched.trace_counts) == before, (before, batched.trace_counts)
   assert before == {"generate": 1, "sam_encode": 1, "decode_masks": 1}
+
+
+def test_one_image_and_each_mask_bucket_compile_once(setup):
+  """1 image, then more images and masks: sam_encode retraces only for a new P (distinct mask images, next
+  power of two), decode_masks only for a new M (masks, next power of two); image sizes and counts and
+  prompt lengths inside one L bucket never retrace (generate compiles once)."""
+  cfg, model, toks = setup
+  predictor = Predictor(model, toks, max_new_tokens=48, batch_size=2, prompt_buckets=(128,))
+  rng = np.random.default_rng(test_seed())
+
+  def ask(*examples):
+    """examples: (image sizes, 1-based images of the answer's masks in order); returns the new traces."""
+    before = dict(predictor.trace_counts)
+    rows = [predictor.prepare(_images(rng, sizes), "Where?",
+                              forced_answer=" ".join(f"<p> shape </p> [SEG] (IMAGE{k})" for k in masks))
+            for sizes, masks in examples]
+    predictions = predictor.predict(rows)
+    for (_, masks), p in zip(examples, predictions):
+      assert [s.image_index + 1 for s in p.segs[:len(masks)]] == masks
+    return {k: v - before.get(k, 0) for k, v in predictor.trace_counts.items() if v != before.get(k, 0)}
+
+  assert ask(([(40, 60)], [1])) == {"generate": 1, "sam_encode": 1, "decode_masks": 1}  # P = 1, M = 1
+  assert ask(([(17, 90)], [1]), ([(64, 64), (30, 31), (9, 50)], [3])) == {}               # sizes, counts
+  assert ask(([(40, 60), (50, 30)], [1, 2])) == {"sam_encode": 1, "decode_masks": 1}     # P = 2, M = 2
+  assert ask(([(33, 33), (20, 70), (12, 12)], [2, 3])) == {}                              # P = 2, M = 2
+  assert ask(([(40, 60), (50, 30)], [1, 1, 2])) == {"decode_masks": 1}                   # P = 2, M = 4
+  assert ask(([(40, 60), (50, 30), (30, 30)], [1, 2, 3])) == {"sam_encode": 1}           # P = 4, M = 4
+  assert ask(([(8, 8)], [1]), ([(10, 10), (11, 11)], [2, 1, 2])) == {}                    # P = 2, M = 4
 
 
 def test_prepare_rejects_bad_inputs(batched):

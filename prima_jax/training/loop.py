@@ -82,6 +82,22 @@ class _StopFlag:
       signal.signal(sig, handler)
 
 
+def wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:
+  """Returns when every process has reached the barrier ``name`` (at once with one process).
+
+  Placed after each compilation of the train step: the CPU backend's gloo collectives give up when a peer
+  joins a new device group more than 30 s after the first (``GetKeyValue() timed out``), which a process
+  that compiles a step another loaded from the compilation cache, or compiles on a busier core, can exceed.
+  The barrier is the coordination service's (``jax.distributed``), with its own timeout; JAX's public
+  ``multihost_utils.sync_global_devices`` is itself a device collective, so it would time out the same way.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # noqa: PLC0415 -- see the docstring: no public non-device barrier
+  if distributed.global_state.client is not None:
+    distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
 def _host(tree) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(tree).items()}
 
@@ -350,6 +366,7 @@ def _train(config, wd: workdir_lib.Workdir, mesh, ddir, t_start: float,
             flops *= t.grad_accum_steps  # cost analysis counts a scan body once
           programs[length] = (compiled, flops)
           summary.setdefault("step_flops", {})[length] = flops
+          wait_for_all_processes(f"train step compiled for {length} tokens")
           writer.print(f"compiled the train step ({length} LLM tokens) in {time.time() - tc:.1f} s; "
                        "per device: " + ", ".join(f"{k} {v:.3f} GiB" for k, v in memory.items())
                        + (f"; {flops / 1e9:.1f} GFLOP/step" if flops else ""))
