@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import app, flags
+from ml_collections import config_flags
 
 _SHORT_HELP = ("-h", "-?", "--help", "--helpshort")
 _FULL_HELP = ("--helpfull",)
@@ -66,3 +67,21 @@ def call(module: Any, argv: Sequence[str]) -> Any:
   module.define_flags(fv)
   rest = fv([module.__name__, *argv])
   return module.main(rest, fv)
+
+
+def define_run_flags():
+  """``--config`` and ``--checkpoint`` as predict, evaluate and the web demo take them; returns their
+  flag holders (config, checkpoint)."""
+  config = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]); default: the "
+                                           "checkpoint's run record.", lock_config=False)
+  checkpoint = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints dir or step dir "
+                                   "(local or gs://).")
+  return config, checkpoint
+
+
+def unexpected_arguments(argv: Sequence[str]) -> int | None:
+  """2, after one ``error:`` line, when ``argv`` (program name first) holds positional arguments."""
+  if len(argv) > 1:
+    print(f"error: unexpected argument(s): {' '.join(argv[1:])}", file=sys.stderr)
+    return 2
+  return None

@@ -27,7 +27,6 @@ import threading
 from collections.abc import Sequence
 
 from absl import flags
-from ml_collections import config_flags
 
 from prima_jax import cli, paths, predict
 
@@ -216,10 +215,7 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]); default: the "
-                                            "checkpoint's run record.", lock_config=False)
-  _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints dir or step dir "
-                                    "(local or gs://).")
+  _CONFIG, _CHECKPOINT = cli.define_run_flags()
   _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory holding tokenizers/ (default: the run data).")
   _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "Generation budget in tokens.")
   _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0: every interface).")

@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 
 from prima_jax import cli, paths
 from prima_jax.progress import Progress
@@ -236,10 +235,7 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
   # Flags are defined only when run as a program, so that importing the module defines none.
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]); default: the "
-                                            "checkpoint's run record.", lock_config=False)
-  _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints dir or step dir "
-                                    "(local or gs://).")
+  _CONFIG, _CHECKPOINT = cli.define_run_flags()
   _SPLIT = flags.DEFINE_string("split", None, "Split of the configured dataset (default: data.eval_split).")
   _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate the first N examples of the split only.")
   _SIMILARITY = flags.DEFINE_string("similarity", "default", "Text similarity: 'default' (lexical, no model) "

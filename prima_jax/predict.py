@@ -29,7 +29,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
 from prima_jax import cli, paths
@@ -259,10 +258,7 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
   # Flags are defined only when run as a program, so that importing the module defines none.
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]); default: the "
-                                            "checkpoint's run record.", lock_config=False)
-  _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoints dir or step dir "
-                                    "(local or gs://).")
+  _CONFIG, _CHECKPOINT = cli.define_run_flags()
   _IMAGES = flags.DEFINE_multi_string("image", [], "Image file, local or a URL (repeat for IMAGE1, IMAGE2, "
                                       "...).")
   _QUESTION = flags.DEFINE_string("question", "", "The question.")

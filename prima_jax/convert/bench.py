@@ -84,8 +84,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 
 def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
   """The benchmark on parsed flags ``fv``."""
-  if len(argv) > 1:
-    print(f"error: unexpected argument(s): {' '.join(argv[1:])}", file=sys.stderr)
+  if cli.unexpected_arguments(argv):
     return 2
   args = fv
 

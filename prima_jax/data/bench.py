@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -213,8 +212,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> int | None:
 
 def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int | None:
   """The benchmark on parsed flags ``fv``."""
-  if len(argv) > 1:
-    print(f"error: unexpected argument(s): {' '.join(argv[1:])}", file=sys.stderr)
+  if cli.unexpected_arguments(argv):
     return 2
   args = fv
   tmp = tempfile.TemporaryDirectory()

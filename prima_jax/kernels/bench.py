@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 
@@ -143,8 +142,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> int | None:
 
 def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int | None:
   """The benchmark (or, on the CPU, the correctness check) on parsed flags ``fv``."""
-  if len(argv) > 1:
-    print(f"error: unexpected argument(s): {' '.join(argv[1:])}", file=sys.stderr)
+  if cli.unexpected_arguments(argv):
     return 2
   args = fv
   dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32}[args.dtype]

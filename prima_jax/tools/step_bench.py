@@ -9,7 +9,6 @@ random (``prima_jax.models.batch.random_example``); parameters are freshly initi
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 
@@ -49,8 +48,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> int | None:
 
 def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int | None:
   """The benchmark on parsed flags ``fv``."""
-  if len(argv) > 1:
-    print(f"error: unexpected argument(s): {' '.join(argv[1:])}", file=sys.stderr)
+  if cli.unexpected_arguments(argv):
     return 2
   args = fv
 
