@@ -34,26 +34,63 @@ def help_requested(argv: Sequence[str]) -> str | None:
   return None
 
 
-def run(main: Callable[[list[str]], Any], *, bad_flags_status: int | None = None) -> None:
+def _config_file_error(value) -> str | None:
+  """The load error of a config flag's value (ml_collections keeps a placeholder that raises on use)."""
+  error = getattr(value, "_error", None) if type(value).__name__ == "_ErrorConfig" else None
+  if error is None:
+    return None
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[-1] if lines else repr(error)
+
+
+def _one_line(message: str) -> str:
+  """absl's message, with an embedded traceback (a config file that raised) cut to its last line."""
+  lines = [line.rstrip() for line in message.splitlines() if line.strip()]
+  if any(line.startswith("Traceback (most recent call last)") for line in lines):
+    return f"{lines[0].rstrip(':')}: {lines[-1].strip()}"
+  return " ".join(line.strip() for line in lines)
+
+
+def _override_error(e: Exception, argv: Sequence[str]) -> str:
+  """One line for an exception ml_collections raised while applying ``--config.a.b=v`` overrides."""
+  key = str(e).strip("\"'")
+  named = [a for a in argv if a.startswith("--config.") and key and key in a.split("=", 1)[0].split(".")]
+  where = ", ".join(named) if named else "a --config.* override"
+  if isinstance(e, (AttributeError, KeyError)):
+    return f"{where}: the config has no field {key!r}"
+  return f"{where}: {e}"
+
+
+def run(main: Callable[[list[str]], Any], *, bad_flags_status: int = 2) -> None:
   """``app.run(main)``, with ``--help`` / ``--helpfull`` printing the usage to stdout and exiting 0.
 
-  With ``bad_flags_status``, a command line absl cannot parse (an unknown flag, a bad value) is one
-  ``error:`` line on stderr and that exit status instead of absl's ``FATAL Flags parsing error`` and 1
-  (for commands where 1 means something else, such as problems found).
+  A command line that cannot be used is one ``error:`` line on stderr and exit status
+  ``bad_flags_status``, before ``main`` runs: an unknown flag or a bad value (instead of absl's
+  ``FATAL Flags parsing error``), a config file that does not load (missing, a syntax error: the line
+  names the file), and a ``--config.*`` override of a field the config does not have.
   """
   wanted = help_requested(sys.argv[1:])
   if wanted is not None:
     app.usage(shorthelp=wanted == "short", writeto_stdout=True, exitcode=0)
-  if bad_flags_status is None:
-    app.run(main)
-    return
+
+  def fail(message: str):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(bad_flags_status)
 
   def parse(argv: list[str]) -> list[str]:
     try:
-      return flags.FLAGS(argv)
+      rest = flags.FLAGS(argv)
     except flags.Error as e:
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(bad_flags_status)
+      fail(_one_line(str(e)))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # raised by config overrides
+      fail(_override_error(e, argv))
+    except (OSError, SyntaxError) as e:  # a config file that cannot be read or compiled
+      fail(f"cannot load the config file: {e}")
+    for name in flags.FLAGS:
+      problem = _config_file_error(flags.FLAGS[name].value)
+      if problem is not None:
+        fail(f"--{name}: cannot load the config file: {problem}")
+    return rest
 
   app.run(main, flags_parser=parse)
 

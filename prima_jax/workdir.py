@@ -118,7 +118,13 @@ class Workdir:
     return self.path / PREDICTIONS
 
   def create(self) -> None:
-    self.path.mkdir(parents=True, exist_ok=True)
+    """Creates the directory; paths.PathError (one line naming it) when it cannot be."""
+    if self.path.exists() and not self.path.is_dir():
+      raise paths.PathError(f"{self.what}={self.path} is a file, not a directory")
+    try:
+      self.path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise paths.PathError(f"{self.what}={self.path}: cannot create it: {e.strerror or e}") from None
 
   @property
   def lock_path(self) -> epath.Path:

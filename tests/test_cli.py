@@ -79,3 +79,35 @@ def test_convert_subcommand_and_flag_errors(argv, message, capsys):
   assert cli.call(convert, argv) == 2
   captured = capsys.readouterr()
   assert captured.err == f"error: {message}\n" and captured.out == ""
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config={tmp}/nope.py"], "cannot load the config file: [Errno 2] No such file or directory"),
+    (["--config={tmp}/broken.py"], "invalid syntax (broken.py, line 1)"),
+    (["--config=configs/demo.py:nope"], "ValueError: configs/demo.py: unknown variant(s) ['nope']"),
+    (["--config=configs/demo.py:test", "--config.train.nonexistent=1"],
+     "--config.train.nonexistent=1: the config has no field 'nonexistent'"),
+    (["--config=configs/demo.py:test", "--config.train.batch_size=many"], "batch_size"),
+], ids=["missing", "syntax-error", "config-raises", "unknown-field", "bad-value"])
+def test_a_config_that_cannot_be_used_is_one_error_line_and_creates_nothing(tmp_path, args, message):
+  (tmp_path / "broken.py").write_text("def get_config(:\n")
+  workdir = tmp_path / "run"
+  out = subprocess.run([sys.executable, "-m", "prima_jax.train", *[a.format(tmp=tmp_path) for a in args],
+                        f"--workdir={workdir}"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr[-2000:]
+  if "{tmp}" in args[0]:  # the file is named
+    assert args[0].split("/")[-1] in lines[0]
+  assert not workdir.exists()
+
+
+def test_a_workdir_that_is_a_file_is_one_error_line(tmp_path):
+  (tmp_path / "afile").write_text("x")
+  out = subprocess.run([sys.executable, "-m", "prima_jax.train", "--config=configs/demo.py:test",
+                        f"--workdir={tmp_path / 'afile'}"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})  # one device
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert errors == [f"error: --workdir={tmp_path / 'afile'} is a file, not a directory"]

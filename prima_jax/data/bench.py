@@ -237,4 +237,4 @@ def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int | None:
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main, bad_flags_status=2)
+  cli.run(main)
