@@ -55,6 +55,31 @@ class IncompatibleCheckpoint(ValueError):
   """The workdir holds a run whose state does not fit the current config."""
 
 
+class DamagedCheckpoint(IncompatibleCheckpoint):
+  """A checkpoint whose files cannot be read back (truncated, missing or corrupt)."""
+
+
+def damaged(directory, error: BaseException) -> DamagedCheckpoint:
+  """A one-line DamagedCheckpoint naming ``directory`` and the first line of ``error``."""
+  first = (str(error).strip().splitlines() or [""])[0][:300]
+  return DamagedCheckpoint(f"{directory}: the checkpoint cannot be read back (damaged or incomplete; "
+                           f"{type(error).__name__}: {first}); use an earlier step "
+                           "(WORKDIR/checkpoints/<step>)")
+
+
+def tree_metadata(checkpointer, directory) -> Any:
+  """The saved tree's metadata of the Orbax pytree at ``directory``; DamagedCheckpoint when unreadable."""
+  try:
+    saved = checkpointer.metadata(directory)
+  except Exception as e:  # noqa: BLE001 -- Orbax / TensorStore raise many types for unreadable files
+    raise damaged(directory, e) from None
+  saved = getattr(saved, "item_metadata", saved)
+  saved = getattr(saved, "tree", saved)
+  if saved is None:
+    raise damaged(directory, ValueError("no readable tree metadata"))
+  return saved
+
+
 class NotAWorkdir(FileNotFoundError):
   """The path holds no prima_jax run (no config record / no checkpoint)."""
 
@@ -448,10 +473,11 @@ def restore_subset(directory: epath.Path, item_key: str | None,
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
   checkpointer = ocp.PyTreeCheckpointer()
-  saved = checkpointer.metadata(directory)
-  saved = getattr(saved, "item_metadata", saved)
-  saved = getattr(saved, "tree", saved)
-  saved_tree = saved[item_key] if item_key else saved
+  saved = tree_metadata(checkpointer, directory)
+  try:
+    saved_tree = saved[item_key] if item_key else saved
+  except (KeyError, TypeError) as e:
+    raise damaged(directory, e) from None
   saved_flat = {tuple(str(p) for p in k): v for k, v in flat_dict(saved_tree).items()}
   found = {p: a for p, a in wanted.items() if p in saved_flat}
   bad = [f"{'/'.join(p)}: checkpoint {tuple(saved_flat[p].shape)} vs model {tuple(a.shape)}"
@@ -468,8 +494,11 @@ def restore_subset(directory: epath.Path, item_key: str | None,
 
   tree = nest_paths({p: target(a) for p, a in found.items()})
   item = {item_key: tree} if item_key else tree
-  restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+  try:
+    restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+  except Exception as e:  # noqa: BLE001 -- Orbax / TensorStore raise many types for unreadable files
+    raise damaged(directory, e) from None
   restored = restored[item_key] if item_key else restored
   return {tuple(str(k) for k in p): v for p, v in flat_dict(restored).items()}
 

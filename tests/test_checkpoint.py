@@ -61,3 +61,27 @@ def test_restore_of_a_step_without_data_position(tmp_path):
   checkpointer.close()
   np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
   assert meta == {"step": 0}
+
+
+@pytest.mark.parametrize("damage", ["truncated data", "garbage metadata"])
+def test_a_damaged_checkpoint_is_one_error_naming_it(tmp_path, damage):
+  """predict / evaluate / convert read parameters through workdir.restore_subset: a checkpoint whose files
+  were cut short or overwritten is a DamagedCheckpoint naming its directory (one line), not a traceback."""
+  directory = tmp_path / "state"
+  tree = {"params": {"w": np.arange(4096, dtype=np.float32).reshape(64, 64), "b": np.ones(64, np.float32)}}
+  ocp.PyTreeCheckpointer().save(directory, tree)
+  wanted = {("w",): jnp.zeros((64, 64)), ("b",): jnp.zeros(64)}
+  restored = workdir_lib.restore_subset(directory, "params", wanted)
+  np.testing.assert_array_equal(restored[("w",)], tree["params"]["w"])
+  if damage == "truncated data":
+    files = [p for p in directory.rglob("*") if p.is_file() and "/d/" in str(p)]
+    assert files
+    for p in files:
+      p.write_bytes(p.read_bytes()[:50])
+  else:
+    for p in directory.rglob("_*METADATA"):
+      p.write_text("{not json")
+  with pytest.raises(workdir_lib.DamagedCheckpoint) as e:
+    workdir_lib.restore_subset(directory, "params", wanted)
+  message = str(e.value)
+  assert message.startswith(f"{directory}: the checkpoint cannot be read back") and "\n" not in message

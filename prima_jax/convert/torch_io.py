@@ -54,7 +54,7 @@ from prima_jax.convert.state_dict import (
   path_str,
 )
 from prima_jax.models import stacking
-from prima_jax.workdir import NotAWorkdir, Workdir, nest_paths
+from prima_jax.workdir import NotAWorkdir, Workdir, damaged, nest_paths, tree_metadata
 
 GB = 1 << 30
 MB = 1 << 20
@@ -519,7 +519,7 @@ class CheckpointParams:
     for directory, subtree in ((step_dir / "state", "params"), (workdir.frozen, None)):
       if not (directory / "_METADATA").exists():
         continue
-      tree = self._ckpt.metadata(directory).item_metadata.tree
+      tree = tree_metadata(self._ckpt, directory)
       for keys, leaf in _flatten(tree[subtree] if subtree else tree):
         keys = (subtree, *keys) if subtree else keys
         name = path_str(keys[1:] if subtree else keys)
@@ -539,8 +539,11 @@ class CheckpointParams:
     for directory, wanted in by_item.items():
       tree = nest_paths({k: 0 for k in wanted})
       args = nest_paths({k: ocp.RestoreArgs(restore_type=np.ndarray) for k in wanted})
-      restored = self._ckpt.restore(directory, args=ocp.args.PyTreeRestore(item=tree, restore_args=args,
-                                                                          partial_restore=True))
+      try:
+        restored = self._ckpt.restore(directory, args=ocp.args.PyTreeRestore(item=tree, restore_args=args,
+                                                                            partial_restore=True))
+      except Exception as e:  # noqa: BLE001 -- Orbax / TensorStore raise many types for unreadable files
+        raise damaged(directory, e) from None
       flat = dict(_flatten(restored))
       for keys, n in wanted.items():
         out[n] = np.asarray(flat[keys])
