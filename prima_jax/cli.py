@@ -61,11 +61,11 @@ def _override_error(e: Exception, argv: Sequence[str]) -> str:
   return f"{where}: {e}"
 
 
-def run(main: Callable[[list[str]], Any], *, bad_flags_status: int = 2) -> None:
+def run(main: Callable[[list[str]], Any]) -> None:
   """``app.run(main)``, with ``--help`` / ``--helpfull`` printing the usage to stdout and exiting 0.
 
-  A command line that cannot be used is one ``error:`` line on stderr and exit status
-  ``bad_flags_status``, before ``main`` runs: an unknown flag or a bad value (instead of absl's
+  A command line that cannot be used is one ``error:`` line on stderr and exit status 2, before ``main``
+  runs: an unknown flag or a bad value (instead of absl's
   ``FATAL Flags parsing error``), a config file that does not load (missing, a syntax error: the line
   names the file), and a ``--config.*`` override of a field the config does not have.
   """
@@ -75,7 +75,7 @@ def run(main: Callable[[list[str]], Any], *, bad_flags_status: int = 2) -> None:
 
   def fail(message: str):
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(bad_flags_status)
+    sys.exit(2)
 
   def parse(argv: list[str]) -> list[str]:
     try:

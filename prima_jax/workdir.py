@@ -80,6 +80,15 @@ def tree_metadata(checkpointer, directory) -> Any:
   return saved
 
 
+def restore_readable(checkpointer, directory, args) -> Any:
+  """``checkpointer.restore(directory, args=args)``; DamagedCheckpoint naming ``directory`` when its files
+  cannot be read back."""
+  try:
+    return checkpointer.restore(directory, args=args)
+  except Exception as e:  # noqa: BLE001 -- Orbax / TensorStore raise many types for unreadable files
+    raise damaged(directory, e) from None
+
+
 class NotAWorkdir(FileNotFoundError):
   """The path holds no prima_jax run (no config record / no checkpoint)."""
 
@@ -494,11 +503,8 @@ def restore_subset(directory: epath.Path, item_key: str | None,
 
   tree = nest_paths({p: target(a) for p, a in found.items()})
   item = {item_key: tree} if item_key else tree
-  try:
-    restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
-  except Exception as e:  # noqa: BLE001 -- Orbax / TensorStore raise many types for unreadable files
-    raise damaged(directory, e) from None
+  restored = restore_readable(checkpointer, directory, ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
   restored = restored[item_key] if item_key else restored
   return {tuple(str(k) for k in p): v for p, v in flat_dict(restored).items()}
 

@@ -54,7 +54,7 @@ from prima_jax.convert.state_dict import (
   path_str,
 )
 from prima_jax.models import stacking
-from prima_jax.workdir import NotAWorkdir, Workdir, damaged, nest_paths, tree_metadata
+from prima_jax.workdir import NotAWorkdir, Workdir, nest_paths, restore_readable, tree_metadata
 
 GB = 1 << 30
 MB = 1 << 20
@@ -539,11 +539,8 @@ class CheckpointParams:
     for directory, wanted in by_item.items():
       tree = nest_paths({k: 0 for k in wanted})
       args = nest_paths({k: ocp.RestoreArgs(restore_type=np.ndarray) for k in wanted})
-      try:
-        restored = self._ckpt.restore(directory, args=ocp.args.PyTreeRestore(item=tree, restore_args=args,
-                                                                            partial_restore=True))
-      except Exception as e:  # noqa: BLE001 -- Orbax / TensorStore raise many types for unreadable files
-        raise damaged(directory, e) from None
+      restored = restore_readable(self._ckpt, directory, ocp.args.PyTreeRestore(
+          item=tree, restore_args=args, partial_restore=True))
       flat = dict(_flatten(restored))
       for keys, n in wanted.items():
         out[n] = np.asarray(flat[keys])
