@@ -68,8 +68,10 @@ class ModelParts:
     """Module from pure-dict ``trainable`` / ``frozen`` (inside or outside ``jit``)."""
     t = _with_values(self.trainable, trainable)
     f = _with_values(self.frozen, frozen)
-    return nnx.merge(self.graphdef if train else self.eval_graphdef, t, f,
-                     self.rest if rest is None else rest)
+    # Fresh Variables for the rest too: a remat-ed block writes its RNG counters back, which a Variable
+    # created outside the current trace refuses (the eval step of a remat config closes over the rest).
+    r = jax.tree.map(lambda x: x, self.rest if rest is None else rest)
+    return nnx.merge(self.graphdef if train else self.eval_graphdef, t, f, r)
 
   def reseeded_rest(self, key: jax.Array) -> nnx.State:
     """The rest with every RNG stream re-keyed from ``key`` (typed) and counters at 0."""

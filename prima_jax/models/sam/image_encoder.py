@@ -12,11 +12,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from prima_jax import sharding
 from prima_jax.models import layers, stacking
 from prima_jax.models.attention import dot_product_attention
 
 # LayerNorm2d of SAM's neck, mask downscaling and output upscaling (a channel-last LayerNorm).
 LAYER_NORM_2D_EPS = 1e-6
+# Logical axes of the [b, g, g, D] activations (and of the [b * windows, w, w, D] windows). Without
+# them the partitioner replicated the encoder over the batch axes: every device encoded the whole
+# micro-batch's images (docs/perf.md, "Memory per device").
+ACT_AXES = ("batch", None, None, "act_embed")
 
 
 def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:
@@ -135,12 +140,12 @@ class VisionBlock(nnx.Module):
     if self.window > 0:
       hw = y.shape[1:3]
       y, padded = window_partition(y, self.window)
-      y = self.attn(y)
+      y = self.attn(sharding.constrain(y, ACT_AXES))
       y = window_unpartition(y, self.window, padded, hw)
     else:
       y = self.attn(y)
     x = x + y
-    return x + self.mlp(self.norm2(x))
+    return sharding.constrain(x + self.mlp(self.norm2(x)), ACT_AXES)
 
 
 def _apply_block(block: VisionBlock, x: jax.Array) -> jax.Array:
@@ -183,8 +188,8 @@ class SamImageEncoder(nnx.Module):
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """[b, S, S, 3] -> [b, S/p, S/p, out_channels]."""
-    x = self.patch_embed(images)
-    x = x + self.pos_embed[...].astype(x.dtype)
+    x = self.patch_embed(sharding.constrain(images, ACT_AXES))
+    x = sharding.constrain(x + self.pos_embed[...].astype(x.dtype), ACT_AXES)
     x = stacking.run(self.blocks, x, _apply_block, scan=self.scan_layers, remat=self.remat)
     x = self.neck_norm1(self.neck_conv1(x))
-    return self.neck_norm2(self.neck_conv2(x))
+    return sharding.constrain(self.neck_norm2(self.neck_conv2(x)), ACT_AXES)
