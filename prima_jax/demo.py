@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -30,80 +29,14 @@ from absl import flags
 
 from prima_jax import cli, paths, predict
 
-# Plain text and markup of an answer: <p>, </p>, and a [SEG] with the (IMAGEk) tag that follows it.
-_MARKUP = re.compile(r"(<p>|</p>|\[SEG\](?:\s*\(IMAGE\d+\))?)")
-DROPPED_COLOUR = "#9e9e9e"
-
-
-def hex_colour(rgb) -> str:
-  return "#" + "".join(f"{int(c):02x}" for c in rgb)
-
-
-def seg_colour(j: int) -> str:
-  """The colour of the answer's j-th routed [SEG] (0-based), as its mask is drawn in the overlays."""
-  return hex_colour(predict.PALETTE[j % len(predict.PALETTE)])
-
-
-def answer_spans(prediction) -> tuple[list[tuple[str, str | None]], dict[str, str]]:
-  """The answer as (text, label) spans for a highlighted-text view, and each label's colour.
-
-  A phrase grounded by a routed ``[SEG]`` becomes one span labelled ``"j: IMAGEk"`` (j = 1-based
-  number of the mask, as the overlays label it) in that mask's colour; a phrase whose ``[SEG]`` got no
-  mask is labelled ``"no mask: <reason>"`` in grey; the markup itself (``<p>``, ``</p>``, ``[SEG]``,
-  the image tag) is not shown. Other text has label None.
-
-  Args:
-    prediction: a :class:`prima_jax.inference.grounding.Prediction`.
-  """
-  # The answer's [SEG]s in order, routed and dropped alike (both kept in generation order).
-  tokens = sorted([(s.token_index, j, None) for j, s in enumerate(prediction.segs)]
-                  + [(d.token_index, None, d.reason) for d in prediction.dropped])
-  spans: list[tuple[str, str | None]] = []
-  colours: dict[str, str] = {}
-  phrase: str | None = None      # text after <p>, or a closed phrase waiting for its [SEG]
-  inside = False
-  seg = 0
-
-  def plain(text: str) -> None:
-    if text:
-      spans.append((text, None))
-
-  for part in _MARKUP.split(prediction.answer):
-    if part == "<p>":
-      if phrase is not None:
-        plain(phrase)
-      phrase, inside = "", True
-    elif part == "</p>":
-      inside = False
-    elif part.startswith("[SEG]"):
-      text = (phrase or "").strip() or "[SEG]"
-      if seg < len(tokens) and tokens[seg][1] is not None:
-        label = f"{tokens[seg][1] + 1}: IMAGE{prediction.segs[tokens[seg][1]].image_index + 1}"
-        colours[label] = seg_colour(tokens[seg][1])
-      else:
-        reason = tokens[seg][2] if seg < len(tokens) else "no mask"
-        label = f"no mask: {reason}"
-        colours[label] = DROPPED_COLOUR
-      spans.append((text, label))
-      phrase, inside, seg = None, False, seg + 1
-    elif inside:
-      phrase = (phrase or "") + part
-    elif phrase is not None and not part.strip():
-      continue                  # between </p> and its [SEG]
-    else:
-      if phrase is not None:    # a closed phrase without a [SEG]: shown as text
-        plain(phrase)
-        phrase = None
-      plain(part)
-  if phrase is not None:
-    plain(phrase)
-  return spans, colours
-
-
-def image_caption(prediction, k: int, name: str) -> str:
-  """Overlay caption: ``IMAGEk · name · masks 1, 3`` (the numbers of the masks drawn on it)."""
-  numbers = [str(j + 1) for j, s in enumerate(prediction.segs) if s.image_index == k]
-  return f"IMAGE{k + 1} · {name} · " + (f"masks {', '.join(numbers)}" if numbers else "no mask")
+# The answer's colouring and captions are predict's (its index page draws them the same way).
+from prima_jax.predict import (  # noqa: F401
+  DROPPED_COLOUR,
+  answer_spans,
+  hex_colour,
+  image_caption,
+  seg_colour,
+)
 
 
 class Demo:

@@ -336,41 +336,102 @@ def local_cache_root(config) -> epath.Path:
   return epath.Path(paths.local_only(root, what="data.cache_dir", why="ArrayRecord's local reads"))
 
 
+def synthetic_settings(config) -> dict[str, Any]:
+  """What generates the synthetic benchmark of ``config``: variant, images (the many variant's
+  [min, max] images per question; None for the standard one), seed, sizes, image_size."""
+  d = config.data
+  variant = d.get("synthetic_variant", "standard")
+  images = [int(v) for v in d.get("synthetic_images", ())] if variant != "standard" else None
+  return dict(variant=variant, images=images, seed=d.synthetic_seed,
+              sizes={k: int(v) for k, v in d.synthetic_sizes.items()}, image_size=d.synthetic_image_size)
+
+
 def synthetic_cache_dir(config) -> epath.Path:
   """A local directory for the synthetic benchmark of ``config`` (``data.cache_dir``, default
   ``~/.cache/prima_jax``), named by a hash of the settings that generate it."""
   d = config.data
-  key = json.dumps(dict(seed=d.synthetic_seed, sizes={k: int(v) for k, v in d.synthetic_sizes.items()},
-                        image_size=d.synthetic_image_size), sort_keys=True)
+  settings = synthetic_settings(config)
+  key = {k: settings[k] for k in ("seed", "sizes", "image_size")}
+  if settings["variant"] != "standard":  # the standard benchmark's directory keeps its name
+    key.update(variant=settings["variant"], images=settings["images"])
+  key = json.dumps(key, sort_keys=True)
   root = d.get("cache_dir", "") or os.path.join(os.path.expanduser("~"), ".cache", "prima_jax")
   root = paths.local_only(root, what="data.cache_dir", why="the synthetic benchmark's ArrayRecord build")
   return epath.Path(root) / f"synthetic-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
+class SyntheticDataMismatch(IncompatibleCheckpoint):
+  """A data directory holding the synthetic benchmark of another variant or image range than the config's
+  (an IncompatibleCheckpoint, so every entry point reports it as one error line)."""
+
+
+def _prepared_variant(marker: epath.Path) -> dict[str, Any]:
+  """The variant and images recorded in a PREPARED marker (written before variants existed: "ok", the
+  standard benchmark)."""
+  try:
+    recorded = json.loads(marker.read_text())
+  except json.JSONDecodeError:
+    recorded = None
+  if not isinstance(recorded, dict):
+    return {"variant": "standard", "images": None}
+  return {"variant": recorded.get("variant", "standard"), "images": recorded.get("images")}
+
+
+def _describe(variant: Mapping[str, Any]) -> str:
+  images = variant["images"]
+  return f"{variant['variant']!r}" + (f" ({images[0]}-{images[1]} images)" if images else "")
+
+
 def prepare_synthetic(config, directory: str | os.PathLike) -> None:
   """Generates the synthetic benchmark, its TFDS ArrayRecord build and tokenisers into ``directory``
-  unless ``directory/PREPARED`` exists (process 0 writes; the others wait)."""
+  unless ``directory/PREPARED`` exists (process 0 writes; the others wait). PREPARED records the
+  generator's settings (:func:`synthetic_settings`).
+
+  Raises:
+    SyntheticDataMismatch: ``directory`` holds the benchmark of another ``data.synthetic_variant`` or
+      ``data.synthetic_images`` (changed seeds and sizes are not checked: the prepared data is used).
+    ConfigError: an unknown variant or a bad image range.
+  """
   from jax.experimental import multihost_utils  # noqa: PLC0415
 
-  from prima_jax.data import m4seg, synthetic  # noqa: PLC0415
+  from prima_jax.data import m4seg, records, synthetic  # noqa: PLC0415
   from prima_jax.data.tokenizer import build_synthetic_tokenizers  # noqa: PLC0415
 
   directory = epath.Path(paths.local_only(directory, what="data.data_dir",
                                           why="the synthetic benchmark's ArrayRecord build"))
   marker = directory / _PREPARED
+  settings = synthetic_settings(config)
+  try:
+    image_range = synthetic.check_variant(settings["variant"], settings["images"])
+  except ValueError as e:
+    from prima_jax.training.validate import ConfigError  # noqa: PLC0415
+
+    raise ConfigError(f"data.synthetic_variant={settings['variant']!r}, data.synthetic_images="
+                      f"{settings['images']}: {e}") from None
+  if marker.exists():
+    prepared = _prepared_variant(marker)
+    wanted = {"variant": settings["variant"], "images": settings["images"]}
+    if prepared != wanted:
+      raise SyntheticDataMismatch(
+          f"{directory} holds the {_describe(prepared)} synthetic benchmark, the config asks for the "
+          f"{_describe(wanted)} one (data.synthetic_variant, data.synthetic_images): use a new workdir or "
+          "data.data_dir, or the settings it was prepared with")
   if not marker.exists() and jax.process_index() == 0:
     d = config.data
-    sizes = {k: int(v) for k, v in d.synthetic_sizes.items() if int(v) > 0}
+    sizes = {k: int(v) for k, v in settings["sizes"].items() if int(v) > 0}
     src = directory / "source"
     summary = synthetic.generate(str(src), seed=d.synthetic_seed, sizes=sizes,
-                                 image_size=d.synthetic_image_size, progress=True)
+                                 image_size=d.synthetic_image_size, variant=settings["variant"],
+                                 images=settings["images"], progress=True)
     # Visible at the default verbosity: the run trains on data it made itself.
-    log.warning("generated the synthetic benchmark in %s in %.1f s: %s", directory, summary["seconds"],
-                {s: v["examples"] for s, v in summary["splits"].items()})
-    records = {s: [str(src / "Part_Segm" / f"{synthetic.DATASET_NAME}_{s}.json")] for s in sizes}
-    m4seg.build(records, {synthetic.DATASET_NAME: str(src / synthetic.DATASET_NAME)}, str(directory))
+    log.warning("generated the %s synthetic benchmark in %s in %.1f s: %s", settings["variant"], directory,
+                summary["seconds"], {s: v["examples"] for s, v in summary["splits"].items()})
+    record_files = {s: [str(src / "Part_Segm" / f"{synthetic.DATASET_NAME}_{s}.json")] for s in sizes}
+    max_images = max(image_range[1], records.DEFAULT_MAX_IMAGES)
+    m4seg.build(record_files, {synthetic.DATASET_NAME: str(src / synthetic.DATASET_NAME)}, str(directory),
+                max_images=max_images, budget={"images": max_images})
     build_synthetic_tokenizers(synthetic.vocabulary(), str(directory / TOKENIZERS))
-    paths.write_text_atomic(marker, "ok\n")
+    paths.write_text_atomic(marker, json.dumps(settings, sort_keys=True) + "\n")
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("prepare_synthetic")
 

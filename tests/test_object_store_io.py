@@ -87,8 +87,9 @@ def test_predict_from_a_gs_checkpoint_and_image_to_gs(object_store, run, tmp_pat
   record = predict.run(checkpoint=url, image_paths=[image_url, str(run["images"][1])], out_dir=out_url, **kw)
 
   out = object_store.local(out_url)
-  assert sorted(p.name for p in out.iterdir()) == [predict.overlay_name(0), predict.overlay_name(1),
-                                                   predict.PREDICTION_FILE]
+  assert sorted(p.name for p in out.iterdir()) == sorted([
+      predict.CONTACT_SHEET_FILE, predict.overlay_name(0), predict.overlay_name(1), predict.INDEX_FILE,
+      predict.PREDICTION_FILE])
   saved = json.loads((out / "prediction.json").read_text())
   assert saved == json.loads(json.dumps(record))
   assert saved["checkpoint"] == url and saved["step"] == 0 and saved["images"][0] == image_url

@@ -299,6 +299,73 @@ def test_convert_answer_only_tags_become_mentions():
   assert rec.convert_question("Is the dining_table_101 near cup_20101?") == "Is the dining_table near cup?"
 
 
+def _wide_record():
+  """12 images (ids 1, 2 repeated): tags of images 11 and 12 need the two-digit forms."""
+  seg = {1: [[2, 2, 12, 2, 12, 10, 2, 10]], 2: compressed_rle(rect(18, 24, 4, 5, 12, 20))}
+  return {
+      "dataset_name": "paco_lvis",
+      "img_ids": [1, 2] * 6,
+      "q": "Is the cup_1102 bigger than mug_102?",
+      # 4-digit object and 6-digit part (image 11), 3-digit object (image 1), the same instance of image 3
+      # spelt both ways (one [SEG]), a 5-digit part in image 1, a 4-digit object in image 12.
+      "a": "The cup_1102 with its handle_110201 beats the mug_102 and its lid_10201; cup_0301 is cup_301. "
+           "The cup_1201 too.",
+      "groundings": {
+          "img_11": [{"segmentation": seg[1], "name": "cup"},
+                     {"segmentation": uncompressed_rle(rect(16, 20, 10, 3, 15, 6)), "name": "handle"}],
+          "img_1": [{"segmentation": seg[1], "name": "mug"},
+                    {"segmentation": [[3, 3, 6, 3, 6, 6, 3, 6]], "name": "lid", "obj_name": "mug"}],
+          "img_3": [{"segmentation": seg[1], "name": "cup"}],
+          "img_12": [{"segmentation": seg[2], "name": "cup"}],
+      },
+  }
+
+
+WIDE_ANSWER = ("The <p> cup_2 </p> [SEG] (IMAGE11) with its <p> cup_2's handle_1 </p> [SEG] (IMAGE11) "
+               "beats the <p> mug_2 </p> [SEG] (IMAGE1) and its <p> mug_2's lid_1 </p> [SEG] (IMAGE1); "
+               "<p> cup_1 </p> [SEG] (IMAGE3) is <p> cup_1 </p> (IMAGE3). "
+               "The <p> cup_1 </p> [SEG] (IMAGE12) too.")
+
+
+def test_two_digit_image_tags_from_ten_images():
+  tags = rec.find_tags("cup_1102 handle_110201 mug_102 lid_10201 cup_0301 year_2020_x", 12)
+  assert [(t.text, t.name, t.image, t.instance, t.part) for t in tags] == [
+      ("cup_1102", "cup", 11, 2, None), ("handle_110201", "handle", 11, 2, 1), ("mug_102", "mug", 1, 2, None),
+      ("lid_10201", "lid", 1, 2, 1), ("cup_0301", "cup", 3, 1, None)]
+  assert rec.find_tags("cup_0301 cup_301", 12)[0].key == rec.find_tags("cup_0301 cup_301", 12)[1].key
+  # Up to 9 images the grammar is the original's: 4- and 6-digit words are text.
+  assert [t.text for t in rec.find_tags("cup_1102 handle_110201 mug_102 year_2020", 9)] == ["mug_102"]
+  assert rec.convert_question("Is the cup_1102 near mug_102?", 12) == "Is the cup near mug?"
+  assert rec.convert_question("Is the cup_1102 near mug_102?", 2) == "Is the cup_1102 near mug?"
+
+
+def test_wide_record_converts_and_out_of_range_tags_are_skipped(crafted):
+  record = _wide_record()
+  assert rec.validate_record(record, 0, max_images=12) == []
+  assert "12 images, more than max_images=5" in "\n".join(rec.validate_record(record, 0))
+  index, image_dir = sources_for(crafted).get("paco_lvis", "train")
+  ex = rec.record_to_example(record, 0, image_index=index, image_root=image_dir, max_images=12)
+  assert ex.question == "Is the cup bigger than mug?"
+  assert ex.answer == WIDE_ANSWER
+  assert ex.mask_image == [10, 10, 0, 0, 2, 11]
+  assert [m.shape for m in ex.masks] == [(16, 20)] * 5 + [(18, 24)]  # image 12 is id 2 (18 x 24)
+  np.testing.assert_array_equal(ex.masks[1], rect(16, 20, 10, 3, 15, 6))
+  np.testing.assert_array_equal(ex.masks[5], rect(18, 24, 4, 5, 12, 20))
+  for bad, image in (("The cup_1301.", 13), ("The cup_0001.", 0), ("The lid_990101.", 99)):
+    r = {**record, "a": bad}
+    assert rec.validate_record(r, 4, max_images=12) == [
+        f"record 4: field 'a': tag {bad[4:-1]!r} names IMAGE{image} of 12"]
+    with pytest.raises(rec.SkipExample) as info:
+      rec.record_to_example(r, 4, image_index=index, image_root=image_dir, max_images=12)
+    assert info.value.reason == rec.TAG_IMAGE_OUT_OF_RANGE
+  # In a 2-image record the same words are text, as the original reads them: nothing to ground.
+  short = {**record, "img_ids": [1, 2], "a": "The cup_1301 and mug_102.", "groundings": {
+      "img_1": [record["groundings"]["img_1"][0]]}}
+  assert rec.validate_record(short, 0) == []
+  assert rec.convert_answer(short["a"], short["groundings"], 2)[0] == (
+      "The cup_1301 and <p> mug_2 </p> [SEG] (IMAGE1).")
+
+
 def test_part_without_object_name_is_skipped():
   groundings = {"img_1": [{"segmentation": [], "name": "handle", "obj_ann_id": 5}]}
   with pytest.raises(rec.SkipExample) as info:

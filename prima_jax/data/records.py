@@ -16,6 +16,12 @@ Tag grammar and conversion follow the original loader (kanguyen-vn/LISA,
 
 * A tag is a word ``name_XYY`` (object: X = image 1..9, YY = instance) or ``name_XYYZZ`` (part ZZ of
   object YY), matched by ``\\b(\\w+)_\\d{3}\\b|\\b(\\w+)_\\d{5}\\b``; ``name`` may itself contain ``_``.
+* Our extension for records of 10 or more images (the original forms cannot name IMAGE10..): there,
+  ``name_XXYY`` (4 digits: object YY of image XX) and ``name_XXYYZZ`` (6 digits: part ZZ of it) are
+  tags too (:data:`WIDE_TAG_PATTERN`). The digit count decides the reading (3: X YY, 4: XX YY,
+  5: X YY ZZ, 6: XX YY ZZ), and an instance is its (name, image, instance, part), so ``cup_0102`` and
+  ``cup_102`` are one instance. In a record of at most 9 images a 4- or 6-digit word is plain text
+  (``year_2020``), exactly as in the original; :func:`find_tags` applies the rule.
 * In the question every tag is replaced by its bare ``name``.
 * In the answer the first mention of an instance becomes ``<p> phrase </p> [SEG] (IMAGE{X})`` and takes
   the next unused grounding of ``groundings["img_X"]`` (objects and parts share that per-image list, in
@@ -52,8 +58,13 @@ from prima_jax import paths
 from prima_jax.data import images
 from prima_jax.data.example import GroundedExample
 
-# The original loader's tag pattern (objects: 3 digits, parts: 5 digits).
+# The original loader's tag pattern (objects: 3 digits, parts: 5 digits; one-digit image index).
 TAG_PATTERN = re.compile(r"\b(\w+)_\d{3}\b|\b(\w+)_\d{5}\b")
+# Records of WIDE_TAGS_FROM or more images also take two-digit image indices: objects name_XXYY (4 digits),
+# parts name_XXYYZZ (6 digits). Only there: in the original's records (at most 9 images) a 4- or 6-digit
+# word stays text, as the original reads it.
+WIDE_TAG_PATTERN = re.compile(r"\b(\w+)_(\d{3}|\d{4}|\d{5}|\d{6})\b")
+WIDE_TAGS_FROM = 10
 REQUIRED_FIELDS = ("dataset_name", "img_ids", "q", "a", "groundings")
 DEFAULT_MAX_IMAGES = 5
 
@@ -367,6 +378,52 @@ def decode_mask(counts: bytes, height: int, width: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------
+# Tags
+
+
+@dataclasses.dataclass(frozen=True)
+class Tag:
+  """One instance tag in a text: ``image`` 1-based as written (may be out of range), ``part`` None for
+  an object; ``start`` / ``end`` its character span."""
+  text: str
+  name: str
+  image: int
+  instance: int
+  part: int | None
+  start: int
+  end: int
+
+  @property
+  def key(self) -> tuple[str, int, int, int | None]:
+    """What the tag names: two spellings of one instance (``cup_102``, ``cup_0102``) share it."""
+    return self.name, self.image, self.instance, self.part
+
+  @property
+  def object_key(self) -> tuple[int, int]:
+    """(image, instance): a part and the object tag it belongs to share it."""
+    return self.image, self.instance
+
+
+def tag_pattern(num_images: int | None) -> re.Pattern:
+  """The tag pattern of a record of ``num_images`` images (None: unknown, the original's)."""
+  return WIDE_TAG_PATTERN if num_images is not None and num_images >= WIDE_TAGS_FROM else TAG_PATTERN
+
+
+def parse_tag(match: re.Match) -> Tag:
+  """A :class:`Tag` from a match of :data:`TAG_PATTERN` or :data:`WIDE_TAG_PATTERN`."""
+  name, code = match.group().rsplit("_", 1)
+  wide = len(code) in (4, 6)  # two-digit image index
+  image, rest = (int(code[:2]), code[2:]) if wide else (int(code[:1]), code[1:])
+  return Tag(match.group(), name, image, int(rest[:2]), int(rest[2:]) if len(rest) == 4 else None,
+             match.start(), match.end())
+
+
+def find_tags(text: str, num_images: int | None = None) -> list[Tag]:
+  """The instance tags of ``text`` in a record of ``num_images`` images, in order (module docstring)."""
+  return [parse_tag(m) for m in tag_pattern(num_images).finditer(text)]
+
+
+# --------------------------------------------------------------------------------------------------
 # Validation
 
 
@@ -426,21 +483,20 @@ def _problems(record: Any, max_images: int) -> list[tuple[str, str, str]]:
               out.append((MALFORMED_SEGMENTATION, f"{field}.segmentation", problem))
   if isinstance(record.get("a"), str) and n and groundings is not None:
     used = [0] * (n + 1)
-    seen: set[str] = set()
-    for match in TAG_PATTERN.finditer(record["a"]):
-      tag = match.group()
-      if tag in seen:
+    seen: set[tuple] = set()
+    for tag in find_tags(record["a"], n):
+      if tag.key in seen:
         continue
-      seen.add(tag)
-      image = int(tag.rsplit("_", 1)[1][0])
+      seen.add(tag.key)
+      image = tag.image
       if not 1 <= image <= n:
-        out.append((TAG_IMAGE_OUT_OF_RANGE, "a", f"tag {tag!r} names IMAGE{image} of {n}"))
+        out.append((TAG_IMAGE_OUT_OF_RANGE, "a", f"tag {tag.text!r} names IMAGE{image} of {n}"))
         continue
       used[image] += 1
       available = groundings.get(f"img_{image}")
       if not isinstance(available, list) or used[image] > len(available):
         out.append((TAG_WITHOUT_GROUNDING, "a",
-                    f"tag {tag!r} is mention {used[image]} in IMAGE{image}, "
+                    f"tag {tag.text!r} is mention {used[image]} in IMAGE{image}, "
                     f"groundings.img_{image} has {len(available) if isinstance(available, list) else 0}"))
   return out
 
@@ -468,9 +524,10 @@ class Mention:
   segmentation: Any
 
 
-def convert_question(question: str) -> str:
-  """Replaces every instance tag by its bare name, as the original loader does."""
-  return TAG_PATTERN.sub(lambda m: m.group(1) or m.group(2), question)
+def convert_question(question: str, num_images: int | None = None) -> str:
+  """Replaces every instance tag by its bare name, as the original loader does (``num_images``: the
+  record's, which decides whether two-digit image indices are tags; None reads the original forms)."""
+  return tag_pattern(num_images).sub(lambda m: parse_tag(m).name, question)
 
 
 def convert_answer(answer: str, groundings: Mapping[str, Sequence[Mapping[str, Any]]], num_images: int,
@@ -490,52 +547,53 @@ def convert_answer(answer: str, groundings: Mapping[str, Sequence[Mapping[str, A
     SkipExample: a tag names an image outside 1..num_images, has no grounding left, or is a part whose
       object name cannot be found.
   """
-  tags = [(m.group(), m.group(1) or m.group(2), m.start(), m.end()) for m in TAG_PATTERN.finditer(answer)]
+  tags = find_tags(answer, num_images)
   used = [0] * (num_images + 1)
-  grounding_of: dict[str, Mapping[str, Any]] = {}
-  for tag, _, _, _ in tags:  # First pass: assign groundings in order of first mention.
-    if tag in grounding_of:
+  grounding_of: dict[tuple, Mapping[str, Any]] = {}
+  first: dict[tuple, Tag] = {}  # an instance's first mention, whose phrase later mentions repeat
+  for tag in tags:  # First pass: assign groundings in order of first mention.
+    if tag.key in grounding_of:
       continue
-    image = int(tag.rsplit("_", 1)[1][0])
+    image = tag.image
     if not 1 <= image <= num_images:
-      raise SkipExample(TAG_IMAGE_OUT_OF_RANGE, f"tag {tag!r} names IMAGE{image} of {num_images}")
+      raise SkipExample(TAG_IMAGE_OUT_OF_RANGE, f"tag {tag.text!r} names IMAGE{image} of {num_images}")
     entries = groundings.get(f"img_{image}") or []
     if used[image] >= len(entries):
-      raise SkipExample(TAG_WITHOUT_GROUNDING, f"tag {tag!r} has no grounding left in groundings.img_{image} "
-                                               f"({len(entries)} entries)")
-    grounding_of[tag] = entries[used[image]]
+      raise SkipExample(TAG_WITHOUT_GROUNDING, f"tag {tag.text!r} has no grounding left in "
+                                               f"groundings.img_{image} ({len(entries)} entries)")
+    grounding_of[tag.key] = entries[used[image]]
+    first[tag.key] = tag
     used[image] += 1
 
-  def phrase_of(tag: str, name: str) -> str:
-    grounding = grounding_of[tag]
-    code = tag.rsplit("_", 1)[1]
-    if len(code) == 3:
-      return f"{grounding.get('name', name)}_{int(code[1:])}"
+  def phrase_of(tag: Tag) -> str:
+    grounding = grounding_of[tag.key]
+    if tag.part is None:
+      return f"{grounding.get('name', tag.name)}_{tag.instance}"
     obj = None
     if object_name is not None and "obj_ann_id" in grounding:
       obj = object_name(int(grounding["obj_ann_id"]))
     if obj is None:
       obj = grounding.get("obj_name")
     if obj is None:  # The object tag of the same image and instance, mentioned in this answer.
-      parent = next((t for t in grounding_of if t.rsplit("_", 1)[1] == code[:3]), None)
-      obj = grounding_of[parent].get("name") if parent is not None else None
+      parent = next((t for t in first.values() if t.part is None and t.object_key == tag.object_key), None)
+      obj = grounding_of[parent.key].get("name") if parent is not None else None
     if obj is None:
-      raise SkipExample(PART_OBJECT_UNKNOWN, f"part tag {tag!r}: no object name (obj_ann_id "
+      code = tag.text.rsplit("_", 1)[1]
+      raise SkipExample(PART_OBJECT_UNKNOWN, f"part tag {tag.text!r}: no object name (obj_ann_id "
                                              f"{grounding.get('obj_ann_id')!r} not in the annotation file, "
-                                             f"no obj_name, no object tag *_{code[:3]} in the answer)")
-    return f"{obj}_{int(code[1:3])}'s {grounding.get('name', name)}_{int(code[3:])}"
+                                             f"no obj_name, no object tag *_{code[:-2]} in the answer)")
+    return f"{obj}_{tag.instance}'s {grounding.get('name', tag.name)}_{tag.part}"
 
   pieces, mentions, seen, last = [], [], set(), 0
-  for tag, name, start, end in tags:
-    image = int(tag.rsplit("_", 1)[1][0])
-    phrase = phrase_of(tag, name)
-    if tag in seen:
-      pieces.append(f"{answer[last:start]}<p> {phrase} </p> (IMAGE{image})")
+  for tag in tags:
+    phrase = phrase_of(first[tag.key])
+    if tag.key in seen:
+      pieces.append(f"{answer[last:tag.start]}<p> {phrase} </p> (IMAGE{tag.image})")
     else:
-      seen.add(tag)
-      pieces.append(f"{answer[last:start]}<p> {phrase} </p> [SEG] (IMAGE{image})")
-      mentions.append(Mention(phrase, image - 1, grounding_of[tag]["segmentation"]))
-    last = end
+      seen.add(tag.key)
+      pieces.append(f"{answer[last:tag.start]}<p> {phrase} </p> [SEG] (IMAGE{tag.image})")
+      mentions.append(Mention(phrase, tag.image - 1, grounding_of[tag.key]["segmentation"]))
+    last = tag.end
   pieces.append(answer[last:])
   return "".join(pieces), mentions
 
@@ -591,7 +649,7 @@ class LengthStats:
       answer, mentions = convert_answer(record["a"], record["groundings"], n)
     except SkipExample:
       answer, mentions = convert_answer(record["a"], record["groundings"], n, lambda ann_id: "object")
-    self.add(n, len(mentions), convert_question(record["q"]), answer)
+    self.add(n, len(mentions), convert_question(record["q"], n), answer)
 
   def summary(self, budget: Mapping[str, int] | None = None) -> dict[str, Any]:
     """``{"examples": n, key: {"min", "p50", "p90", "p99", "max", "budget", "over"}}`` (no quantiles when
@@ -813,7 +871,7 @@ def convert_record(record: Any, index: int, *, image_index: ImageIndex, image_ro
       category=record.get("category", ""),
       images=images,
       image_ids=[str(i) for i in ids],
-      question=convert_question(record["q"]),
+      question=convert_question(record["q"], len(ids)),
       answer=answer,
       phrases=[m.phrase for m in mentions],
       mask_image=[m.image for m in mentions],

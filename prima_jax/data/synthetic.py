@@ -9,12 +9,15 @@ image.
 Tag grammar (kanguyen-vn/LISA ``MultiImage_8Q_single_turn_ds.py``, pattern
 ``\\b(\\w+)_\\d{3}\\b|\\b(\\w+)_\\d{5}\\b``):
 
-- object ``{name}_{X}{YY}``: X = 1-based image index (one digit, 1-5), YY = 2-digit 1-based instance number
+- object ``{name}_{X}{YY}``: X = 1-based image index (one digit, 1-9), YY = 2-digit 1-based instance number
   within that image, e.g. ``cup_102``, ``gift_box_301`` (the name may itself hold ``_``: the code is the last
   ``_``-separated field). Instances are numbered *per class, left to right* (by the centre of their box;
   ties by height): ``ball_2`` is the second ball from the left. A rule the pixels show, so a model can learn
   to name the instance it masks (a draw-order number could not be read off the image);
-- part ``{part}_{X}{YY}{ZZ}``: ZZ = 2-digit 1-based part number within instance YY, e.g. ``handle_10201``.
+- part ``{part}_{X}{YY}{ZZ}``: ZZ = 2-digit 1-based part number within instance YY, e.g. ``handle_10201``;
+- images 10-99 (the many variant): ``{name}_{XX}{YY}`` and ``{part}_{XX}{YY}{ZZ}`` with a two-digit image
+  index, e.g. ``cone_4101`` (instance 1 of IMAGE41). ``records.py`` reads these 4- and 6-digit forms as tags
+  only in records of 10 or more images; images 1-9 keep the one-digit forms everywhere.
 
 The k-th *new* tag naming image X in the answer takes ``groundings["img_X"][k]``; a repeated tag takes
 nothing. A grounding is ``{"segmentation": polygon list | uncompressed RLE | compressed RLE,
@@ -34,7 +37,17 @@ of the same class, left to right), each followed by its parts in part-number ord
 ``obj_ann_id == id``, parts their object's id, and every annotation its RGB ``color``. Objects never
 overlap, so masks equal the drawn pixels.
 
-CLI: ``python -m prima_jax.data.synthetic --out DIR --seed S [--train N --val N --test N] [--image_size 96]``.
+The many-image variant (``variant="many"``): each question shows ``images`` = (8, 64) (configurable)
+sparse images, each with 0-2 objects, and asks what needs a search through all of them: the few images
+that show a rare (colour, class) (open-ended) or something with a property (functional), how many of a
+rare class there are across all images (numerical), or a comparison of two images at least half the
+scene apart: which holds more of a class (numerical), whether one object is on the same side in both
+(spatial). The scene of a question is drawn for it (the rare thing planted in 1-4 images and kept out of
+the others); answers ground at most ``MANY_MAX_GROUNDINGS`` = 6 objects, mostly 1-4. Its own random stream:
+the standard variant's output is unchanged by it.
+
+CLI: ``python -m prima_jax.data.synthetic --out DIR --seed S [--train N --val N --test N] [--image_size 96]
+[--variant many [--images 8,64]]``.
 """
 
 from __future__ import annotations
@@ -65,9 +78,21 @@ DEFAULT_SIZES = {"train": 2400, "val": 300, "test": 300}
 ID_STRIDE = 10_000_000
 MIN_IMAGES, MAX_IMAGES = 2, 5
 MAX_OBJECTS = 5
+# The many-image variant (variant="many"): images per question (a configurable range within 2..99), default
+# sizes (its examples hold ~10x the images), masks per answer at most, the images a "find" question's
+# answer lies in, and the chance of 0 / 1 / 2 objects in an image (sparse images: cheap, few masks).
+VARIANTS = ("standard", "many")
+MANY_IMAGES = (8, 64)
+MANY_DEFAULT_SIZES = {"train": 600, "val": 60, "test": 60}
+MANY_MAX_GROUNDINGS = 6
+MANY_FIND_IMAGES = (1, 4)
+MANY_OBJECTS_P = (0.25, 0.5, 0.25)
 
 # The original loader's tag pattern (objects: 3 digits, parts: 5 digits).
 TAG_PATTERN = re.compile(r"\b(\w+)_\d{3}\b|\b(\w+)_\d{5}\b")
+# In records of WIDE_TAGS_FROM or more images, also 4 (object) and 6 (part) digits: a two-digit image index.
+WIDE_TAG_PATTERN = re.compile(r"\b(\w+)_(\d{3}|\d{4}|\d{5}|\d{6})\b")
+WIDE_TAGS_FROM = 10
 ENCODINGS = ("polygon", "rle", "compressed_rle")
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -146,6 +171,19 @@ TEXT: dict[str, tuple[str, ...]] = {
   "o_desc_a": ("{ref} shows {items}.", "{article} {color} {obj} at the {vert} {horiz}", " with its {part}"),
   "o_parts_q": ("Which objects in these images have a {part}?",),
   "o_parts_a": ("the {obj} in {ref} has a {part}",),
+  # The many-image variant (its answers also use n_total_a and s_side_a).
+  "m_find_q": ("Which images show {article} {color} {display}?",
+               "In which images is there {article} {color} {display}?"),
+  "m_find_a": ("{refs} show {article} {color} {display}: {groups}.",
+               "{ref} shows {article} {color} {display}: {objs}."),
+  "m_use_q": ("Which images show something that {ans}?",),
+  "m_use_a": ("{refs} show something that {ans}: {groups}.", "{ref} shows something that {ans}: {objs}."),
+  "m_count_q": ("How many {plural} are there across all the images?",
+                "How many {plural} are there in all the images together?"),
+  "m_more_q": ("Which image has more {plural}, {ref_a} or {ref_b}?",),
+  "m_more_a": ("{ref} has more {plural}, {n}: {objs}; {ref_other} has {m}: {objs_other}.",
+               "{ref} has more {plural}, {n}: {objs}; {ref_other} has none."),
+  "m_side_q": ("Is the {color} {display} on the same side in {ref_a} and {ref_b}?",),
   "glue": ("the", "The", "a", "an", "and", ", and ", "; ", ", ", "Yes", "No", "Image", "none", "no"),
 }
 
@@ -253,52 +291,71 @@ def _shape(cls: str, x: float, y: float, s: float, rng: np.random.Generator):
   raise ValueError(f"unknown class {cls!r}")
 
 
-def _draw_image(rng: np.random.Generator, image_id: int, image_size: int, forced: list[str]) -> SceneImage:
-  """Draws one image with 1..MAX_OBJECTS non-overlapping objects (``forced`` classes first)."""
+def _canvas(rng: np.random.Generator, image_size: int) -> np.ndarray:
+  """A new image: uint8 [height, width, 3], a plain greyish background, each side 0.8-1.2 x image_size."""
   height = int(round(image_size * rng.uniform(0.8, 1.2)))
   width = int(round(image_size * rng.uniform(0.8, 1.2)))
   grey = int(rng.integers(195, 236))
   background = np.array([grey, grey - int(rng.integers(0, 12)), grey - int(rng.integers(0, 20))], np.uint8)
-  pixels = np.broadcast_to(background, (height, width, 3)).copy()
-  n = int(rng.integers(1, MAX_OBJECTS + 1))
-  classes = list(forced) + [str(c) for c in rng.choice(list(CLASSES), size=max(0, n - len(forced)))]
-  boxes: list[tuple[float, float, float, float]] = []
-  instances: list[Instance] = []
-  for cls in classes:
-    lo = 0.16 * min(height, width)
-    hi = 0.32 * min(height, width)
-    for _ in range(30):
-      s = float(rng.uniform(max(lo, 13.0), max(hi, 14.0)))
-      x = float(rng.uniform(1, width - s - 2))
-      y = float(rng.uniform(1, height - s - 2))
-      if all(x + s + 2 < bx or bx + bs + 2 < x or y + s + 2 < by or by + bs + 2 < y
-             for bx, by, bs, _ in boxes):
-        break
-    else:
-      continue
-    boxes.append((x, y, s, s))
-    body, part_polys = _shape(cls, x, y, s, rng)
-    polygons = body + [p for _, p in part_polys]
-    mask = _rasterize(polygons, height, width)
+  return np.broadcast_to(background, (height, width, 3)).copy()
+
+
+def _place(rng: np.random.Generator, image_id: int, cls: str, pixels: np.ndarray,
+           boxes: list[tuple[float, float, float, float]], color_name: str | None = None) -> Instance | None:
+  """Draws one ``cls`` object where it overlaps none of ``boxes`` (None after 30 failed tries).
+
+  ``color_name`` None draws a colour (after the shape, the order the standard benchmark's bytes depend on).
+  """
+  height, width = pixels.shape[:2]
+  lo = 0.16 * min(height, width)
+  hi = 0.32 * min(height, width)
+  for _ in range(30):
+    s = float(rng.uniform(max(lo, 13.0), max(hi, 14.0)))
+    x = float(rng.uniform(1, width - s - 2))
+    y = float(rng.uniform(1, height - s - 2))
+    if all(x + s + 2 < bx or bx + bs + 2 < x or y + s + 2 < by or by + bs + 2 < y
+           for bx, by, bs, _ in boxes):
+      break
+  else:
+    return None
+  boxes.append((x, y, s, s))
+  body, part_polys = _shape(cls, x, y, s, rng)
+  polygons = body + [p for _, p in part_polys]
+  mask = _rasterize(polygons, height, width)
+  if color_name is None:
     color_name = str(rng.choice(list(COLORS)))
-    number = 0  # set below, once every instance is placed
-    parts = []
-    for k, (name, poly) in enumerate(part_polys):
-      part_color = COLORS[color_name] if name == "handle" else PART_COLORS[name]
-      parts.append(Part(name, k + 1, [poly], _rasterize([poly], height, width), part_color))
-    if not mask.any() or any(not p.mask.any() for p in parts):
-      raise AssertionError(f"image {image_id}: empty mask for {cls}")  # a generator bug, not bad input
-    inst = Instance(cls, color_name, number, polygons, mask, _bbox(mask), parts)
-    pixels[mask] = inst.color
-    for part in parts:
-      pixels[part.mask] = part.color
-    instances.append(inst)
-  if not instances:  # cannot happen with these sizes; keep the invariant explicit
-    raise AssertionError(f"image {image_id}: no object placed")
+  number = 0  # set by _finish, once every instance is placed
+  parts = []
+  for k, (name, poly) in enumerate(part_polys):
+    part_color = COLORS[color_name] if name == "handle" else PART_COLORS[name]
+    parts.append(Part(name, k + 1, [poly], _rasterize([poly], height, width), part_color))
+  if not mask.any() or any(not p.mask.any() for p in parts):
+    raise AssertionError(f"image {image_id}: empty mask for {cls}")  # a generator bug, not bad input
+  inst = Instance(cls, color_name, number, polygons, mask, _bbox(mask), parts)
+  pixels[mask] = inst.color
+  for part in parts:
+    pixels[part.mask] = part.color
+  return inst
+
+
+def _finish(image_id: int, pixels: np.ndarray, instances: list[Instance]) -> SceneImage:
+  """The image with its instances sorted left to right and numbered per class."""
   instances.sort(key=lambda i: i.center)
   for inst in instances:
     inst.number = 1 + sum(other.cls == inst.cls for other in instances if other.number)
-  return SceneImage(image_id, height, width, pixels, instances)
+  return SceneImage(image_id, pixels.shape[0], pixels.shape[1], pixels, instances)
+
+
+def _draw_image(rng: np.random.Generator, image_id: int, image_size: int, forced: list[str]) -> SceneImage:
+  """Draws one image with 1..MAX_OBJECTS non-overlapping objects (``forced`` classes first)."""
+  pixels = _canvas(rng, image_size)
+  n = int(rng.integers(1, MAX_OBJECTS + 1))
+  classes = list(forced) + [str(c) for c in rng.choice(list(CLASSES), size=max(0, n - len(forced)))]
+  boxes: list[tuple[float, float, float, float]] = []
+  instances = [inst for cls in classes if (inst := _place(rng, image_id, cls, pixels, boxes)) is not None]
+  if not instances:  # cannot happen with these sizes; keep the invariant explicit
+    raise AssertionError(f"image {image_id}: no object placed")
+  return _finish(image_id, pixels, instances)
 
 
 def _draw_scene(rng: np.random.Generator, next_image_id: int, image_size: int) -> list[SceneImage]:
@@ -311,22 +368,37 @@ def _draw_scene(rng: np.random.Generator, next_image_id: int, image_size: int) -
 # Answers with tags and groundings
 
 
+def _image_code(image_index: int) -> str:
+  """The image digits of a tag for 0-based ``image_index``: X for images 1-9 (the original's one digit),
+  XX for 10-99 (read as tags in records of 10 or more images)."""
+  if not 0 <= image_index < 99:
+    raise ValueError(f"tags name images 1..99, not {image_index + 1}")
+  return str(image_index + 1) if image_index < 9 else f"{image_index + 1:02d}"
+
+
 def object_tag(inst: Instance, image_index: int) -> str:
-  """``{class}_{X}{YY}`` for 0-based ``image_index``."""
-  return f"{inst.cls}_{image_index + 1}{inst.number:02d}"
+  """``{class}_{X}{YY}`` (``{class}_{XX}{YY}`` from image 10) for 0-based ``image_index``."""
+  return f"{inst.cls}_{_image_code(image_index)}{inst.number:02d}"
 
 
 def part_tag(inst: Instance, part: Part, image_index: int) -> str:
-  """``{part}_{X}{YY}{ZZ}`` for 0-based ``image_index``."""
-  return f"{part.name}_{image_index + 1}{inst.number:02d}{part.number:02d}"
+  """``{part}_{X}{YY}{ZZ}`` (``{part}_{XX}{YY}{ZZ}`` from image 10) for 0-based ``image_index``."""
+  return f"{part.name}_{_image_code(image_index)}{inst.number:02d}{part.number:02d}"
 
 
-def parse_tag(tag: str) -> tuple[str, int, int, int | None]:
-  """``(name, image index 1-based, instance, part or None)`` of a tag, by the original loader's rule."""
-  if not TAG_PATTERN.fullmatch(tag):
+def tag_pattern(num_images: int) -> re.Pattern:
+  """The tag pattern of a record of ``num_images`` images (two-digit image indices from 10 images)."""
+  return WIDE_TAG_PATTERN if num_images >= WIDE_TAGS_FROM else TAG_PATTERN
+
+
+def parse_tag(tag: str, num_images: int = 1) -> tuple[str, int, int, int | None]:
+  """``(name, image index 1-based, instance, part or None)`` of a tag in a record of ``num_images`` images:
+  the original loader's rule, with two-digit image indices (4 and 6 digits) from 10 images."""
+  if not tag_pattern(num_images).fullmatch(tag):
     raise ValueError(f"not an instance tag: {tag!r}")
   name, code = tag.rsplit("_", 1)
-  return name, int(code[0]), int(code[1:3]), (int(code[3:]) if len(code) == 5 else None)
+  x = 2 if len(code) in (4, 6) else 1
+  return name, int(code[:x]), int(code[x:x + 2]), (int(code[x + 2:]) if len(code) > x + 2 else None)
 
 
 class _Answer:
@@ -760,6 +832,261 @@ def _ask(scene: Scene, rng: np.random.Generator, avoid: set[str]):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The many-image variant: 8-64 sparse images per question, questions that search all of them
+
+
+def _random_objects(rng: np.random.Generator, count: int, allowed: Callable[[str, str], bool]
+                    ) -> list[tuple[str, str]]:
+  """``count`` random (class, colour) pairs for which ``allowed(class, colour)`` holds."""
+  out = []
+  while len(out) < count:
+    cls, color = str(_pick(rng, list(CLASSES))), str(_pick(rng, list(COLORS)))
+    if allowed(cls, color):
+      out.append((cls, color))
+  return out
+
+
+def _extras(rng: np.random.Generator, forced: int) -> int:
+  """Random objects to add to an image holding ``forced`` planted ones: 0-2 objects in all."""
+  total = int(rng.choice(3, p=MANY_OBJECTS_P))
+  return max(0, total - forced) if forced < 2 else 0
+
+
+def _far_pair(rng: np.random.Generator, n: int) -> tuple[int, int]:
+  """Two 0-based images at least half the scene apart, a < b."""
+  gap = max(1, n // 2)
+  a = int(rng.integers(0, n - gap))
+  return a, int(rng.integers(a + gap, n))
+
+
+def _plan(rng: np.random.Generator, kind: str, n: int) -> tuple[object, list[list[tuple[str, str]]]]:
+  """(focus, objects per image) of a scene drawn for a question of ``kind`` about ``focus``: the focus
+  is planted where the question needs it and kept out of every other image."""
+  specs: list[list[tuple[str, str]]] = [[] for _ in range(n)]
+  if kind in ("open-ended/find", "spatial/same_side_far"):
+    cls, color = str(_pick(rng, list(CLASSES))), str(_pick(rng, list(COLORS)))
+    focus = (cls, color)
+    other = lambda c, col: (c, col) != focus
+    if kind == "open-ended/find":
+      k = int(rng.integers(MANY_FIND_IMAGES[0], min(MANY_FIND_IMAGES[1], n) + 1))
+      targets = {int(t) for t in rng.choice(n, size=k, replace=False)}
+    else:
+      targets = set(_far_pair(rng, n))
+      focus = (cls, color, *sorted(targets))
+    for i in range(n):
+      specs[i] = [(cls, color)] if i in targets else []
+      specs[i] += _random_objects(rng, _extras(rng, len(specs[i])), other)
+    return focus, specs
+  if kind == "functional/find":
+    prop = str(_pick(rng, list(PROPERTIES)))
+    having = sorted(PROPERTIES[prop][2])
+    k = int(rng.integers(MANY_FIND_IMAGES[0], min(MANY_FIND_IMAGES[1], n) + 1))
+    targets = {int(t) for t in rng.choice(n, size=k, replace=False)}
+    for i in range(n):
+      specs[i] = [(str(_pick(rng, having)), str(_pick(rng, list(COLORS))))] if i in targets else []
+      specs[i] += _random_objects(rng, _extras(rng, len(specs[i])), lambda c, col: c not in having)
+    return prop, specs
+  if kind == "numerical/count_all":
+    cls = str(_pick(rng, list(CLASSES)))
+    per = [0] * n
+    for _ in range(int(rng.integers(1, min(MANY_MAX_GROUNDINGS, 2 * n) + 1))):
+      free = [i for i in range(n) if per[i] < 2]
+      per[int(_pick(rng, free))] += 1
+    for i in range(n):
+      specs[i] = [(cls, str(_pick(rng, list(COLORS)))) for _ in range(per[i])]
+      specs[i] += _random_objects(rng, _extras(rng, per[i]), lambda c, col: c != cls)
+    return cls, specs
+  if kind == "numerical/compare_far":
+    cls = str(_pick(rng, list(CLASSES)))
+    a, b = _far_pair(rng, n)
+    counts = [int(c) for c in rng.choice(3, size=2, replace=False)]
+    for i in range(n):
+      if i in (a, b):
+        c = counts[0] if i == a else counts[1]
+        specs[i] = [(cls, str(_pick(rng, list(COLORS)))) for _ in range(c)]
+        specs[i] += _random_objects(rng, _extras(rng, c), lambda c_, col: c_ != cls)
+      else:
+        specs[i] = _random_objects(rng, _extras(rng, 0), lambda c_, col: True)
+    return (cls, a, b), specs
+  raise ValueError(f"unknown many-image question kind {kind!r}")
+
+
+def _draw_sparse_image(rng: np.random.Generator, image_id: int, image_size: int,
+                       objects: list[tuple[str, str]]) -> SceneImage:
+  """One image holding ``objects`` ((class, colour) pairs; possibly none), non-overlapping."""
+  pixels = _canvas(rng, image_size)
+  boxes: list[tuple[float, float, float, float]] = []
+  instances = [inst for cls, color in objects
+               if (inst := _place(rng, image_id, cls, pixels, boxes, color)) is not None]
+  return _finish(image_id, pixels, instances)
+
+
+def _groups(ans: _Answer, per: list[list[Instance]], color: bool = False) -> str:
+  """``the cone_301 in Image 3 and the cone_4101 in Image 41`` over the images holding instances."""
+  return _join([TEXT["n_total_a"][2].format(objs=_objs(ans, k, insts, color=color), ref=_ref(k))
+                for k, insts in enumerate(per) if insts])
+
+
+def _few(per: list[list[Instance]]) -> bool:
+  """Instances in 1..MANY_FIND_IMAGES[1] images and at most MANY_MAX_GROUNDINGS in all."""
+  images = sum(bool(p) for p in per)
+  return 1 <= images <= MANY_FIND_IMAGES[1] and sum(map(len, per)) <= MANY_MAX_GROUNDINGS
+
+
+def _m_find(scene: Scene, rng, ans: _Answer, focus) -> Result:
+  """open-ended: the few images that show a (class, colour), each instance grounded."""
+  def per_of(cls, color):
+    return [[i for i in img.instances if (i.cls, i.color_name) == (cls, color)] for img in scene]
+
+  options = [f for f in ([focus] if focus else [(c, col) for c in CLASSES for col in COLORS])
+             if _few(per_of(*f))]
+  if not options:
+    return None
+  cls, color = _pick(rng, options)
+  per = per_of(cls, color)
+  display = CLASSES[cls][0]
+  shown = [k for k, insts in enumerate(per) if insts]
+  q = _pick(rng, TEXT["m_find_q"]).format(article=_article(color), color=color, display=display)
+  if len(shown) == 1:
+    text = TEXT["m_find_a"][1].format(ref=_ref(shown[0]), article=_article(color), color=color,
+                                      display=display, objs=_objs(ans, shown[0], per[shown[0]], color=False))
+  else:
+    text = TEXT["m_find_a"][0].format(refs=_join([_ref(k) for k in shown]), article=_article(color),
+                                      color=color, display=display, groups=_groups(ans, per))
+  return q, text, frozenset(range(len(scene)))
+
+
+def _m_use(scene: Scene, rng, ans: _Answer, focus) -> Result:
+  """functional: the few images that show something with a property, each such object grounded."""
+  options = [p for p in ([focus] if focus else PROPERTIES) if _few(_with_prop(scene, p))]
+  if not options:
+    return None
+  prop = _pick(rng, options)
+  ap = PROPERTIES[prop][1]
+  per = _with_prop(scene, prop)
+  shown = [k for k, insts in enumerate(per) if insts]
+  if len(shown) == 1:
+    text = TEXT["m_use_a"][1].format(ref=_ref(shown[0]), ans=ap, objs=_objs(ans, shown[0], per[shown[0]]))
+  else:
+    text = TEXT["m_use_a"][0].format(refs=_join([_ref(k) for k in shown]), ans=ap,
+                                     groups=_groups(ans, per, color=True))
+  return TEXT["m_use_q"][0].format(ans=ap), text, frozenset(range(len(scene)))
+
+
+def _m_count(scene: Scene, rng, ans: _Answer, focus) -> Result:
+  """numerical: how many of a rare class across all images, each instance grounded."""
+  def per_of(cls):
+    return [[i for i in img.instances if i.cls == cls] for img in scene]
+
+  options = [c for c in ([focus] if focus else CLASSES)
+             if 1 <= sum(map(len, per_of(c))) <= MANY_MAX_GROUNDINGS]
+  if not options:
+    return None
+  cls = _pick(rng, options)
+  display, plural, _ = CLASSES[cls]
+  per = per_of(cls)
+  n = sum(map(len, per))
+  q = _pick(rng, TEXT["m_count_q"]).format(plural=plural)
+  if n == 1:
+    text = TEXT["n_total_a"][1].format(display=display, groups=_groups(ans, per))
+  else:
+    text = TEXT["n_total_a"][0].format(n=n, plural=plural, groups=_groups(ans, per))
+  return q, text, frozenset(range(len(scene)))
+
+
+def _m_more(scene: Scene, rng, ans: _Answer, focus) -> Result:
+  """numerical: which of two far-apart images holds more of a class; both images' instances grounded."""
+  def have(k, cls):
+    return [i for i in scene[k].instances if i.cls == cls]
+
+  n = len(scene)
+  candidates = [focus] if focus else [(c, a, b) for a in range(n) for b in range(a + max(1, n // 2), n)
+                                      for c in CLASSES]
+  options = [(c, a, b) for c, a, b in candidates if len(have(a, c)) != len(have(b, c))]
+  if not options:
+    return None
+  cls, a, b = _pick(rng, options)
+  plural = CLASSES[cls][1]
+  more, less = (a, b) if len(have(a, cls)) > len(have(b, cls)) else (b, a)
+  first, second = (a, b) if rng.random() < 0.5 else (b, a)
+  q = TEXT["m_more_q"][0].format(plural=plural, ref_a=_ref(first), ref_b=_ref(second))
+  objs = _objs(ans, more, have(more, cls), color=False)
+  if have(less, cls):
+    text = TEXT["m_more_a"][0].format(ref=_ref(more), plural=plural, n=len(have(more, cls)), objs=objs,
+                                      ref_other=_ref(less), m=len(have(less, cls)),
+                                      objs_other=_objs(ans, less, have(less, cls), color=False))
+  else:
+    text = TEXT["m_more_a"][1].format(ref=_ref(more), plural=plural, n=len(have(more, cls)), objs=objs,
+                                      ref_other=_ref(less))
+  return q, text, frozenset({a, b})
+
+
+def _m_side(scene: Scene, rng, ans: _Answer, focus) -> Result:
+  """spatial: is a (class, colour), once in each of two far-apart images, on the same side in both."""
+  def single(k, cls, color):
+    found = [i for i in scene[k].instances if (i.cls, i.color_name) == (cls, color)]
+    return found[0] if len(found) == 1 else None
+
+  def side(k, inst):
+    d = inst.center[0] - scene[k].width / 2
+    return None if abs(d) < 4 else ("left" if d < 0 else "right")
+
+  def ok(cls, color, a, b):
+    return all((i := single(k, cls, color)) is not None and side(k, i) for k in (a, b))
+
+  n = len(scene)
+  candidates = [focus] if focus else [(c, col, a, b) for a in range(n) for b in range(a + max(1, n // 2), n)
+                                      for c in CLASSES for col in COLORS]
+  options = [f for f in candidates if ok(*f)]
+  if not options:
+    return None
+  cls, color, a, b = _pick(rng, options)
+  ia, ib = single(a, cls, color), single(b, cls, color)
+  sa, sb = side(a, ia), side(b, ib)
+  q = TEXT["m_side_q"][0].format(color=color, display=CLASSES[cls][0], ref_a=_ref(a), ref_b=_ref(b))
+  text = TEXT["s_side_a"][0].format(yes_no="Yes" if sa == sb else "No", obj_a=ans.obj(a, ia), side_a=sa,
+                                    ref_a=_ref(a), obj_b=ans.obj(b, ib), side_b=sb, ref_b=_ref(b))
+  return q, text, frozenset({a, b})
+
+
+# name -> (category, function(scene, rng, answer, focus or None)); the scene of a record's first question
+# is planned for it (_plan), a second question searches the same scene for what it needs.
+MANY_TEMPLATES: dict[str, tuple[str, Callable[..., Result]]] = {
+  "open-ended/find": ("open-ended", _m_find),
+  "functional/find": ("functional", _m_use),
+  "numerical/count_all": ("numerical", _m_count),
+  "numerical/compare_far": ("numerical", _m_more),
+  "spatial/same_side_far": ("spatial", _m_side),
+}
+
+
+def _many_scene(rng: np.random.Generator, next_image_id: int, image_size: int, images: tuple[int, int]):
+  """(scene, first question's template name, (question, answer, evidence), answer mentions)."""
+  n = int(rng.integers(images[0], images[1] + 1))
+  category = _pick(rng, list(CATEGORIES))
+  name = _pick(rng, [t for t, (c, _) in MANY_TEMPLATES.items() if c == category])
+  while True:  # a planted object that could not be placed, or a side too close to call: draw again
+    focus, specs = _plan(rng, name, n)
+    scene = [_draw_sparse_image(rng, next_image_id + k, image_size, objs) for k, objs in enumerate(specs)]
+    ans = _Answer()
+    result = MANY_TEMPLATES[name][1](scene, rng, ans, focus)
+    if result is not None:
+      return scene, name, result, ans
+
+
+def _many_ask(scene: Scene, rng: np.random.Generator, avoid: set[str]):
+  """A further question on a drawn scene: the first of the other templates (random order) that applies."""
+  names = [t for t in MANY_TEMPLATES if t not in avoid]
+  rng.shuffle(names)
+  for name in names:
+    ans = _Answer()
+    result = MANY_TEMPLATES[name][1](scene, rng, ans, None)
+    if result is not None:
+      return name, result, ans
+  return None
+
+
+# ----------------------------------------------------------------------------------------------------
 # Splits and files
 
 
@@ -780,25 +1107,66 @@ def _categories() -> list[dict]:
   return cats
 
 
-def iter_split(seed: int, split: str, n_examples: int, image_size: int = 96):
+def check_variant(variant: str, images: Sequence[int] | None = None) -> tuple[int, int]:
+  """The (min, max) images per question of ``variant``; ValueError naming the bad argument.
+
+  ``images`` is the many variant's range (default ``MANY_IMAGES``); the standard benchmark's is fixed.
+  """
+  if variant not in VARIANTS:
+    raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+  if variant == "standard":
+    if images is not None and tuple(images) != (MIN_IMAGES, MAX_IMAGES):
+      raise ValueError(f"images={tuple(images)}: the standard variant always shows {MIN_IMAGES}-{MAX_IMAGES} "
+                       "images; an image range needs variant='many'")
+    return MIN_IMAGES, MAX_IMAGES
+  bounds = MANY_IMAGES if images is None else tuple(images)
+  if not (len(bounds) == 2 and all(isinstance(v, (int, np.integer)) for v in bounds)
+          and 2 <= bounds[0] <= bounds[1] <= 99):
+    raise ValueError(f"images={bounds}: expected (min, max) with 2 <= min <= max <= 99 "
+                     "(tags name images 1..99)")
+  return int(bounds[0]), int(bounds[1])
+
+
+def _records_of(scene: Scene, asked: list[tuple[str, Result, _Answer]], rng: np.random.Generator,
+                templates: Mapping[str, tuple]) -> tuple[list[dict], list[QuestionMeta]]:
+  records, metas = [], []
+  for name, (q, a, evidence), ans in asked:
+    category = templates[name][0]
+    encodings = [ENCODINGS[int(rng.integers(len(ENCODINGS)))] for _ in ans.mentions]
+    records.append({"dataset_name": DATASET_NAME, "img_ids": [img.image_id for img in scene], "q": q,
+                    "a": a, "groundings": _groundings(ans, len(scene), encodings), "category": category})
+    metas.append(QuestionMeta(name, category, evidence, ans.repeated, tuple(encodings)))
+  return records, metas
+
+
+def iter_split(seed: int, split: str, n_examples: int, image_size: int = 96, *, variant: str = "standard",
+               images: Sequence[int] | None = None):
   """Yields ``(scene images, annotations, records, metas)`` scene by scene; ``n_examples`` records in all.
 
-  Deterministic for ``(seed, split, n_examples, image_size)``; a scene carries 1-2 questions. Image and
-  annotation ids of a split start at ``SPLITS.index(split) * ID_STRIDE + 1``. The split's encoding counts
-  accumulate in the ``encodings`` dict each yielded meta list shares (see :func:`make_split`).
+  Deterministic for ``(seed, split, n_examples, image_size, variant, images)``; a scene carries 1-2
+  questions. Image and annotation ids of a split start at ``SPLITS.index(split) * ID_STRIDE + 1``.
+  ``variant="many"`` draws scenes of ``images`` = (min, max) sparse images (default ``MANY_IMAGES``) with
+  the questions of ``MANY_TEMPLATES``; the standard variant's output does not depend on this option.
   """
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   if n_examples < 0:
     raise ValueError(f"n_examples must be >= 0, got {n_examples}")
+  lo, hi = check_variant(variant, images)
   s = SPLITS.index(split)
-  rng = np.random.default_rng(np.random.SeedSequence([int(seed), s, int(image_size)]))
+  entropy = [int(seed), s, int(image_size)]
+  if variant == "many":  # its own stream; the standard one's seeding is what its bytes depend on
+    entropy += [VARIANTS.index(variant), lo, hi]
+  rng = np.random.default_rng(np.random.SeedSequence(entropy))
   cat_ids = {c["name"]: c["id"] for c in _categories()}
   next_image = s * ID_STRIDE + 1
   next_ann = s * ID_STRIDE + 1
   done = 0
   while done < n_examples:
-    scene = _draw_scene(rng, next_image, image_size)
+    if variant == "many":
+      scene, name, result, ans = _many_scene(rng, next_image, image_size, (lo, hi))
+    else:
+      scene = _draw_scene(rng, next_image, image_size)
     next_image += len(scene)
     annotations = []
     for img in scene:
@@ -812,24 +1180,34 @@ def iter_split(seed: int, split: str, n_examples: int, image_size: int = 96):
           next_ann += 1
           annotations.append(_annotation(part.ann_id, img.image_id, cat_ids[f"{inst.cls}:{part.name}"],
                                          part.polygons, part.mask, inst.ann_id, part.color))
-    asked: set[str] = set()
+    if variant == "many":
+      asked = [(name, result, ans)]
+      if done + 1 < n_examples and rng.random() < 0.5 and (more := _many_ask(scene, rng, {name})):
+        asked.append(more)
+      records, metas = _records_of(scene, asked, rng, MANY_TEMPLATES)
+      done += len(records)
+      yield scene, annotations, records, metas
+      continue
+    asked_names: set[str] = set()
     records, metas = [], []
     for _ in range(1 + int(rng.random() < 0.5)):
       if done >= n_examples:
         break
-      name, (q, a, evidence), ans = _ask(scene, rng, asked)
-      asked.add(name)
-      category = TEMPLATES[name][0]
-      encodings = [ENCODINGS[int(rng.integers(len(ENCODINGS)))] for _ in ans.mentions]
-      records.append({"dataset_name": DATASET_NAME, "img_ids": [img.image_id for img in scene], "q": q,
-                      "a": a, "groundings": _groundings(ans, len(scene), encodings), "category": category})
-      metas.append(QuestionMeta(name, category, evidence, ans.repeated, tuple(encodings)))
+      name, result, ans = _ask(scene, rng, asked_names)
+      asked_names.add(name)
+      recs, ms = _records_of(scene, [(name, result, ans)], rng, TEMPLATES)
+      records += recs
+      metas += ms
       done += 1
     yield scene, annotations, records, metas
 
 
-def _coco(seed: int, split: str, images: list[dict], annotations: list[dict]) -> dict:
-  return {"info": {"description": f"prima_jax synthetic M4Seg-format benchmark, seed {seed}, split {split}"},
+def _coco(seed: int, split: str, images: list[dict], annotations: list[dict], variant: str = "standard",
+          image_range: tuple[int, int] | None = None) -> dict:
+  description = f"prima_jax synthetic M4Seg-format benchmark, seed {seed}, split {split}"
+  if variant != "standard":  # the standard files keep their bytes
+    description += f", variant {variant}, {image_range[0]}-{image_range[1]} images per question"
+  return {"info": {"description": description},
           "images": images, "annotations": annotations, "categories": _categories()}
 
 
@@ -837,16 +1215,19 @@ def _image_entry(img: SceneImage) -> dict:
   return {"id": img.image_id, "file_name": f"{img.image_id}.png", "height": img.height, "width": img.width}
 
 
-def make_split(seed: int, split: str, n_examples: int, image_size: int = 96) -> SplitData:
+def make_split(seed: int, split: str, n_examples: int, image_size: int = 96, *, variant: str = "standard",
+               images: Sequence[int] | None = None) -> SplitData:
   """Generates one split in memory (holds every image: keep it small); same content as :func:`generate`."""
-  records, metas, images, annotations = [], [], [], []
-  for scene, anns, recs, ms in iter_split(seed, split, n_examples, image_size):
-    images += scene
+  image_range = check_variant(variant, images)
+  records, metas, scene_images, annotations = [], [], [], []
+  for scene, anns, recs, ms in iter_split(seed, split, n_examples, image_size, variant=variant,
+                                          images=images):
+    scene_images += scene
     annotations += anns
     records += recs
     metas += ms
-  coco = _coco(seed, split, [_image_entry(img) for img in images], annotations)
-  return SplitData(split, records, metas, images, coco)
+  coco = _coco(seed, split, [_image_entry(img) for img in scene_images], annotations, variant, image_range)
+  return SplitData(split, records, metas, scene_images, coco)
 
 
 def _annotation(ann_id, image_id, category_id, polygons, mask, obj_ann_id, color) -> dict:
@@ -884,24 +1265,30 @@ def _png(pixels: np.ndarray) -> bytes:
 
 
 def generate(out_dir: str | os.PathLike, seed: int = 0, sizes: Mapping[str, int] | None = None,
-             image_size: int = 96, *, progress: bool = False) -> dict:
+             image_size: int = 96, *, variant: str = "standard", images: Sequence[int] | None = None,
+             progress: bool = False) -> dict:
   """Writes the benchmark under ``out_dir`` (layout in the module docstring); returns a summary dict.
 
   Args:
     out_dir: root directory (``DIR``), local or an object-store URL; created if missing. Existing files of
       the same names are overwritten.
-    seed: the output is byte-identical for the same ``(seed, sizes, image_size)``.
+    seed: the output is byte-identical for the same ``(seed, sizes, image_size, variant, images)``.
     sizes: examples per split, e.g. ``{"train": 2400, "val": 300, "test": 300}``; a split left out is not
-      written. Default ``DEFAULT_SIZES``.
+      written. Default ``DEFAULT_SIZES`` (``MANY_DEFAULT_SIZES`` for the many variant).
     image_size: nominal image side in pixels; each image's height and width vary in [0.8, 1.2] of it.
+    variant: ``"standard"`` (2-5 images per question) or ``"many"`` (module docstring).
+    images: the many variant's (min, max) images per question, within 2..99; default ``MANY_IMAGES``.
     progress: show a bar (or a periodic line off a terminal) over the examples.
 
   Returns:
-    ``{"out_dir", "seed", "image_size", "seconds", "examples_per_second", "splits": {split: {"examples",
+    ``{"out_dir", "seed", "image_size", "variant", "images" (min, max), "seconds", "examples_per_second",
+    "splits": {split: {"examples",
     "images", "annotations", "multi_image", "repeated_mentions", "part_groundings", "categories", "encodings",
     "records_file", "annotation_file"}}}``.
   """
-  sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
+  image_range = check_variant(variant, images)
+  default = MANY_DEFAULT_SIZES if variant == "many" else DEFAULT_SIZES
+  sizes = dict(default if sizes is None else sizes)
   unknown = set(sizes) - set(SPLITS)
   if unknown:
     raise ValueError(f"unknown split(s) {sorted(unknown)}; expected a subset of {SPLITS}")
@@ -914,29 +1301,31 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, sizes: Mapping[str, int]
   rec_dir = out / "Part_Segm"
   for d in (image_dir, ann_dir, rec_dir):
     d.mkdir(parents=True, exist_ok=True)
-  summary = {"out_dir": str(out), "seed": seed, "image_size": image_size, "splits": {}}
+  summary = {"out_dir": str(out), "seed": seed, "image_size": image_size, "variant": variant,
+             "images": image_range, "splits": {}}
   total = 0
   bar = Progress(sum(int(sizes[s]) for s in SPLITS if s in sizes), "examples", desc="synthetic benchmark",
                  enabled=progress)
   for split in SPLITS:
     if split not in sizes:
       continue
-    images, annotations, records, metas = [], [], [], []
-    for scene, anns, recs, ms in iter_split(seed, split, int(sizes[split]), image_size):
+    entries, annotations, records, metas = [], [], [], []
+    for scene, anns, recs, ms in iter_split(seed, split, int(sizes[split]), image_size, variant=variant,
+                                            images=images):
       for img in scene:
         (image_dir / f"{img.image_id}.png").write_bytes(_png(img.pixels))
-        images.append(_image_entry(img))
+        entries.append(_image_entry(img))
       annotations += anns
       records += recs
       metas += ms
       bar.update(len(recs))
     ann_file = ann_dir / f"{DATASET_NAME}_{split}.json"
     rec_file = rec_dir / f"{DATASET_NAME}_{split}.json"
-    _write_json(ann_file, _coco(seed, split, images, annotations))
+    _write_json(ann_file, _coco(seed, split, entries, annotations, variant, image_range))
     _write_json(rec_file, records)
     total += len(records)
     summary["splits"][split] = split_summary(records, metas)
-    summary["splits"][split].update(images=len(images), annotations=len(annotations),
+    summary["splits"][split].update(images=len(entries), annotations=len(annotations),
                                     records_file=str(rec_file), annotation_file=str(ann_file))
   bar.close()
   seconds = time.perf_counter() - t0
@@ -988,8 +1377,14 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv)
   for split in SPLITS:
-    flags.DEFINE_integer(split, DEFAULT_SIZES[split], f"{split} examples.", flag_values=fv)
+    flags.DEFINE_integer(split, DEFAULT_SIZES[split], f"{split} examples (many variant: default "
+                         f"{MANY_DEFAULT_SIZES[split]}).", flag_values=fv)
   flags.DEFINE_integer("image_size", 96, "Nominal image side (varies by +-20%).", flag_values=fv)
+  flags.DEFINE_enum("variant", "standard", list(VARIANTS),
+                    "standard: 2-5 images per question; many: --images sparse images per question.",
+                    flag_values=fv)
+  flags.DEFINE_string("images", f"{MANY_IMAGES[0]},{MANY_IMAGES[1]}",
+                      "MIN,MAX images per question of the many variant (2..99).", flag_values=fv)
 
 
 def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
@@ -1003,15 +1398,28 @@ def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
   args = fv
   if not args.out:
     return error("--out is required")
-  sizes = {s: getattr(args, s) for s in SPLITS}
+  many = args.variant == "many"
+  sizes = {s: getattr(args, s) if fv[s].present or not many else MANY_DEFAULT_SIZES[s] for s in SPLITS}
   for split, n in sizes.items():
     if n < 0:
       return error(f"--{split} must be >= 0")
+  images = None
+  if many:
+    try:
+      images = tuple(int(v) for v in args.images.split(","))
+      if len(images) != 2:
+        raise ValueError
+      check_variant("many", images)
+    except ValueError:
+      return error(f"--images={args.images}: expected MIN,MAX with 2 <= MIN <= MAX <= 99")
+  elif fv["images"].present:
+    return error("--images applies to --variant=many only")
   try:
     out = paths.resolve(args.out, what="--out")
   except paths.PathError as e:
     return error(str(e))
-  summary = generate(out, args.seed, sizes, args.image_size, progress=True)
+  summary = generate(out, args.seed, sizes, args.image_size, variant=args.variant, images=images,
+                     progress=True)
   for split, s in summary["splits"].items():
     print(f"{split}: {s['examples']} examples ({s['multi_image']} multi-image), {s['images']} images, "
           f"{s['annotations']} annotations, categories {s['categories']}, encodings {s['encodings']}")

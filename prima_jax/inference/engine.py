@@ -7,14 +7,16 @@ s in three jitted stages and one host stage:
    (:func:`prima_jax.inference.generate.generate`); returns tokens and the decode hidden states.
 2. host: parse the tokens, route each ``[SEG]`` to its image (grounding.py).
 3. ``sam_encode`` [B, P images]: the SAM image encoder once per image that has at least one mask
-   (compacted per example, padded to P), scattered into [B, N, g, g, C].
+   (compacted per example, padded to P): [B, P, g, g, C], whatever N is.
 4. ``decode_masks`` [B, M masks]: [SEG] hidden state -> seg_head -> SAM mask decoder against the
-   routed image's embedding; low-res logits go back to the host, which resizes them to each
-   image's original size (grounding.low_res_to_original).
+   routed image's embedding (its slot among the P); low-res logits go back to the host, which resizes
+   them to each image's original size (grounding.low_res_to_original).
 
 Shape buckets (every dimension of every compiled call comes from these, whatever the images):
-B = ``batch_size`` (a short last batch is padded), N = ``prima.max_images`` (fewer images are padded
-and masked), L = the smallest of ``prompt_buckets`` that holds the longest prompt of the batch,
+B = ``batch_size`` (a short last batch is padded), N = the image bucket of the example with the most
+images: ``min_image_bucket`` (8) or, above it, the next power of two, capped at ``prima.max_images`` (fewer
+images are padded and masked; a 64-image model asked about 3 images runs EVA and the Q-Former on 8, not
+64), L = the smallest of ``prompt_buckets`` that holds the longest prompt of the batch,
 T = ``max_new_tokens``, P = next power of two >= the most distinct mask images of an example (capped
 at N), M = next power of two >= the most masks of an example. Image height/width never reach a
 compiled shape (images are resized to the model's input sizes on the host).
@@ -102,6 +104,12 @@ def pow2_bucket(value: int, cap: int | None = None) -> int:
   return min(b, cap) if cap is not None else b
 
 
+def image_bucket(value: int, max_images: int, minimum: int = 8) -> int:
+  """The image slots N of a batch whose largest example has ``value`` images: ``minimum`` or, above it,
+  the next power of two, capped at ``max_images``."""
+  return min(max(pow2_bucket(value), minimum), int(max_images))
+
+
 def _agree_max(value: int) -> int:
   """The maximum of ``value`` over all processes (the value itself with one process)."""
   if jax.process_count() == 1:
@@ -121,11 +129,13 @@ class Predictor:
     mesh: shard the batch over the mesh's data axes (None: the default device).
     prompt_buckets: allowed prompt lengths L.
     padding_side: "left" or "right" padding of prompts (both decode identically).
+    min_image_bucket: the smallest image bucket N (see the module docstring).
   """
 
   def __init__(self, model, tokenizers, *, max_new_tokens: int = 256, max_question_length: int | None = None,
                batch_size: int = 1, mesh: Mesh | None = None,
-               prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, padding_side: str = "left"):
+               prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, padding_side: str = "left",
+               min_image_bucket: int = 8):
     if padding_side not in ("left", "right"):
       raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if max_new_tokens < 1 or batch_size < 1:
@@ -139,6 +149,7 @@ class Predictor:
     limit = cfg.llm.max_position_embeddings - self.max_new_tokens
     self.prompt_buckets = tuple(sorted(b for b in prompt_buckets if b <= limit)) or (int(limit),)
     self.padding_side = padding_side
+    self.min_image_bucket = int(min_image_bucket)
     if mesh is not None:
       shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
       if (self.batch_size * jax.process_count()) % shards:
@@ -168,25 +179,22 @@ class Predictor:
                       greedy=greedy, temperature=temperature, top_p=top_p, seed=seed, row_seeds=row_seeds,
                       forced_ids=forced_ids, forced_length=forced_length)
 
-  def _sam_encode_fn(self, state, sam_images, slots):
-    """sam_images [B, P, S, S, 3], slots [B, P] (image index, N = unused) -> [B, N, g, g, C]."""
+  def _sam_encode_fn(self, state, sam_images):
+    """sam_images [B, P, S, S, 3] (the images that receive a mask, compacted) -> [B, P, g, g, C]."""
     self.trace_counts["sam_encode"] += 1
     with self._context():
       model = nnx.merge(self._graphdef, state)
-      emb = model.sam_embeddings(sam_images)
-      b, n = emb.shape[0], self.cfg.prima.max_images
-      full = jnp.zeros((b, n + 1, *emb.shape[2:]), emb.dtype)
-      full = full.at[jnp.arange(b)[:, None], slots].set(emb)
-      return full[:, :n]
+      return model.sam_embeddings(sam_images)
 
-  def _decode_masks_fn(self, state, hidden, seg_tokens, seg_image, sam_embeddings):
+  def _decode_masks_fn(self, state, hidden, seg_tokens, seg_slot, sam_embeddings):
     """hidden [B, T + 1, D], seg_tokens [B, M] ([SEG] position in ``hidden``: token index + 1),
-    seg_image [B, M], sam_embeddings [B, N, g, g, C] -> low-res logits [B, M, 4g, 4g] float32."""
+    seg_slot [B, M] (the routed image's slot among the P encoded ones), sam_embeddings [B, P, g, g, C]
+    -> low-res logits [B, M, 4g, 4g] float32."""
     self.trace_counts["decode_masks"] += 1
     with self._context():
       model = nnx.merge(self._graphdef, state)
       seg_hidden = gather_positions(hidden, model.seg_hidden_positions(seg_tokens))
-      low_res = model.decode_masks(sam_embeddings, model.seg_head(seg_hidden), seg_image)
+      low_res = model.decode_masks(sam_embeddings, model.seg_head(seg_hidden), seg_slot)
       return low_res.astype(jnp.float32)
 
   # --- host side ---------------------------------------------------------------------------------
@@ -263,7 +271,8 @@ class Predictor:
 
   def _prompt_batch(self, rows: list[PromptInputs]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     cfg, b, t_max = self.cfg, len(rows), self.max_new_tokens
-    n, size = cfg.prima.max_images, cfg.vision.image_size
+    n = image_bucket(_agree_max(max(r.num_images for r in rows)), cfg.prima.max_images, self.min_image_bucket)
+    size = cfg.vision.image_size
     longest = _agree_max(max(len(r.input_ids) for r in rows))
     length = pick_bucket(longest, self.prompt_buckets, "prompt length")
     q = self.max_question_length
@@ -327,26 +336,25 @@ class Predictor:
   def _masks(self, rows: list[PromptInputs], parsed: list[ParsedAnswer], hidden) -> list[list[SegPrediction]]:
     """Decodes every routed [SEG] of the batch; per row, SegPredictions in answer order."""
     cfg = self.cfg
-    n, s, b = cfg.prima.max_images, cfg.sam.image_size, len(rows)
+    s, b = cfg.sam.image_size, len(rows)
     used = [sorted({seg.image_index for seg in a.routed}) for a in parsed]
     most_masks = _agree_max(max(len(a.routed) for a in parsed))
     if most_masks == 0:
       return [[] for _ in rows]
     m = pow2_bucket(most_masks)
-    p = pow2_bucket(_agree_max(max(len(u) for u in used)), cap=n)
+    p = pow2_bucket(_agree_max(max(len(u) for u in used)), cap=cfg.prima.max_images)
     sam_images = np.zeros((b, p, s, s, 3), np.float32)
-    slots = np.full((b, p), n, np.int32)
     seg_tokens = np.ones((b, m), np.int32)
-    seg_image = np.zeros((b, m), np.int32)
+    seg_slot = np.zeros((b, m), np.int32)
     for i, (r, a, u) in enumerate(zip(rows, parsed, used)):
       for j, k in enumerate(u):
         sam_images[i, j] = r.sam_images[k]
-        slots[i, j] = k
+      slot_of = {k: j for j, k in enumerate(u)}
       for j, seg in enumerate(a.routed):
         seg_tokens[i, j] = seg.token_index + 1
-        seg_image[i, j] = seg.image_index
-    embeddings = self._sam_encode(self._state, self._put(sam_images), self._put(slots))
-    low_res = self._local(self._decode_masks(self._state, hidden, self._put(seg_tokens), self._put(seg_image),
+        seg_slot[i, j] = slot_of[seg.image_index]
+    embeddings = self._sam_encode(self._state, self._put(sam_images))
+    low_res = self._local(self._decode_masks(self._state, hidden, self._put(seg_tokens), self._put(seg_slot),
                                              embeddings))
     out = []
     for i, (r, a) in enumerate(zip(rows, parsed)):

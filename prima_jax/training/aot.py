@@ -1,8 +1,14 @@
-"""Lower and compile the train step of a config on abstract inputs (no weights in memory) and print the
-compiled per-device memory: ``python -m prima_jax.training.aot --config=configs/m4seg.py --mesh=1,8,1``.
+"""Lower and compile the train (and eval) step of a config on abstract inputs (no weights in memory) and
+print the compiled per-device memory and FLOPs:
+``python -m prima_jax.training.aot --config=configs/m4seg.py --mesh=1,8,1``.
 
 With ``--fake_devices=N`` the CPU pretends to have N devices (set before JAX starts), so the full-size
 model's footprint on an N-device (data, fsdp, tensor) mesh can be read on any machine.
+``--images=5,16,32,64`` compiles once per image count (``prima.max_images``), the LLM context sized to
+fit: ``data.max_length`` grows by ``num_query_tokens + 2`` tokens per image beyond the config's
+``max_images``, rounded up to a multiple of 128. ``--steps=train,eval`` adds the teacher-forced
+forward of evaluation (no gradients). Where the bytes go: run with
+``XLA_FLAGS=--xla_dump_to=DIR`` and read DIR's ``*memory-usage-report.txt`` (docs/perf.md).
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ from prima_jax.training.validate import build_mesh, check_batch  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor (overrides config.mesh)")
 flags.DEFINE_integer("fake_devices", 0, "Pretend the CPU has this many devices.")
+_IMAGES = flags.DEFINE_list("images", [], "Image counts to compile for (prima.max_images each); "
+                            "default: the config's.")
+_STEPS = flags.DEFINE_list("steps", ["train"], "Steps to compile: train and/or eval.")
 
 
 def abstract_batch(config, batch_size: int, cached: tuple[str, ...] = (),
@@ -64,9 +73,26 @@ def abstract_batch(config, batch_size: int, cached: tuple[str, ...] = (),
   return {k: jax.ShapeDtypeStruct((batch_size, *shape), dtype) for k, (shape, dtype) in shapes.items()}
 
 
-def compile_train_step(config, mesh, cached: tuple[str, ...] = ()):
-  """The compiled train step on abstract state and batch (``cached``: towers whose features the batch
-  carries, see :func:`abstract_batch`); returns (compiled, seconds)."""
+def with_images(config, num_images: int):
+  """``config`` with ``prima.max_images = num_images`` and ``data.max_length`` grown (or shrunk) by the
+  image slots that adds (``num_query_tokens + 2`` per image), rounded up to a multiple of 128: the
+  text budget of the config's own ``max_length`` is kept."""
+  m = config.model
+  per_image = m.qformer.num_query_tokens + 2
+  text = config.data.max_length - m.prima.max_images * per_image
+  length = -(-(text + num_images * per_image) // 128) * 128
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.prima.max_images = num_images
+    config.data.max_length = length
+    config.data.length_buckets = ()
+  return config
+
+
+def compile_train_step(config, mesh, cached: tuple[str, ...] = (), step: str = "train"):
+  """The compiled train step (``step="eval"``: the eval step, forward and metrics without gradients)
+  on abstract state and batch (``cached``: towers whose features the batch carries, see
+  :func:`abstract_batch`); returns (compiled, seconds)."""
   t = config.train
   abstract = nnx.eval_shape(lambda: Prima(config.model, rngs=nnx.Rngs(0)))
   parts = ModelParts.split(abstract, t.trainable)
@@ -87,9 +113,15 @@ def compile_train_step(config, mesh, cached: tuple[str, ...] = ()):
   state = dict(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=params,
                opt_state=jax.tree.map(sds, opt_abstract, opt_sh),
                rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
-  batch = abstract_batch(config, t.batch_size, cached)
+  batch = abstract_batch(config, t.batch_size if step == "train" else config.eval.batch_size, cached)
   batch_sh = steps.batch_shardings(mesh, batch)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch.items()}
+  if step == "eval":
+    fn = steps.jit_eval_step(steps.make_eval_step(parts, config.model.loss, config.model.prima),
+                             param_sh, frozen_sh, batch_sh, mesh)
+    start = time.time()
+    compiled = fn.lower(params, frozen, batch).compile()
+    return compiled, time.time() - start
   fn = steps.jit_train_step(steps.make_train_step(parts, tx, schedule, config.model.loss,
                                                   grad_accum_steps=t.grad_accum_steps, mesh=mesh),
                             steps.state_shardings(param_sh, opt_sh, mesh), frozen_sh, batch_sh, mesh)
@@ -98,24 +130,47 @@ def compile_train_step(config, mesh, cached: tuple[str, ...] = ()):
   return compiled, time.time() - start
 
 
-def main(argv) -> None:
+def peak_bytes(memory) -> int:
+  """Per-device peak estimate of a compiled program's ``memory_analysis()``: arguments + outputs not
+  aliased to arguments + temporaries."""
+  return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+          + memory.temp_size_in_bytes)
+
+
+def main(argv) -> int | None:
   del argv
   config = _CONFIG.value
   if _MESH.value:
     data, fsdp, tensor = (int(x) for x in _MESH.value.split(","))
     config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+  bad = sorted(set(_STEPS.value) - {"train", "eval"})
+  if bad:
+    print(f"error: --steps: unknown step(s) {bad}; use train and/or eval", file=sys.stderr)
+    return 2
+  try:
+    counts = [int(x) for x in _IMAGES.value] or [config.model.prima.max_images]
+  except ValueError:
+    print(f"error: --images={','.join(_IMAGES.value)}: expected image counts", file=sys.stderr)
+    return 2
   mesh = build_mesh(config)
   check_batch(config, mesh)
-  compiled, seconds = compile_train_step(config, mesh)
-  m = compiled.memory_analysis()
   gib = lambda b: b / 2 ** 30  # noqa: E731
-  peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
   print(f"mesh {dict(mesh.shape)} on {jax.device_count()} x {jax.devices()[0].device_kind}; global batch "
-        f"{config.train.batch_size} in {config.train.grad_accum_steps} micro-batches; "
-        f"compiled in {seconds:.0f} s")
-  print(f"per device: arguments {gib(m.argument_size_in_bytes):.2f} GiB, "
-        f"outputs {gib(m.output_size_in_bytes):.2f} GiB (aliased {gib(m.alias_size_in_bytes):.2f}), "
-        f"temporaries {gib(m.temp_size_in_bytes):.2f} GiB, peak estimate {gib(peak):.2f} GiB")
+        f"{config.train.batch_size} in {config.train.grad_accum_steps} micro-batches, eval batch "
+        f"{config.eval.batch_size}")
+  print("| step | images | LLM tokens | compile s | arguments GiB | temporaries GiB | peak GiB / device "
+        "| TFLOP / device |")
+  print("|---|---|---|---|---|---|---|---|")
+  for n in counts:
+    sized = with_images(config, n)
+    for step in _STEPS.value:
+      compiled, seconds = compile_train_step(sized, mesh, step=step)
+      m = compiled.memory_analysis()
+      flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
+      print(f"| {step} | {n} | {sized.data.max_length} | {seconds:.0f} | {gib(m.argument_size_in_bytes):.2f} "
+            f"| {gib(m.temp_size_in_bytes):.2f} | {gib(peak_bytes(m)):.2f} | {flops / 1e12:.2f} |",
+            flush=True)
+  return None
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from prima_jax.data.pipeline import DROP_REASONS, drop_counter, make_dataset
+from prima_jax.data.pipeline import DISPLAY_KEY, DROP_REASONS, drop_counter, make_dataset
+from prima_jax.models.batch import IMAGE_KEYS
 from prima_jax.workdir import open_split
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ def restore_drops(iterator, counts: dict[str, int]) -> None:
 
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "labels")
+_PER_IMAGE_KEYS = (*IMAGE_KEYS, "image_valid", "sam_sizes", DISPLAY_KEY)
 
 
 def bucket_length(batch, buckets, max_length: int) -> int:
@@ -120,3 +122,24 @@ def bucket_length(batch, buckets, max_length: int) -> int:
 def fit_to_length(batch, length: int):
   """``batch`` with its LLM token arrays cut to ``length`` (only padding is cut)."""
   return {k: (v[:, :length] if k in TOKEN_KEYS else v) for k, v in batch.items()}
+
+
+def bucket_images(batch, buckets, max_images: int) -> int:
+  """The smallest of ``buckets`` (and ``max_images``) that holds the example with the most images of the
+  *global* batch (a collective when multi-process)."""
+  needed = np.asarray([int(np.asarray(batch["image_valid"]).sum(axis=1).max(initial=0))], np.int64)
+  if jax.process_count() > 1:
+    needed = np.asarray(multihost_utils.process_allgather(needed)).reshape(-1)
+  needed = int(needed.max())
+  return min(b for b in (*sorted(int(b) for b in buckets), max_images) if b >= needed)
+
+
+def fit_to_images(batch, num_images: int):
+  """``batch`` with its per-image arrays ([B, N, ...]: images or cached features, ``image_valid``,
+  ``sam_sizes``, the display images) cut to ``num_images`` slots (only padding images are cut)."""
+  valid = np.asarray(batch["image_valid"])
+  if valid[:, num_images:].any():
+    raise ValueError(f"cutting the batch to {num_images} image slots would drop real images")
+  n = valid.shape[1]
+  return {k: (v[:, :num_images] if k in _PER_IMAGE_KEYS and np.ndim(v) >= 2 and np.shape(v)[1] == n else v)
+          for k, v in batch.items()}

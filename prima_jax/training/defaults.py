@@ -42,6 +42,10 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       # Shorter LLM lengths a training batch may be cut to (one compiled step each): a global batch
       # runs at the smallest bucket that holds its longest row. () = always max_length.
       length_buckets=(),
+      # Fewer image slots a training batch may be cut to (one compiled step each): a global batch runs
+      # at the smallest bucket that holds its example with the most images, so a 64-image model pays
+      # for padding images only up to that bucket. () = always prima.max_images.
+      image_buckets=(),
       max_question_length=32,    # Q-Former tokens
       # Random-resized crops for EVA's training input (LAVIS's train transform). Off: the eval-mode
       # resize, which lets EVA's features be cached.
@@ -51,10 +55,15 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       feature_cache="",
       worker_count=0,            # Grain worker processes (0: threads in the training process)
       read_threads=2,
-      # synthetic benchmark sizes (kind="synthetic")
+      # synthetic benchmark (kind="synthetic"): examples per split, nominal image side, seed
       synthetic_sizes=ml_collections.ConfigDict(dict(train=2400, val=300, test=0)),
       synthetic_image_size=96,
       synthetic_seed=0,
+      # "standard": 2-5 images per question; "many": synthetic_images = (min, max) sparse images per
+      # question (2..99), questions that search them all (docs/data.md). A prepared data directory of
+      # another variant or range is refused.
+      synthetic_variant="standard",
+      synthetic_images=(8, 64),
   ))
 
   # (data, fsdp, tensor); one size may be -1 = the remaining devices.

@@ -324,12 +324,17 @@ def _train(config, wd: workdir_lib.Workdir, mesh, ddir, t_start: float,
 
   # --- compile ---------------------------------------------------------------------------------
   buckets = tuple(config.data.get("length_buckets", ()))
+  image_buckets = tuple(config.data.get("image_buckets", ()))
 
   def next_batch():
-    """The next global batch, its LLM arrays cut to the smallest length bucket that holds it."""
+    """The next global batch, its LLM arrays cut to the smallest length bucket that holds it and its
+    per-image arrays to the smallest image bucket."""
     local = next(train_iter)
     if buckets:
       local = data_lib.fit_to_length(local, data_lib.bucket_length(local, buckets, config.data.max_length))
+    if image_buckets:
+      local = data_lib.fit_to_images(
+          local, data_lib.bucket_images(local, image_buckets, model_cfg.prima.max_images))
     return to_global_batch(local, mesh)
 
   first = next_batch() if start_step < t.num_steps else None
@@ -350,11 +355,12 @@ def _train(config, wd: workdir_lib.Workdir, mesh, ddir, t_start: float,
           steps.make_train_step(parts, tx, schedule, model_cfg.loss, grad_accum_steps=t.grad_accum_steps,
                                 mesh=mesh), state_sh, frozen_sh, batch_sh, mesh)
       peak = peak_flops(jax.devices()[0].device_kind)
-      programs: dict[int, tuple[Any, float | None]] = {}  # LLM length -> (compiled step, FLOPs)
+      # (LLM length, image slots) -> (compiled step, FLOPs)
+      programs: dict[tuple[int, int], tuple[Any, float | None]] = {}
 
       def program(batch):
-        length = batch["input_ids"].shape[1]
-        if length not in programs:
+        length, images = batch["input_ids"].shape[1], batch["image_valid"].shape[1]
+        if (length, images) not in programs:
           tc = time.time()
           compiled = train_fn.lower(state, frozen, batch).compile()
           memory = _memory_report(compiled)
@@ -364,13 +370,15 @@ def _train(config, wd: workdir_lib.Workdir, mesh, ddir, t_start: float,
           flops = _flops(compiled)
           if flops is not None:
             flops *= t.grad_accum_steps  # cost analysis counts a scan body once
-          programs[length] = (compiled, flops)
-          summary.setdefault("step_flops", {})[length] = flops
-          wait_for_all_processes(f"train step compiled for {length} tokens")
-          writer.print(f"compiled the train step ({length} LLM tokens) in {time.time() - tc:.1f} s; "
+          programs[length, images] = (compiled, flops)
+          shape = length if images == model_cfg.prima.max_images else f"{length} tokens, {images} images"
+          summary.setdefault("step_flops", {})[shape] = flops
+          wait_for_all_processes(f"train step compiled for {length} tokens, {images} images")
+          writer.print(f"compiled the train step ({length} LLM tokens, {images} image slots) in "
+                       f"{time.time() - tc:.1f} s; "
                        "per device: " + ", ".join(f"{k} {v:.3f} GiB" for k, v in memory.items())
                        + (f"; {flops / 1e9:.1f} GFLOP/step" if flops else ""))
-        return programs[length]
+        return programs[length, images]
 
       program(first)
 

@@ -89,6 +89,20 @@ def check_schedule(config) -> None:
   if bad:
     raise ConfigError(f"data.length_buckets={buckets}: every bucket must be an int in "
                       f"(0, data.max_length={config.data.max_length}], got {bad}")
+  image_buckets = tuple(config.data.get("image_buckets", ()))
+  most = config.model.prima.max_images
+  bad = [b for b in image_buckets if not (isinstance(b, int) and 0 < b <= most)]
+  if bad:
+    raise ConfigError(f"data.image_buckets={image_buckets}: every bucket must be an int in "
+                      f"(0, model.prima.max_images={most}], got {bad}")
+  slots = most * (config.model.qformer.num_query_tokens + 2)
+  if slots >= config.data.max_length:
+    raise ConfigError(f"data.max_length={config.data.max_length} cannot hold model.prima.max_images={most} "
+                      f"images ({slots} tokens: {config.model.qformer.num_query_tokens} query tokens + "
+                      "<im_start> and <im_end> each) and any text; raise data.max_length")
+  if config.data.max_length > config.model.llm.max_position_embeddings:
+    raise ConfigError(f"data.max_length={config.data.max_length} exceeds the LLM's "
+                      f"model.llm.max_position_embeddings={config.model.llm.max_position_embeddings}")
 
 
 # (field, lowest, highest, lowest allowed, highest allowed): the numeric fields a NaN, an inf or a
