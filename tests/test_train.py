@@ -474,9 +474,11 @@ def test_training_on_an_object_store_workdir(object_store, tmp_path, data_dir):
   c.eval.update(every=2, prediction_examples=1)
   c.checkpoint.every = 2
   c.data.length_buckets = (160, 192)   # the demo's rows need 100-170 of the 256 tokens
+  c.data.image_buckets = (3, 4)        # of the 5 slots (the demo's questions show 2-5 images)
   first = train_and_evaluate(c, url)
   assert first["final_step"] == 2
   assert set(first["compiled_lengths"]) <= {160, 192, 256} and min(first["compiled_lengths"]) < 256
+  assert set(first["compiled_image_slots"]) <= {3, 4, 5}
   c = demo_test_config(data_dir, num_steps=3, trainable=trainable)
   c.eval.every = 0
   c.data.length_buckets = (160, 192)

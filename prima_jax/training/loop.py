@@ -463,7 +463,8 @@ def _train(config, wd: workdir_lib.Workdir, mesh, ddir, t_start: float,
         summary["stopped"] = True
         break
     checkpointer.wait()
-    summary["compiled_lengths"] = sorted(programs) if first is not None else []
+    summary["compiled_lengths"] = sorted({length for length, _ in programs}) if first is not None else []
+    summary["compiled_image_slots"] = sorted({images for _, images in programs}) if first is not None else []
     summary["final_step"] = step
     elapsed = time.time() - t_loop
     summary["steps_per_s"] = (step - start_step) / elapsed if elapsed > 0 and step > start_step else None
