@@ -36,8 +36,9 @@ def test_a_previous_prediction_is_refused_unless_overwrite(tmp_path):
   (out / "notes.txt").write_text("mine")
   predict.check_out(out, overwrite=False)  # other files only: fine
   write(out, [(8, 8)], 0)
-  with pytest.raises(FileExistsError, match=r"holds a previous prediction \(image1_overlay.png, "
-                                            r"prediction.json\); pass --overwrite"):
+  with pytest.raises(FileExistsError, match=r"holds a previous prediction \(contact_sheet.png, "
+                                            r"image1_overlay.png, index.html, prediction.json\); "
+                                            r"pass --overwrite"):
     predict.check_out(out, overwrite=False)
   predict.check_out(out, overwrite=True)
   with pytest.raises(paths.PathError, match="is a file, not a directory"):
@@ -52,8 +53,9 @@ def test_a_smaller_result_leaves_no_stale_file_beside_it(tmp_path):
   write(out, [(8, 8), (9, 7), (6, 6), (5, 5), (8, 9)], 0)
   assert len(list(out.glob("image*_overlay.png"))) == 5
   record = write(out, [(10, 12), (7, 9)], 1)
-  assert sorted(p.name for p in out.iterdir()) == ["image10_overlay.png.bak", "image1_overlay.png",
-                                                   "image2_overlay.png", "notes.txt", "prediction.json"]
+  assert sorted(p.name for p in out.iterdir()) == ["contact_sheet.png", "image10_overlay.png.bak",
+                                                   "image1_overlay.png", "image2_overlay.png", "index.html",
+                                                   "notes.txt", "prediction.json"]
   assert json.loads((out / "prediction.json").read_text()) == json.loads(json.dumps(record))
   scale = predict.overlay_scale(10, 12)
   assert Image.open(out / "image1_overlay.png").size == (12 * scale, 10 * scale)  # the new one
@@ -87,8 +89,8 @@ def test_cli_bad_outputs_and_images_are_one_error_line(tmp_path):
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
   common = ["--config=configs/demo.py:test", "--question=What?"]
   assert cli("prima_jax.predict", *common, f"--image={image}", f"--out={previous}") == (2, [
-      f"error: --out={previous} holds a previous prediction (image1_overlay.png, prediction.json); pass "
-      "--overwrite to replace it"])
+      f"error: --out={previous} holds a previous prediction (contact_sheet.png, image1_overlay.png, "
+      "index.html, prediction.json); pass --overwrite to replace it"])
   assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
   huge = tmp_path / "huge.png"
   huge.write_bytes(png_header_only(10000, 9000))

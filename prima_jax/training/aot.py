@@ -4,9 +4,9 @@ print the compiled per-device memory and FLOPs:
 
 With ``--fake_devices=N`` the CPU pretends to have N devices (set before JAX starts), so the full-size
 model's footprint on an N-device (data, fsdp, tensor) mesh can be read on any machine.
-``--images=5,16,32,64`` compiles once per image count (``prima.max_images``), the LLM context sized to
+``--image_counts=5,16,32,64`` compiles once per image count (``prima.max_images``), the LLM context sized to
 fit: ``data.max_length`` grows by ``num_query_tokens + 2`` tokens per image beyond the config's
-``max_images``, rounded up to a multiple of 128. ``--steps=train,eval`` adds the teacher-forced
+``max_images``, rounded up to a multiple of 128. ``--compile=train,eval`` adds the teacher-forced
 forward of evaluation (no gradients). Where the bytes go: run with
 ``XLA_FLAGS=--xla_dump_to=DIR`` and read DIR's ``*memory-usage-report.txt`` (docs/perf.md).
 """
@@ -46,9 +46,10 @@ from prima_jax.training.validate import build_mesh, check_batch  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor (overrides config.mesh)")
 flags.DEFINE_integer("fake_devices", 0, "Pretend the CPU has this many devices.")
-_IMAGES = flags.DEFINE_list("images", [], "Image counts to compile for (prima.max_images each); "
+# Not --images / --steps: prima_jax.tools.flops and .perf import this module's flags and define those.
+_IMAGES = flags.DEFINE_list("image_counts", [], "Image counts to compile for (prima.max_images each); "
                             "default: the config's.")
-_STEPS = flags.DEFINE_list("steps", ["train"], "Steps to compile: train and/or eval.")
+_STEPS = flags.DEFINE_list("compile", ["train"], "Steps to compile: train and/or eval.")
 
 
 def abstract_batch(config, batch_size: int, cached: tuple[str, ...] = (),
@@ -145,12 +146,12 @@ def main(argv) -> int | None:
     config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
   bad = sorted(set(_STEPS.value) - {"train", "eval"})
   if bad:
-    print(f"error: --steps: unknown step(s) {bad}; use train and/or eval", file=sys.stderr)
+    print(f"error: --compile: unknown step(s) {bad}; use train and/or eval", file=sys.stderr)
     return 2
   try:
     counts = [int(x) for x in _IMAGES.value] or [config.model.prima.max_images]
   except ValueError:
-    print(f"error: --images={','.join(_IMAGES.value)}: expected image counts", file=sys.stderr)
+    print(f"error: --image_counts={','.join(_IMAGES.value)}: expected image counts", file=sys.stderr)
     return 2
   mesh = build_mesh(config)
   check_batch(config, mesh)
