@@ -146,3 +146,12 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   mesh, rules = active
   spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def process_max(value: int) -> int:
+  """The maximum of ``value`` over all processes (the value itself with one process): bucket choices
+  that every process must agree on so the global arrays have one shape."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))

@@ -52,7 +52,7 @@ from prima_jax.inference.grounding import (
   parse_generation,
 )
 from prima_jax.models.prima import gather_positions
-from prima_jax.sharding import activation_sharding, state_shardings
+from prima_jax.sharding import activation_sharding, process_max, state_shardings
 
 DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 BATCH_AXES = ("data", "fsdp")
@@ -110,11 +110,8 @@ def image_bucket(value: int, max_images: int, minimum: int = 8) -> int:
   return min(max(pow2_bucket(value), minimum), int(max_images))
 
 
-def _agree_max(value: int) -> int:
-  """The maximum of ``value`` over all processes (the value itself with one process)."""
-  if jax.process_count() == 1:
-    return int(value)
-  return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+# Bucket choices agreed across processes.
+_agree_max = process_max
 
 
 class Predictor:

@@ -11,6 +11,7 @@ from jax.experimental import multihost_utils
 
 from prima_jax.data.pipeline import DISPLAY_KEY, DROP_REASONS, drop_counter, make_dataset
 from prima_jax.models.batch import IMAGE_KEYS
+from prima_jax.sharding import process_max
 from prima_jax.workdir import open_split
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,7 @@ def bucket_length(batch, buckets, max_length: int) -> int:
   batch (the longest row over all processes: a collective when multi-process)."""
   mask = np.asarray(batch["attention_mask"])
   last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)          # one past each row's last token
-  needed = np.asarray([int(np.max(np.where(mask.any(1), last, 0)))], np.int64)
-  if jax.process_count() > 1:
-    needed = np.asarray(multihost_utils.process_allgather(needed)).reshape(-1)
-  needed = int(needed.max())
+  needed = process_max(int(np.max(np.where(mask.any(1), last, 0))))
   return min(b for b in (*sorted(int(b) for b in buckets), max_length) if b >= needed)
 
 
@@ -127,10 +125,7 @@ def fit_to_length(batch, length: int):
 def bucket_images(batch, buckets, max_images: int) -> int:
   """The smallest of ``buckets`` (and ``max_images``) that holds the example with the most images of the
   *global* batch (a collective when multi-process)."""
-  needed = np.asarray([int(np.asarray(batch["image_valid"]).sum(axis=1).max(initial=0))], np.int64)
-  if jax.process_count() > 1:
-    needed = np.asarray(multihost_utils.process_allgather(needed)).reshape(-1)
-  needed = int(needed.max())
+  needed = process_max(int(np.asarray(batch["image_valid"]).sum(axis=1).max(initial=0)))
   return min(b for b in (*sorted(int(b) for b in buckets), max_images) if b >= needed)
 
 
