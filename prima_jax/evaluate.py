@@ -48,8 +48,9 @@ def evaluate_split(predictor, source, indices: list[int | None], *, similarity, 
   """Predicts and scores ``source[i]`` for ``i`` in ``indices`` (None = a padding slot, not scored).
 
   Returns (records, timing): one record per scored example (``example_id``, ``category``, ``stats``
-  of ``metrics.example_stats``, ``answer``, ``dropped`` reasons) or per skipped one (``skipped``: the
-  reason its prompt could not be built), and ``{"seconds", "first_batch_seconds", "examples"}``.
+  of ``metrics.example_stats``, ``question``, ``reference`` and generated ``answer``, ``dropped``
+  reasons) or per skipped one (``skipped``: the reason its prompt could not be built), and
+  ``{"seconds", "first_batch_seconds", "examples"}``.
   ``progress``: a bar (or a periodic line off a terminal) over the examples.
   """
   from prima_jax.data.m4seg import decode_example  # noqa: PLC0415
@@ -87,7 +88,8 @@ def evaluate_split(predictor, source, indices: list[int | None], *, similarity, 
         continue
       ex = c[0]
       stats = example_stats(pred.to_grounded(), GroundedAnswer.from_example(ex), similarity=similarity)
-      records.append(dict(example_id=ex.example_id, category=ex.category, stats=stats, answer=pred.answer,
+      records.append(dict(example_id=ex.example_id, category=ex.category, stats=stats,
+                          question=ex.question, reference=ex.answer, answer=pred.answer,
                           dropped=[s.reason for s in pred.dropped]))
     if first_batch is None:
       first_batch = time.time() - t0
@@ -115,7 +117,8 @@ def gather_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-  """Metrics (overall and per category) of the scored records, sorted by example id, and counts."""
+  """Metrics (overall and per category) of the scored records, sorted by example id, counts, and each
+  scored example's question, reference and generated answer (``answers``)."""
   from prima_jax.evaluation.metrics import aggregate  # noqa: PLC0415
   by_id = {r["example_id"]: r for r in records}
   ordered = [by_id[k] for k in sorted(by_id)]
@@ -126,6 +129,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
       examples=len(scored),
       skipped={r["example_id"]: r["skipped"] for r in ordered if "skipped" in r},
       dropped_segs=dict(sorted(dropped.items())),
+      answers=[{k: r[k] for k in ("example_id", "category", "question", "reference", "answer", "dropped")}
+               for r in scored],
   )
 
 

@@ -1,5 +1,6 @@
 """The evaluate entry point on a tiny random-weight model and a few synthetic examples."""
 
+import json
 import math
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 from configs.demo import get_config
 from prima_jax import evaluate
 from prima_jax import workdir as workdir_lib
+from prima_jax.data.m4seg import decode_example
 from prima_jax.evaluation.text_similarity import make_similarity
 from prima_jax.inference.engine import Predictor
 from prima_jax.inference.loading import load, open_run
@@ -43,6 +45,17 @@ def test_evaluate_runs_and_reports_overall_and_categories(data_dir, tmp_path):
   categories = {c: m for c, m in metrics.items() if c not in ("overall", "multi-image")}
   assert sum(m["examples"] for m in categories.values()) == results["examples"]
   assert results["examples_per_s"] > 0
+  # Each scored example's texts, by id, with the reference as the dataset holds it.
+  answers = results["answers"]
+  assert [a["example_id"] for a in answers] == sorted(a["example_id"] for a in answers)
+  assert len(answers) == results["examples"]
+  src = workdir_lib.open_split(data_dir, "val")
+  by_id = {ex.example_id: ex for ex in (decode_example(src[i]) for i in range(N))}
+  for a in answers:
+    assert a["reference"] == by_id[a["example_id"]].answer
+    assert a["question"] == by_id[a["example_id"]].question
+    assert isinstance(a["answer"], str)
+  assert json.loads(out.read_text())["answers"] == answers
 
 
 def test_metrics_do_not_depend_on_devices_or_hosts(data_dir):
