@@ -209,8 +209,9 @@ def test_cli_prints_the_table_on_the_tiny_config():
 
 # --- the compiled training step (--training) -----------------------------------------------------
 
+# Two of the three variants: the in-process fixture compiles all three; the CLI's own job is flags -> JSON.
 TRAINING_CLI = [sys.executable, "-m", "prima_jax.tools.flops", "--config=configs/m4seg.py:tiny", "--training",
-                "--json", "--fake_devices=2", "--mesh=1,2,1"]
+                "--json", "--fake_devices=2", "--mesh=1,2,1", "--variants=online,sam_eva_cached"]
 
 
 def _m4seg(arg):
@@ -278,14 +279,13 @@ def test_training_cli_prints_one_json_object(training_cli):
   print(stdout[-4000:], stderr[-4000:])
   assert proc.returncode == 0
   costs = json.loads(stdout)   # the whole of stdout: one object, the logs went to stderr
-  assert list(costs) == ["online", "sam_cached", "sam_eva_cached"]
+  assert list(costs) == ["online", "sam_eva_cached"]   # --variants, in the order given
   for c in costs.values():
     assert {"tflops_per_example", "memory_gib_per_device", "temp_gib_per_device", "compile_s",
             "examples_per_device"} <= set(c)
     # --fake_devices=2 --mesh=1,2,1: 2 fsdp shards, the recipe's micro-batch 8 / 2 / 2 = 2 per device.
     assert (c["devices"], c["examples_per_device"], c["global_batch"]) == (2, 2, 4)
-  assert (costs["online"]["tflops_per_example"] > costs["sam_cached"]["tflops_per_example"]
-          > costs["sam_eva_cached"]["tflops_per_example"])
+  assert costs["online"]["tflops_per_example"] > costs["sam_eva_cached"]["tflops_per_example"]
 
 
 def test_training_config_compiles_one_micro_batch():

@@ -822,7 +822,7 @@ def main(argv) -> None:
       raise app.UsageError("--training needs a training config (with train, data, mesh): configs/m4seg.py")
     shape = tuple(int(x) for x in _MESH.value.split(",")) if _MESH.value else None
     costs = training_costs(config, images=_IMAGES.value, micro_batch=_MICRO_BATCH.value, mesh_shape=shape,
-                           log=logging.info)
+                           variants=_VARIANTS.value, log=logging.info)
     if _JSON.value:
       print(json.dumps(costs), flush=True)
     else:
@@ -872,6 +872,8 @@ if __name__ == "__main__":
                                       "--training: examples per device (default: the recipe's micro-batch "
                                       "per data shard).")
   _MESH = _flag(flags.DEFINE_string, "mesh", None, "--training: data,fsdp,tensor (overrides config.mesh).")
+  _VARIANTS = flags.DEFINE_list("variants", list(TRAINING_VARIANTS),
+                                f"--training: which of {', '.join(TRAINING_VARIANTS)} to compile.")
   _FAKE_DEVICES = _flag(flags.DEFINE_integer, "fake_devices", 0,
                         "--training: pretend the CPU has this many devices.")
   flags.mark_flags_as_required(["config"])
