@@ -58,7 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.synthetic_sizes.update(train=3000, val=120, test=0)
   c.optimizer.update(learning_rate=1e-3, warmup_steps=30, weight_decay=0.0, grad_clip_norm=1.0)
   c.train.update(batch_size=8, num_steps=1800, trainable=TRAINABLE_ALL, log_every=50)
-  c.eval.update(every=600, batch_size=8, num_batches=0)
+  # The eval line's "other images": do the answers depend on the images (docs/training.md)?
+  c.eval.update(every=600, batch_size=8, num_batches=0, other_images=True)
   c.checkpoint.update(every=600, keep=2)
   if "test" in opts:
     c.data.synthetic_sizes.update(train=16, val=8, test=0)

@@ -62,3 +62,45 @@ def test_right_object_and_name_accuracy_catch_what_miou_alone_would_not():
     # Name tokens: the one word of each of the three phrases (not <p> or </p>).
     assert sums["name_tokens"] == 3, sums
     assert m["name_accuracy"] == (2 / 3 if wrong else 1.0), m
+
+
+def test_other_images_scores_the_answers_with_the_previous_examples_images():
+  """eval.other_images against the public forward pass on a batch whose EVA images are rolled."""
+  from flax import nnx
+
+  from prima_jax.models.prima import Prima
+  from prima_jax.training.defaults import TRAINABLE_ALL
+  from prima_jax.training.partition import ModelParts
+
+  cfg = tiny_config()
+  rng = np.random.default_rng(3)
+  examples = [batch_lib.random_example(cfg, rng, num_images=k, num_masks=1, answer_tokens=10)
+              for k in (2, 3, 2)]
+  b = batch_lib.collate(examples, cfg, num_images=cfg.prima.max_images, max_masks=cfg.prima.max_masks,
+                        text_length=8)
+  batch = {k: jnp.asarray(v) for k, v in b.items()}
+  model = Prima(cfg, rngs=nnx.Rngs(0))
+  parts = ModelParts.split(model, TRAINABLE_ALL)
+  params, frozen = nnx.to_pure_dict(parts.trainable), nnx.to_pure_dict(parts.frozen)
+  sums = steps.make_eval_step(parts, cfg.loss, cfg.prima, other_images=True)(params, frozen, batch)
+  plain = steps.make_eval_step(parts, cfg.loss, cfg.prima)(params, frozen, batch)
+  assert set(sums) - set(plain) == {"own_images_nll_sum", "other_images_nll_sum"}
+
+  def nll(logits):   # numpy log-softmax over the answer tokens (labels at t predicted at t - 1)
+    logits = np.asarray(logits, np.float64)[:, :-1]
+    targets = np.asarray(b["labels"])[:, 1:]
+    valid = targets != batch_lib.IGNORE_LABEL
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    return -np.take_along_axis(logp, np.where(valid, targets, 0)[..., None], -1)[..., 0][valid].sum()
+
+  model.eval()
+  own = nll(model(batch)["logits"])
+  other = nll(model(dict(batch, eva_images=jnp.roll(batch["eva_images"], 1, axis=0)))["logits"])
+  np.testing.assert_allclose(float(sums["own_images_nll_sum"]), own, rtol=1e-5)
+  np.testing.assert_allclose(float(sums["other_images_nll_sum"]), other, rtol=1e-5)
+  assert abs(other - own) > 1e-3 * own   # a random model's answers already depend on its images
+  m = steps.summarize_eval({k: float(v) for k, v in sums.items()})
+  gain = (other - own) / float(sums["target_tokens"])
+  np.testing.assert_allclose(m["other_images_ce_gain"], gain, rtol=1e-4)
+  assert "other_images_ce_gain" not in steps.summarize_eval({k: float(v) for k, v in plain.items()})

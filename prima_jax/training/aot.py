@@ -118,7 +118,8 @@ def compile_train_step(config, mesh, cached: tuple[str, ...] = (), step: str = "
   batch_sh = steps.batch_shardings(mesh, batch)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch.items()}
   if step == "eval":
-    fn = steps.jit_eval_step(steps.make_eval_step(parts, config.model.loss, config.model.prima),
+    fn = steps.jit_eval_step(steps.make_eval_step(parts, config.model.loss, config.model.prima,
+                                                  other_images=bool(config.eval.other_images)),
                              param_sh, frozen_sh, batch_sh, mesh)
     start = time.time()
     compiled = fn.lower(params, frozen, batch).compile()

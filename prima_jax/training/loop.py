@@ -150,7 +150,8 @@ def _eval_line(step: int, m: dict[str, float]) -> str:
           f"(ce {m['ce']:.3f} bce {m['bce']:.3f} dice {m['dice']:.3f})"
           f" | mIoU {m['miou']:.3f} cIoU {m['ciou']:.3f} | token acc {m['token_accuracy']:.3f}"
           f" | name acc {m['name_accuracy']:.3f} | right object {m['right_object']:.3f}"
-          f" | {int(m['masks'])} masks")
+          + (f" | other images {m['other_images_ce_gain']:+.3f}" if "other_images_ce_gain" in m else "")
+          + f" | {int(m['masks'])} masks")
 
 
 @dataclasses.dataclass
@@ -342,7 +343,8 @@ def _train(config, wd: workdir_lib.Workdir, mesh, ddir, t_start: float,
                                  params_trainable=n_train, params_frozen=n_frozen, memory={},
                                  cached_towers=list(cache.towers) if cache is not None else [])
   eval_sh = steps.batch_shardings(mesh, first if first is not None else device_part(next(iter(eval_ds))))
-  eval_fn = steps.jit_eval_step(steps.make_eval_step(parts, model_cfg.loss, model_cfg.prima),
+  eval_fn = steps.jit_eval_step(steps.make_eval_step(parts, model_cfg.loss, model_cfg.prima,
+                                                    other_images=bool(config.eval.other_images)),
                                 param_sh, frozen_sh, eval_sh, mesh)
   predict_fn = jax.jit(steps.make_predict_step(parts), in_shardings=(param_sh, frozen_sh, eval_sh),
                        out_shardings=rep)

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prima_jax.models.batch import IGNORE_LABEL
 from prima_jax.models.configs import added_token_ids
-from prima_jax.models.losses import frame_region, prima_loss
+from prima_jax.models.losses import frame_region, next_token_cross_entropy, prima_loss
 from prima_jax.sharding import activation_sharding
 from prima_jax.training.partition import ModelParts, replicated
 
@@ -195,12 +195,34 @@ def eval_metrics(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
   return out
 
 
-def make_eval_step(parts: ModelParts, loss_cfg: Any, prima_cfg: Any) -> Callable:
-  """(params, frozen, batch) -> sums of :func:`eval_metrics`; ``prima_cfg``: the model's ``prima``."""
+def answer_nll_sum(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Summed next-token negative log-likelihood (nats) of the answer tokens (labels != IGNORE_LABEL)."""
+  loss, count = next_token_cross_entropy(logits, labels)
+  return loss * count.astype(jnp.float32)
+
+
+def make_eval_step(parts: ModelParts, loss_cfg: Any, prima_cfg: Any, *,
+                   other_images: bool = False) -> Callable:
+  """(params, frozen, batch) -> sums of :func:`eval_metrics`; ``prima_cfg``: the model's ``prima``.
+
+  ``other_images`` (``eval.other_images``): also the answer tokens' NLL when every example is given the
+  images of the previous example in the batch (``Prima.batch_image_tokens(other_images=True)``: read
+  with its own question), against the NLL with its own: ``other_images_nll_sum`` and
+  ``own_images_nll_sum``. How much the answers depend on what the images show, as opposed to the
+  question and the answer's own text; one more image-side and LLM forward per batch.
+  """
 
   def eval_step(params, frozen, batch):
     model = parts.merge(params, frozen, train=False)
-    return eval_metrics(model(batch), batch, loss_cfg, prima_cfg)
+    outputs = model(batch)
+    out = eval_metrics(outputs, batch, loss_cfg, prima_cfg)
+    if not other_images:
+      return out
+    swapped = model.embed_prompt(batch["input_ids"], model.batch_image_tokens(batch, other_images=True))
+    logits, _, _ = model.llm(swapped, attention_mask=batch["attention_mask"].astype(bool))
+    out.update(own_images_nll_sum=answer_nll_sum(outputs["logits"], batch["labels"]),
+               other_images_nll_sum=answer_nll_sum(logits, batch["labels"]))
+    return out
 
   return eval_step
 
@@ -223,6 +245,10 @@ def summarize_eval(totals: Mapping[str, float]) -> dict[str, float]:
   # NaN when no mask shares its image with another object (nothing to tell apart).
   out["right_object"] = (totals["object_right"] / totals["object_contested"] if totals["object_contested"]
                          else float("nan"))
+  if "other_images_nll_sum" in totals:
+    # Nats per answer token the answers lose when each example sees another example's images.
+    out["other_images_ce_gain"] = ((totals["other_images_nll_sum"] - totals["own_images_nll_sum"])
+                                   / max(totals["target_tokens"], 1.0))
   out["masks"] = totals["masks"]
   out["batches"] = totals.get("batches", 0.0)
   return out
