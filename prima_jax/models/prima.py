@@ -154,16 +154,17 @@ class Prima(nnx.Module):
       raise ValueError("uint8 sam_images need sam_sizes (the padding is zeroed after normalisation)")
     return sam_image_embeddings(self.sam.image_encoder, sam_images, sam_sizes)
 
-  def batch_image_tokens(self, batch: Mapping[str, jax.Array], *, other_images: bool = False) -> jax.Array:
-    """Image tokens [b, n, nq, d] of a batch: from ``eva_features`` when it carries them, else EVA runs.
+  def batch_eva_features(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """EVA features [b, n, T, E] of a batch: its ``eva_features`` when it carries them, else EVA runs."""
+    if tower_key(batch, TOWER_KEYS[0]) == "eva_features":
+      return batch["eva_features"]
+    return eva_features(self.vision, batch["eva_images"])
 
-    ``other_images``: example i's image slots get the images of example i - 1 (a roll along the batch),
-    read with its own question and image_valid: what the answers are worth without their own images.
-    """
-    features = (batch["eva_features"] if tower_key(batch, TOWER_KEYS[0]) == "eva_features"
-                else eva_features(self.vision, batch["eva_images"]))
-    if other_images:
-      features = jnp.roll(features, 1, axis=0)
+  def batch_image_tokens(self, batch: Mapping[str, jax.Array],
+                         features: jax.Array | None = None) -> jax.Array:
+    """Image tokens [b, n, nq, d] of a batch, read with its questions; ``features`` [b, n, T, E] in
+    place of the batch's own EVA features (default :meth:`batch_eva_features`)."""
+    features = self.batch_eva_features(batch) if features is None else features
     return self.image_tokens_from_features(features, batch["image_valid"], batch["qformer_input_ids"],
                                            batch["qformer_attention_mask"])
 

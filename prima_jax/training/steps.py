@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from prima_jax.models.batch import IGNORE_LABEL
+from prima_jax.models.batch import IGNORE_LABEL, validate_batch
 from prima_jax.models.configs import added_token_ids
 from prima_jax.models.losses import frame_region, next_token_cross_entropy, prima_loss
 from prima_jax.sharding import activation_sharding
@@ -195,33 +195,32 @@ def eval_metrics(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array
   return out
 
 
-def answer_nll_sum(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Summed next-token negative log-likelihood (nats) of the answer tokens (labels != IGNORE_LABEL)."""
-  loss, count = next_token_cross_entropy(logits, labels)
-  return loss * count.astype(jnp.float32)
-
-
 def make_eval_step(parts: ModelParts, loss_cfg: Any, prima_cfg: Any, *,
                    other_images: bool = False) -> Callable:
   """(params, frozen, batch) -> sums of :func:`eval_metrics`; ``prima_cfg``: the model's ``prima``.
 
-  ``other_images`` (``eval.other_images``): also the answer tokens' NLL when every example is given the
-  images of the previous example in the batch (``Prima.batch_image_tokens(other_images=True)``: read
+  ``other_images`` (``eval.other_images``): also the answer tokens' NLL when every example's image slots
+  get the images of the previous example in the batch (its EVA features rolled along the batch, read
   with its own question), against the NLL with its own: ``other_images_nll_sum`` and
   ``own_images_nll_sum``. How much the answers depend on what the images show, as opposed to the
-  question and the answer's own text; one more image-side and LLM forward per batch.
+  question and the answer's own text; one more Q-Former and LLM forward per batch (EVA runs once).
   """
 
   def eval_step(params, frozen, batch):
     model = parts.merge(params, frozen, train=False)
-    outputs = model(batch)
-    out = eval_metrics(outputs, batch, loss_cfg, prima_cfg)
     if not other_images:
-      return out
-    swapped = model.embed_prompt(batch["input_ids"], model.batch_image_tokens(batch, other_images=True))
-    logits, _, _ = model.llm(swapped, attention_mask=batch["attention_mask"].astype(bool))
-    out.update(own_images_nll_sum=answer_nll_sum(outputs["logits"], batch["labels"]),
-               other_images_nll_sum=answer_nll_sum(logits, batch["labels"]))
+      return eval_metrics(model(batch), batch, loss_cfg, prima_cfg)
+    validate_batch(batch, model.cfg)
+    features = model.batch_eva_features(batch)
+    own = model.embed_prompt(batch["input_ids"], model.batch_image_tokens(batch, features))
+    out = eval_metrics(model.answer_and_masks(own, batch), batch, loss_cfg, prima_cfg)
+    other = model.embed_prompt(batch["input_ids"],
+                               model.batch_image_tokens(batch, jnp.roll(features, 1, axis=0)))
+    logits, _, _ = model.llm(other, attention_mask=batch["attention_mask"].astype(bool))
+    other_ce, _ = next_token_cross_entropy(logits, batch["labels"])
+    # eval_metrics' ce is the mean over the same answer tokens it counts in target_tokens.
+    out.update(own_images_nll_sum=out["ce"] * out["target_tokens"],
+               other_images_nll_sum=other_ce * out["target_tokens"])
     return out
 
   return eval_step
