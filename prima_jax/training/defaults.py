@@ -95,7 +95,7 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       batch_size=16,             # global
       num_batches=0,             # 0: the whole eval split (one pass)
       prediction_examples=2,     # examples of the first eval batch drawn to WORKDIR/predictions/step_N
-      # Also score the answers with the next example's images (one more LLM forward per batch): the
+      # Also score the answers with the previous example's images (one more Q-Former + LLM forward): the
       # eval line's "other images +X" is the answer tokens' CE gain in nats; ~0 = the answers do not
       # depend on what the images show (docs/training.md).
       other_images=False,
