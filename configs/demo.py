@@ -23,6 +23,8 @@ from prima_jax.training.defaults import TRAINABLE_ALL, base_config
 MANY_MAX_LENGTH = 1024
 # ``test,many``: 10-16 images (two-digit tags from image 10 on), at most 16 x 12 + 40 + 18 + 121 = 371.
 MANY_TEST_IMAGES, MANY_TEST_MAX_LENGTH = (10, 16), 448
+# What trains after the image side's pretraining: the LLM, the [SEG] head and all of SAM.
+IMAGE_SIDE_FROZEN = ("llm/", "seg_head/", "sam/")
 
 
 def _parse(arg: str | None) -> dict[str, str]:
@@ -58,10 +60,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.synthetic_sizes.update(train=3000, val=120, test=0)
   c.optimizer.update(learning_rate=1e-3, warmup_steps=30, weight_decay=0.0, grad_clip_norm=1.0)
   c.train.update(batch_size=8, num_steps=1800, trainable=TRAINABLE_ALL, log_every=50)
+  if "many" not in opts:
+    _pretrained_image_side(c)
   # The eval line's "other images": do the answers depend on the images (docs/training.md)?
   c.eval.update(every=600, batch_size=8, num_batches=0, other_images=True)
   c.checkpoint.update(every=600, keep=2)
   if "test" in opts:
+    c.train.image_pretraining.steps = min(c.train.image_pretraining.steps, 2)
     c.data.synthetic_sizes.update(train=16, val=8, test=0)
     c.data.max_length = 256
     c.train.update(batch_size=4, num_steps=3, log_every=1)
@@ -70,6 +75,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if "many" in opts:
     _many(c, test="test" in opts)
   return c.lock()
+
+
+def _pretrained_image_side(c: ml_collections.ConfigDict) -> None:
+  """The image side pretrained on what each image shows, then frozen, as PRIMA's towers are.
+
+  Trained only through the LLM's answers, the image side never learns to tell the classes apart and the
+  LLM learns to answer without reading it (docs/demo.md). So EVA sees 48 px images in 8 px patches (at
+  28 px / 14 px it cannot learn the classes even from their labels), without the random-resized crop
+  (the answers speak of whole images), the image side is first trained on which colours and classes each
+  image shows (``train.image_pretraining``, ~2 minutes), and only the LLM, the [SEG] head and SAM train.
+  """
+  c.model.vision.update(image_size=48, patch_size=8)
+  c.data.eva_augment = False
+  c.train.image_pretraining.update(steps=1800, batch_size=8, learning_rate=1e-3)
+  c.train.trainable = IMAGE_SIDE_FROZEN
 
 
 def _many(c: ml_collections.ConfigDict, *, test: bool) -> None:

@@ -315,7 +315,7 @@ def run(config, workdir: str, *, out: str | None, splits: Sequence[str] | None, 
   tokenizers = workdir_lib.load_tokenizers(config, data_dir)
   workdir_lib.fit_vocab_sizes(config, tokenizers, announce=False)
   mesh = build_mesh(config)
-  frozen = initial_parameters(config, wd, mesh, model_cfg).frozen
+  frozen = initial_parameters(config, wd, mesh, model_cfg, data_dir=data_dir).frozen
   towers = tuple(towers or cached_towers(config))
   splits = tuple(splits or (config.data.train_split, config.data.eval_split))
   out = out or str(epath.Path(data_dir) / "feature_cache")

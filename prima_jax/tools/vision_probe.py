@@ -2,198 +2,27 @@
 
   python -m prima_jax.tools.vision_probe --config=configs/demo.py --data_dir=W/data/source
 
-The image side of ``--config``'s model (EVA -> SQuARE -> Q-Former -> language projection, from its
-initialisation), reading no question, mean-pooled over each image's query tokens, with one linear layer on
-top, is trained on per-image multi-label targets from the benchmark's COCO annotations: which of the six
-colours and which of the six classes of objects the image shows. ``--through=eva_features`` pools EVA's
-features instead (no SQuARE / Q-Former). The val split is scored per label group (colour, class): the
-share of (image, label) decisions that are right, next to the majority baseline (each label's more
-frequent value on the train split), and the share of images with all twelve right.
-
-Everything the LLM is to say about an image passes through these tokens: a setting under which this
-probe cannot tell the classes apart is one under which the LLM cannot name them (docs/demo.md). The probe
-is its own small training loop (Adam, sigmoid cross-entropy) so that it runs in seconds per hundred steps
-and needs no tokenizer, prompt or LLM.
-
-``--data_dir``: a directory written by ``python -m prima_jax.data.synthetic --out DIR`` (a demo run's is
-``WORKDIR/data/source``); the standard variant's ``train`` and ``val`` splits. ``--json``: one JSON object
-on stdout at the end instead of the report lines.
+The image side of ``--config``'s model (from its initialisation), reading no question, with a linear read-out,
+is trained on which colours and classes each image shows (``prima_jax.training.image_pretraining``, the
+stage ``train.image_pretraining`` runs before a demo's first step); the val split is scored against the
+majority baseline at ``--evals`` evenly spaced steps. A setting under which it cannot tell the classes
+apart is one under which the LLM cannot name them (docs/demo.md). ``--through=eva_features`` reads EVA's
+features instead (no SQuARE / Q-Former). ``--json``: one JSON object on stdout at the end instead of the
+report lines.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Sequence
-from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 from absl import flags
 from etils import epath
-from flax import nnx
 from ml_collections import config_flags
-from PIL import Image
 
 from prima_jax import cli
-from prima_jax.data import synthetic
-from prima_jax.data.preprocess import eva_resize
-from prima_jax.models.prima import Prima
-
-COLOURS = tuple(synthetic.COLORS)          # label k < 6: the image shows an object of colour k
-CLASSES = tuple(synthetic.CLASSES)         # label 6 + k: ... an object of class k (parts do not count)
-LABELS = (*COLOURS, *CLASSES)
-GROUPS = {"colour": slice(0, len(COLOURS)), "class": slice(len(COLOURS), len(LABELS))}
-THROUGH = ("image_tokens", "eva_features")
-
-
-class ProbeDataError(ValueError):
-  """A benchmark file the probe cannot read (the message names the file and the record)."""
-
-
-def _read_json(path: epath.Path) -> Any:
-  try:
-    return json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise ProbeDataError(f"{path}: not a readable JSON file of the synthetic benchmark ({e})") from e
-
-
-def split_labels(data_dir: epath.Path, split: str) -> tuple[list[list[str]], dict[str, np.ndarray]]:
-  """(per record: its image file names in order, {file name: labels float32 [12]}) of one split."""
-  records_file = data_dir / "Part_Segm" / f"{synthetic.DATASET_NAME}_{split}.json"
-  coco_file = data_dir / synthetic.DATASET_NAME / "annotations" / f"{synthetic.DATASET_NAME}_{split}.json"
-  records, coco = _read_json(records_file), _read_json(coco_file)
-  names = {c["id"]: c["name"] for c in coco["categories"]}
-  colour_of = {tuple(rgb): k for k, rgb in enumerate(synthetic.COLORS.values())}
-  files = {im["id"]: im["file_name"] for im in coco["images"]}
-  labels = {name: np.zeros(len(LABELS), np.float32) for name in files.values()}
-  for ann in coco["annotations"]:
-    category = names.get(ann["category_id"])
-    if category not in CLASSES:
-      continue  # a part (handle, ribbon, cap)
-    colour = colour_of.get(tuple(ann.get("color", ())))
-    if colour is None or ann["image_id"] not in files:
-      raise ProbeDataError(f"{coco_file}: annotation {ann['id']}: colour {ann.get('color')} is not one of "
-                           f"{COLOURS} or image {ann['image_id']} is not listed")
-    row = labels[files[ann["image_id"]]]
-    row[colour] = row[len(COLOURS) + CLASSES.index(category)] = 1.0
-  image_lists = []
-  for i, rec in enumerate(records):
-    missing = [k for k in rec["img_ids"] if k not in files]
-    if missing:
-      raise ProbeDataError(f"{records_file}: record {i}: image ids {missing} are not in {coco_file}")
-    image_lists.append([files[k] for k in rec["img_ids"]])
-  return image_lists, labels
-
-
-def load_split(data_dir: epath.Path, split: str, image_size: int, max_images: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(eva_images uint8 [r, n, V, V, 3], labels [r, n, 12], image_valid [r, n]) of a split's records,
-  each image resized for EVA as at eval time (V = ``image_size``), padded to ``max_images``."""
-  image_lists, labels = split_labels(data_dir, split)
-  n = max(len(x) for x in image_lists)
-  if n > max_images:
-    raise ProbeDataError(f"{data_dir}: a {split} record shows {n} images; the model takes at most "
-                         f"{max_images} (model.prima.max_images)")
-  images = np.zeros((len(image_lists), n, image_size, image_size, 3), np.uint8)
-  targets = np.zeros((len(image_lists), n, len(LABELS)), np.float32)
-  valid = np.zeros((len(image_lists), n), bool)
-  image_dir = data_dir / synthetic.DATASET_NAME / "images"
-  for r, names in enumerate(image_lists):
-    for k, name in enumerate(names):
-      with (image_dir / name).open("rb") as f:
-        pixels = np.asarray(Image.open(f).convert("RGB"))
-      images[r, k] = eva_resize(pixels, image_size, train=False)
-      targets[r, k], valid[r, k] = labels[name], True
-  return images, targets, valid
-
-
-class Probe(nnx.Module):
-  """The image side of a PRIMA model and a linear read-out.
-
-  eva_images uint8 [b, n, V, V, 3], image_valid [b, n] -> logits [b, n, 12] (colours, then classes).
-  """
-
-  def __init__(self, model_cfg: Any, through: str, *, seed: int):
-    self.prima = Prima(model_cfg, rngs=nnx.Rngs(seed))
-    self.through = through
-    width = model_cfg.vision.width if through == "eva_features" else model_cfg.llm.hidden_size
-    self.readout = nnx.Linear(width, len(LABELS), rngs=nnx.Rngs(seed + 1))
-
-  def __call__(self, eva_images: jax.Array, image_valid: jax.Array) -> jax.Array:
-    features = self.prima.batch_eva_features(dict(eva_images=eva_images))  # [b, n, T, E]
-    if self.through == "eva_features":
-      return self.readout(features.mean(2))
-    # No question: an empty Q-Former text (one masked position), so the tokens carry the image alone.
-    b = image_valid.shape[0]
-    no_text = jnp.zeros((b, 1), jnp.int32)
-    tokens = self.prima.image_tokens_from_features(features, image_valid, no_text, no_text.astype(bool))
-    return self.readout(tokens.mean(2))
-
-
-def masked_bce(logits: jax.Array, targets: jax.Array, valid: jax.Array) -> jax.Array:
-  per_image = optax.sigmoid_binary_cross_entropy(logits, targets).mean(-1)
-  return (per_image * valid).sum() / jnp.maximum(valid.sum(), 1)
-
-
-def score(logits: np.ndarray, targets: np.ndarray, valid: np.ndarray, majority: np.ndarray) -> dict:
-  """Accuracy per label group of the probe and of the majority baseline, and all-twelve-right."""
-  right = ((logits > 0) == (targets > 0.5))[valid]            # [images, 12]
-  base = (majority[None] == (targets > 0.5))[valid]
-  out = {f"{g}_acc": float(right[:, s].mean()) for g, s in GROUPS.items()}
-  out.update({f"{g}_majority": float(base[:, s].mean()) for g, s in GROUPS.items()})
-  out["all_right"] = float(right.all(-1).mean())
-  return out
-
-
-def run_probe(model_cfg: Any, data_dir: epath.Path, *, steps: int, batch_size: int, learning_rate: float,
-              through: str, evals: int, seed: int, report=print) -> dict:
-  """Trains the probe; returns ``{"steps", "seconds", "through", "images": {split: images in its
-  records}, "evals": [{"step", "loss", "colour_acc", "class_acc", "colour_majority", "class_majority",
-  "all_right"}, ...]}``. An image shown with several questions counts (and is trained on) each time.
-  """
-  size, max_images = int(model_cfg.vision.image_size), int(model_cfg.prima.max_images)
-  train = load_split(data_dir, "train", size, max_images)
-  val = load_split(data_dir, "val", size, max_images)
-  majority = train[1][train[2]].mean(0) > 0.5
-  probe = Probe(model_cfg, through, seed=seed)
-  optimizer = nnx.Optimizer(probe, optax.adam(learning_rate), wrt=nnx.Param)
-
-  @nnx.jit
-  def train_step(probe, optimizer, images, targets, valid):
-    loss, grads = nnx.value_and_grad(lambda p: masked_bce(p(images, valid), targets, valid))(probe)
-    optimizer.update(probe, grads)
-    return loss
-
-  predict = nnx.jit(lambda probe, images, valid: probe(images, valid))
-
-  def evaluate() -> dict:
-    # Fixed-size batches (the last one padded with invalid rows): one compiled shape.
-    logits = []
-    for start in range(0, len(val[0]), batch_size):
-      rows = np.arange(start, start + batch_size) % len(val[0])
-      valid = val[2][rows] & (np.arange(start, start + batch_size) < len(val[0]))[:, None]
-      logits.append(np.asarray(predict(probe, val[0][rows], valid)))
-    return score(np.concatenate(logits)[:len(val[0])], val[1], val[2], majority)
-
-  rng = np.random.default_rng(seed)
-  every = max(steps // max(evals, 1), 1)
-  results, losses, start = [], [], time.perf_counter()
-  for step in range(1, steps + 1):
-    rows = rng.integers(0, len(train[0]), batch_size)
-    losses.append(float(train_step(probe, optimizer, train[0][rows], train[1][rows], train[2][rows])))
-    if step % every == 0 or step == steps:
-      result = dict(step=step, loss=float(np.mean(losses[-every:])), **evaluate())
-      results.append(result)
-      report(f"step {step}/{steps} | loss {result['loss']:.4f} | val colour {result['colour_acc']:.3f} "
-             f"(majority {result['colour_majority']:.3f}) | class {result['class_acc']:.3f} "
-             f"(majority {result['class_majority']:.3f}) | all twelve right {result['all_right']:.3f} | "
-             f"{time.perf_counter() - start:.0f} s")
-  return dict(steps=steps, seconds=time.perf_counter() - start, through=through,
-              images={"train": int(train[2].sum()), "val": int(val[2].sum())}, evals=results)
+from prima_jax.training import image_pretraining
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -205,8 +34,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("steps", 600, "Training steps.", flag_values=fv)
   flags.DEFINE_integer("batch_size", 8, "Records (of 2-5 images) per step.", flag_values=fv)
   flags.DEFINE_float("learning_rate", 1e-3, "Adam's learning rate.", flag_values=fv)
-  flags.DEFINE_enum("through", THROUGH[0], list(THROUGH), "Read out the image tokens (after the "
-                    "projection) or EVA's features.", flag_values=fv)
+  flags.DEFINE_enum("through", image_pretraining.THROUGH[0], list(image_pretraining.THROUGH),
+                    "Read out the image tokens (after the projection) or EVA's features.", flag_values=fv)
   flags.DEFINE_integer("evals", 3, "Evaluations on the val split, evenly spaced.", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Initialisation and batch-order seed.", flag_values=fv)
   flags.DEFINE_bool("json", False, "Print one JSON object at the end instead of the report lines.",
@@ -223,10 +52,11 @@ def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int | None:
       print(f"error: --{name} must be >= 1, got {fv[name].value}", file=sys.stderr)
       return 2
   try:
-    result = run_probe(fv.config.model, epath.Path(fv.data_dir), steps=fv.steps, batch_size=fv.batch_size,
-                       learning_rate=fv.learning_rate, through=fv.through, evals=fv.evals, seed=fv.seed,
-                       report=(lambda line: None) if fv.json else print)
-  except ProbeDataError as e:
+    result, _ = image_pretraining.run_probe(
+        fv.config.model, epath.Path(fv.data_dir), steps=fv.steps, batch_size=fv.batch_size,
+        learning_rate=fv.learning_rate, through=fv.through, evals=fv.evals, seed=fv.seed,
+        report=(lambda line: None) if fv.json else print)
+  except image_pretraining.ProbeDataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   if fv.json:

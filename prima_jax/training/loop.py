@@ -23,7 +23,7 @@ from prima_jax.models.configs import full_config
 from prima_jax.models.prima import Prima
 from prima_jax.training import checkpoint as ckpt_lib
 from prima_jax.training import data as data_lib
-from prima_jax.training import defaults, steps
+from prima_jax.training import defaults, image_pretraining, steps
 from prima_jax.training.metrics import MetricWriter, peak_flops, progress_line
 from prima_jax.training.optimizer import make_optimizer
 from prima_jax.training.partition import (
@@ -38,6 +38,7 @@ from prima_jax.training.validate import (
   ConfigError,
   build_mesh,
   check_batch,
+  check_image_pretraining,
   check_keys,
   check_model,
   check_numbers,
@@ -165,13 +166,17 @@ class InitialParameters:
   restored_frozen: bool  # the frozen parameters came from WORKDIR/frozen
 
 
-def initial_parameters(config, wd: workdir_lib.Workdir, mesh, model_cfg=None) -> InitialParameters:
+def initial_parameters(config, wd: workdir_lib.Workdir, mesh, model_cfg=None, data_dir=None,
+                       report: Callable[[str], None] = log.info) -> InitialParameters:
   """The parameters a run starts from (before any checkpoint is restored over the trainable ones).
 
   A workdir made by ``prima_jax.convert from-torch`` (or an earlier start of this run) holds the frozen
   parameters: they are restored instead of initialised (never both in memory). Otherwise they are
   initialised from ``config.seed`` and written once to ``WORKDIR/frozen``, for prediction, export and
   the feature cache (``prima_jax.data.cache`` calls this too, so it sees the same frozen weights).
+  ``train.image_pretraining`` then trains the image side on the synthetic benchmark in ``data_dir``
+  (unless a checkpoint is to be restored), before the frozen parameters are written; ``report`` gets
+  its progress lines.
 
   Raises:
     ConfigError: a ``train.trainable`` pattern matches no parameter.
@@ -202,12 +207,25 @@ def initial_parameters(config, wd: workdir_lib.Workdir, mesh, model_cfg=None) ->
   with jax.set_mesh(mesh):
     if restored_frozen is None:
       params, frozen, rest = jax.jit(init, out_shardings=(param_sh, frozen_sh, rep))()
+      if t.image_pretraining.steps and not (config.checkpoint.resume and wd.checkpoint_steps()):
+        params, frozen = _pretrain_image_side(config, model_cfg, data_dir, params, frozen, report)
       wd.save_frozen(frozen)
     else:
       frozen = restored_frozen
       params, rest = jax.jit(lambda: (lambda p, _, r: (p, r))(*init()), out_shardings=(param_sh, rep))()
   parts.rest = rest
   return InitialParameters(parts, params, frozen, param_sh, frozen_sh, restored_frozen is not None)
+
+
+def _pretrain_image_side(config, model_cfg, data_dir, params, frozen, report):
+  """``train.image_pretraining`` on the synthetic benchmark under ``data_dir`` (its ``source``)."""
+  if data_dir is None:
+    raise ConfigError("train.image_pretraining needs the run's data directory")
+  pcfg = config.train.image_pretraining
+  report(f"image pretraining: {pcfg.steps} steps on which colours and classes each image shows")
+  params, frozen, _ = image_pretraining.pretrain(pcfg, model_cfg, paths.resolve(data_dir) / "source",
+                                                 params, frozen, seed=config.seed, report=report)
+  return params, frozen
 
 
 def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
@@ -228,6 +246,7 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
   check_schedule(config)
   check_numbers(config)
   check_model(config)
+  check_image_pretraining(config)
   mesh = build_mesh(config)
   check_batch(config, mesh)
   if config.data.kind not in ("tfds", "synthetic"):
@@ -267,7 +286,11 @@ def _train(config, wd: workdir_lib.Workdir, mesh, ddir, t_start: float,
     log.warning(notice)
 
   # --- abstract model -> shardings -> sharded initialisation ------------------------------------
-  model = initial_parameters(config, wd, mesh, model_cfg)
+  def report(line: str) -> None:
+    if is_main:
+      print(line, flush=True)
+
+  model = initial_parameters(config, wd, mesh, model_cfg, data_dir=ddir, report=report)
   parts, params, frozen = model.parts, model.params, model.frozen
   param_sh, frozen_sh, restored_frozen = model.param_sh, model.frozen_sh, model.restored_frozen
   rep = replicated(mesh)

@@ -74,6 +74,15 @@ def check_batch(config, mesh, process_count: int | None = None) -> None:
                       "data shards")
 
 
+def check_image_pretraining(config) -> None:
+  """``train.image_pretraining`` learns from the standard synthetic benchmark's annotations only."""
+  steps = config.train.image_pretraining.steps
+  if steps and (config.data.kind != "synthetic" or config.data.synthetic_variant != "standard"):
+    raise ConfigError(f"train.image_pretraining.steps={steps} needs the standard synthetic benchmark "
+                      f"(data.kind='synthetic', data.synthetic_variant='standard'); got data.kind="
+                      f"{config.data.kind!r}, data.synthetic_variant={config.data.synthetic_variant!r}")
+
+
 def check_schedule(config) -> None:
   t = config.train
   if t.num_steps < 1:
@@ -121,6 +130,9 @@ NUMERIC_RANGES = (
     ("model.loss.dice_weight", 0.0, math.inf, True, False),
     ("model.loss.dice_scale", 0.0, math.inf, False, False),
     ("model.loss.dice_eps", 0.0, math.inf, False, False),
+    ("train.image_pretraining.steps", 0, math.inf, True, False),
+    ("train.image_pretraining.batch_size", 1, math.inf, True, False),
+    ("train.image_pretraining.learning_rate", 0.0, math.inf, False, False),
 )
 
 

@@ -1,17 +1,29 @@
-"""The image-side probe: its labels against the pixels and pycocotools, its baseline against a recount, the
-command end to end, and one error line for a missing benchmark."""
+"""Image-side pretraining and its probe: the labels against the pixels and pycocotools, the baseline against
+a recount, the command end to end, one error line for a missing benchmark, and a run that starts from the
+pretrained image side (and, resumed, keeps it)."""
 
+import importlib.util
 import json
+from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from etils import epath
+from flax import nnx
 from PIL import Image
 from pycocotools.coco import COCO
 
 from prima_jax import cli
+from prima_jax import workdir as workdir_lib
 from prima_jax.data import synthetic
+from prima_jax.models.prima import Prima
 from prima_jax.tools import vision_probe
+from prima_jax.training import image_pretraining
+from prima_jax.training import loop as loop_lib
+from prima_jax.training.validate import ConfigError, check_image_pretraining
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -28,7 +40,7 @@ def _coco(bench, split) -> COCO:
 
 
 def test_labels_are_the_colours_in_the_pixels_and_the_classes_pycocotools_lists(bench):
-  image_lists, labels = vision_probe.split_labels(epath.Path(bench), "val")
+  image_lists, labels = image_pretraining.split_labels(epath.Path(bench), "val")
   coco = _coco(bench, "val")
   records = json.loads((bench / "Part_Segm" / "synthetic_val.json").read_text())
   assert [len(x) for x in image_lists] == [len(r["img_ids"]) for r in records]
@@ -53,7 +65,7 @@ def test_score_against_a_recount():
   valid[4, 1:] = False
   logits = rng.normal(size=(5, 3, 12))
   majority = rng.random(12) < 0.5
-  got = vision_probe.score(logits, targets, valid, majority)
+  got = image_pretraining.score(logits, targets, valid, majority)
   rows = [(i, j) for i in range(5) for j in range(3) if valid[i, j]]
   right = np.array([[(logits[i, j, k] > 0) == (targets[i, j, k] == 1) for k in range(12)] for i, j in rows])
   base = np.array([[majority[k] == (targets[i, j, k] == 1) for k in range(12)] for i, j in rows])
@@ -102,3 +114,56 @@ def test_missing_benchmark_is_one_error_line(tmp_path, capsys):
   assert rc == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and "synthetic_train.json" in err[0]
+
+
+def _demo_test_config(data_dir):
+  spec = importlib.util.spec_from_file_location("cfg_demo", ROOT / "configs" / "demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("test")
+  c.data.data_dir = str(data_dir)
+  c.logging.console = False
+  c.mesh.update(data=4, fsdp=1, tensor=2)  # 8 fake devices (conftest.py); the test batch of 4 on 4 shards
+  c.eval.every = 0
+  c.train.update(num_steps=1)
+  c.train.image_pretraining.update(steps=3, batch_size=4)
+  return c
+
+
+def test_a_fresh_run_starts_from_the_pretrained_image_side_and_a_resumed_one_keeps_it(tmp_path, monkeypatch):
+  c = _demo_test_config(tmp_path / "data")
+  assert c.train.trainable == ("llm/", "seg_head/", "sam/")  # the demo freezes the pretrained image side
+  first = loop_lib.train_and_evaluate(c, str(tmp_path / "w"))
+  frozen = image_pretraining.flatten(jax.tree.map(np.asarray, first["frozen"]))
+  # The reference: the same pretraining run by itself (same seed, the run's own data and vocabulary).
+  workdir_lib.fit_vocab_sizes(c, workdir_lib.load_tokenizers(c, tmp_path / "data"), announce=False)
+  _, trained = image_pretraining.run_probe(c.model, epath.Path(tmp_path / "data" / "source"), steps=3,
+                                           batch_size=4, learning_rate=1e-3, evals=1, seed=c.seed,
+                                           report=lambda line: None)
+  assert {p.split("/", 1)[0] for p in trained} == set(image_pretraining.IMAGE_SIDE)
+  for path, value in trained.items():
+    np.testing.assert_allclose(frozen[path], np.asarray(value), rtol=0, atol=1e-6, err_msg=path)
+  init = image_pretraining.flatten(nnx.state(Prima(c.model, rngs=nnx.Rngs(c.seed)), nnx.Param).to_pure_dict())
+  changed = [p for p in trained if not np.array_equal(np.asarray(init[p]), frozen[p])]
+  assert any(p.startswith("vision/") for p in changed) and any(p.startswith("qformer/") for p in changed)
+
+  # Resumed: the frozen image side comes back from WORKDIR/frozen; pretraining does not run again.
+  def fail(*args, **kwargs):
+    raise AssertionError("image pretraining ran on a resumed run")
+  monkeypatch.setattr(image_pretraining, "pretrain", fail)
+  c.train.num_steps = 2
+  second = loop_lib.train_and_evaluate(c, str(tmp_path / "w"))
+  assert second["start_step"] == 1 and second["final_step"] == 2
+  again = image_pretraining.flatten(jax.tree.map(np.asarray, second["frozen"]))
+  for path in trained:
+    np.testing.assert_array_equal(again[path], frozen[path], err_msg=path)
+
+
+def test_pretraining_needs_the_standard_synthetic_benchmark():
+  c = _demo_test_config("/nonexistent")
+  check_image_pretraining(c)
+  c.data.kind = "tfds"
+  with pytest.raises(ConfigError, match=r"train.image_pretraining.steps=3 needs the standard synthetic"):
+    check_image_pretraining(c)
+  c.train.image_pretraining.steps = 0
+  check_image_pretraining(c)

@@ -1,0 +1,237 @@
+"""Image-side pretraining on the synthetic benchmark: what each image shows, learnt from its annotations.
+
+PRIMA starts from pretrained towers (EVA-CLIP's ViT, BLIP-2's Q-Former) that already tell objects apart.
+The demo's towers start from random weights, and trained only through the LLM's answers they never learn
+to: the LLM then learns to answer without reading the images (docs/demo.md). This stage stands in for
+the missing pretraining: the image side (EVA -> SQuARE -> Q-Former -> language projection), reading no
+question, mean-pooled over each image's query tokens, with one linear layer on top, is trained on
+per-image multi-label targets from the benchmark's COCO annotations: which of the six colours and which
+of the six classes of objects the image shows. ``train.image_pretraining`` runs it before a fresh run's
+first step (:func:`pretrain`); ``python -m prima_jax.tools.vision_probe`` runs it alone and reports.
+
+The val split is scored per label group (colour, class): the share of (image, label) decisions that are
+right, next to the majority baseline (each label's more frequent value on the train split), and the
+share of images with all twelve right. The loop is its own (Adam, sigmoid cross-entropy): it needs no
+tokenizer, prompt or LLM and runs a hundred steps in seconds.
+
+``data_dir``: a directory written by ``python -m prima_jax.data.synthetic --out DIR`` (a demo run's is
+``WORKDIR/data/source``); the standard variant's ``train`` and ``val`` splits.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from etils import epath
+from flax import nnx
+from PIL import Image
+
+from prima_jax.data import synthetic
+from prima_jax.data.preprocess import eva_resize
+from prima_jax.models.prima import Prima
+
+COLOURS = tuple(synthetic.COLORS)          # label k < 6: the image shows an object of colour k
+CLASSES = tuple(synthetic.CLASSES)         # label 6 + k: ... an object of class k (parts do not count)
+LABELS = (*COLOURS, *CLASSES)
+GROUPS = {"colour": slice(0, len(COLOURS)), "class": slice(len(COLOURS), len(LABELS))}
+THROUGH = ("image_tokens", "eva_features")
+# The image side's top-level modules in Prima: what pretraining trains and hands over.
+IMAGE_SIDE = ("vision", "square", "qformer", "language_projection")
+
+
+class ProbeDataError(ValueError):
+  """A benchmark file the probe cannot read (the message names the file and the record)."""
+
+
+def _read_json(path: epath.Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ProbeDataError(f"{path}: not a readable JSON file of the synthetic benchmark ({e})") from e
+
+
+def split_labels(data_dir: epath.Path, split: str) -> tuple[list[list[str]], dict[str, np.ndarray]]:
+  """(per record: its image file names in order, {file name: labels float32 [12]}) of one split."""
+  records_file = data_dir / "Part_Segm" / f"{synthetic.DATASET_NAME}_{split}.json"
+  coco_file = data_dir / synthetic.DATASET_NAME / "annotations" / f"{synthetic.DATASET_NAME}_{split}.json"
+  records, coco = _read_json(records_file), _read_json(coco_file)
+  names = {c["id"]: c["name"] for c in coco["categories"]}
+  colour_of = {tuple(rgb): k for k, rgb in enumerate(synthetic.COLORS.values())}
+  files = {im["id"]: im["file_name"] for im in coco["images"]}
+  labels = {name: np.zeros(len(LABELS), np.float32) for name in files.values()}
+  for ann in coco["annotations"]:
+    category = names.get(ann["category_id"])
+    if category not in CLASSES:
+      continue  # a part (handle, ribbon, cap)
+    colour = colour_of.get(tuple(ann.get("color", ())))
+    if colour is None or ann["image_id"] not in files:
+      raise ProbeDataError(f"{coco_file}: annotation {ann['id']}: colour {ann.get('color')} is not one of "
+                           f"{COLOURS} or image {ann['image_id']} is not listed")
+    row = labels[files[ann["image_id"]]]
+    row[colour] = row[len(COLOURS) + CLASSES.index(category)] = 1.0
+  image_lists = []
+  for i, rec in enumerate(records):
+    missing = [k for k in rec["img_ids"] if k not in files]
+    if missing:
+      raise ProbeDataError(f"{records_file}: record {i}: image ids {missing} are not in {coco_file}")
+    image_lists.append([files[k] for k in rec["img_ids"]])
+  return image_lists, labels
+
+
+def load_split(data_dir: epath.Path, split: str, image_size: int, max_images: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(eva_images uint8 [r, n, V, V, 3], labels [r, n, 12], image_valid [r, n]) of a split's records,
+  each image resized for EVA as at eval time (V = ``image_size``), padded to ``max_images``."""
+  image_lists, labels = split_labels(data_dir, split)
+  n = max(len(x) for x in image_lists)
+  if n > max_images:
+    raise ProbeDataError(f"{data_dir}: a {split} record shows {n} images; the model takes at most "
+                         f"{max_images} (model.prima.max_images)")
+  images = np.zeros((len(image_lists), n, image_size, image_size, 3), np.uint8)
+  targets = np.zeros((len(image_lists), n, len(LABELS)), np.float32)
+  valid = np.zeros((len(image_lists), n), bool)
+  image_dir = data_dir / synthetic.DATASET_NAME / "images"
+  for r, names in enumerate(image_lists):
+    for k, name in enumerate(names):
+      with (image_dir / name).open("rb") as f:
+        pixels = np.asarray(Image.open(f).convert("RGB"))
+      images[r, k] = eva_resize(pixels, image_size, train=False)
+      targets[r, k], valid[r, k] = labels[name], True
+  return images, targets, valid
+
+
+class Probe(nnx.Module):
+  """The image side of a PRIMA model and a linear read-out.
+
+  eva_images uint8 [b, n, V, V, 3], image_valid [b, n] -> logits [b, n, 12] (colours, then classes).
+  """
+
+  def __init__(self, model_cfg: Any, through: str, *, seed: int):
+    self.prima = Prima(model_cfg, rngs=nnx.Rngs(seed))
+    self.through = through
+    width = model_cfg.vision.width if through == "eva_features" else model_cfg.llm.hidden_size
+    self.readout = nnx.Linear(width, len(LABELS), rngs=nnx.Rngs(seed + 1))
+
+  def __call__(self, eva_images: jax.Array, image_valid: jax.Array) -> jax.Array:
+    features = self.prima.batch_eva_features(dict(eva_images=eva_images))  # [b, n, T, E]
+    if self.through == "eva_features":
+      return self.readout(features.mean(2))
+    # No question: an empty Q-Former text (one masked position), so the tokens carry the image alone.
+    b = image_valid.shape[0]
+    no_text = jnp.zeros((b, 1), jnp.int32)
+    tokens = self.prima.image_tokens_from_features(features, image_valid, no_text, no_text.astype(bool))
+    return self.readout(tokens.mean(2))
+
+
+def masked_bce(logits: jax.Array, targets: jax.Array, valid: jax.Array) -> jax.Array:
+  per_image = optax.sigmoid_binary_cross_entropy(logits, targets).mean(-1)
+  return (per_image * valid).sum() / jnp.maximum(valid.sum(), 1)
+
+
+def score(logits: np.ndarray, targets: np.ndarray, valid: np.ndarray, majority: np.ndarray) -> dict:
+  """Accuracy per label group of the probe and of the majority baseline, and all-twelve-right."""
+  right = ((logits > 0) == (targets > 0.5))[valid]            # [images, 12]
+  base = (majority[None] == (targets > 0.5))[valid]
+  out = {f"{g}_acc": float(right[:, s].mean()) for g, s in GROUPS.items()}
+  out.update({f"{g}_majority": float(base[:, s].mean()) for g, s in GROUPS.items()})
+  out["all_right"] = float(right.all(-1).mean())
+  return out
+
+
+def run_probe(model_cfg: Any, data_dir: epath.Path, *, steps: int, batch_size: int, learning_rate: float,
+              through: str = THROUGH[0], evals: int = 3, seed: int = 0, report=print
+              ) -> tuple[dict, dict[str, Any]]:
+  """Trains the probe; returns ``{"steps", "seconds", "through", "images": {split: images in its
+  records}, "evals": [{"step", "loss", "colour_acc", "class_acc", "colour_majority", "class_majority",
+  "all_right"}, ...]}`` and the trained image side's parameters ``{"/"-joined path: array}`` (paths
+  as in ``Prima``, under :data:`IMAGE_SIDE`). An image shown with several questions counts (and is
+  trained on) each time.
+  """
+  size, max_images = int(model_cfg.vision.image_size), int(model_cfg.prima.max_images)
+  train = load_split(data_dir, "train", size, max_images)
+  val = load_split(data_dir, "val", size, max_images)
+  majority = train[1][train[2]].mean(0) > 0.5
+  probe = Probe(model_cfg, through, seed=seed)
+  optimizer = nnx.Optimizer(probe, optax.adam(learning_rate), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(probe, optimizer, images, targets, valid):
+    loss, grads = nnx.value_and_grad(lambda p: masked_bce(p(images, valid), targets, valid))(probe)
+    optimizer.update(probe, grads)
+    return loss
+
+  predict = nnx.jit(lambda probe, images, valid: probe(images, valid))
+
+  def evaluate() -> dict:
+    # Fixed-size batches (the last one padded with invalid rows): one compiled shape.
+    logits = []
+    for start in range(0, len(val[0]), batch_size):
+      rows = np.arange(start, start + batch_size) % len(val[0])
+      valid = val[2][rows] & (np.arange(start, start + batch_size) < len(val[0]))[:, None]
+      logits.append(np.asarray(predict(probe, val[0][rows], valid)))
+    return score(np.concatenate(logits)[:len(val[0])], val[1], val[2], majority)
+
+  rng = np.random.default_rng(seed)
+  every = max(steps // max(evals, 1), 1)
+  results, losses, start = [], [], time.perf_counter()
+  for step in range(1, steps + 1):
+    rows = rng.integers(0, len(train[0]), batch_size)
+    losses.append(float(train_step(probe, optimizer, train[0][rows], train[1][rows], train[2][rows])))
+    if step % every == 0 or step == steps:
+      result = dict(step=step, loss=float(np.mean(losses[-every:])), **evaluate())
+      results.append(result)
+      report(f"step {step}/{steps} | loss {result['loss']:.4f} | val colour {result['colour_acc']:.3f} "
+             f"(majority {result['colour_majority']:.3f}) | class {result['class_acc']:.3f} "
+             f"(majority {result['class_majority']:.3f}) | all twelve right {result['all_right']:.3f} | "
+             f"{time.perf_counter() - start:.0f} s")
+  summary = dict(steps=steps, seconds=time.perf_counter() - start, through=through,
+                 images={"train": int(train[2].sum()), "val": int(val[2].sum())}, evals=results)
+  flat = flatten(nnx.state(probe.prima, nnx.Param).to_pure_dict())
+  return summary, {k: v for k, v in flat.items() if k.split("/", 1)[0] in IMAGE_SIDE}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """A pure-dict parameter tree -> {"/"-joined path: leaf} (the paths ``train.trainable`` matches)."""
+  out = {}
+  for key, value in tree.items():
+    path = f"{prefix}/{key}" if prefix else str(key)
+    out.update(flatten(value, path) if isinstance(value, dict) else {path: value})
+  return out
+
+
+def pretrain(pcfg: Any, model_cfg: Any, data_dir: epath.Path, params: dict, frozen: dict, *, seed: int,
+             report=print) -> tuple[dict, dict, dict]:
+  """``train.image_pretraining`` (``pcfg``: steps, batch_size, learning_rate) on a fresh run's initial
+  ``params`` / ``frozen`` (pure-dict trees of sharded arrays): returns them with every image-side leaf
+  replaced by its pretrained value (same sharding), and the probe's summary."""
+  summary, trained = run_probe(model_cfg, data_dir, steps=int(pcfg.steps), batch_size=int(pcfg.batch_size),
+                               learning_rate=float(pcfg.learning_rate), evals=3, seed=seed, report=report)
+  placed = set()
+
+  def place(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+      path = f"{prefix}/{key}" if prefix else str(key)
+      if isinstance(value, dict):
+        out[key] = place(value, path)
+      elif path in trained:
+        if trained[path].shape != value.shape:
+          raise ValueError(f"image pretraining: {path} has shape {trained[path].shape}, the model "
+                           f"{value.shape}")
+        out[key] = jax.device_put(trained[path].astype(value.dtype), value.sharding)
+        placed.add(path)
+      else:
+        out[key] = value
+    return out
+
+  params, frozen = place(params), place(frozen)
+  missing = sorted(set(trained) - placed)
+  if missing:
+    raise ValueError(f"image pretraining: {len(missing)} parameters not in the model, e.g. {missing[0]}")
+  return params, frozen, summary
