@@ -1,9 +1,10 @@
-"""The demo: tiny PRIMA, everything trainable, on the synthetic benchmark generated into WORKDIR/data.
+"""The demo: tiny PRIMA on the synthetic benchmark generated into WORKDIR/data.
 
   python -m prima_jax.train --config=configs/demo.py --workdir=/tmp/prima_demo
 
-Finishes on a 2-core CPU in about 6 minutes including data generation and compilation, at a
-teacher-forced val mIoU of about 0.63 (docs/demo.md). Variants (``:arg``, comma
+The image side is pretrained on what each image shows, then frozen; the LLM, the [SEG] head and SAM
+train (:func:`_pretrained_image_side`). Finishes on a 2-core CPU in about 7 minutes including data
+generation, image pretraining and compilation, at a teacher-forced val mIoU of about 0.60 (docs/demo.md). Variants (``:arg``, comma
 separated): ``square=False`` (the ablation without SQuARE), ``test`` (a few steps on a handful of
 examples, for CI), ``many`` (the many-image benchmark: 8-64 images per question, docs/demo.md). Any
 field can be overridden: ``--config.train.num_steps=100``.
