@@ -4,10 +4,11 @@
 
 The image side is pretrained on what each image shows, then frozen; the LLM, the [SEG] head and SAM
 train (:func:`_pretrained_image_side`). Finishes on a 2-core CPU in about 7 minutes including data
-generation, image pretraining and compilation, at a teacher-forced val mIoU of about 0.60 (docs/demo.md). Variants (``:arg``, comma
-separated): ``square=False`` (the ablation without SQuARE), ``test`` (a few steps on a handful of
-examples, for CI), ``many`` (the many-image benchmark: 8-64 images per question, docs/demo.md). Any
-field can be overridden: ``--config.train.num_steps=100``.
+generation, image pretraining and compilation, at a teacher-forced val mIoU of about 0.60
+(docs/demo.md). Variants (``:arg``, comma separated): ``square=False`` (the ablation without SQuARE),
+``test`` (a few steps on a handful of examples, for CI), ``many`` (the many-image benchmark: 8-64 images
+per question, docs/demo.md; its image side trains with the rest, unpretrained). Any field can be
+overridden: ``--config.train.num_steps=100``.
 """
 
 import ml_collections
