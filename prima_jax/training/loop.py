@@ -210,13 +210,15 @@ def initial_parameters(config, wd: workdir_lib.Workdir, mesh, model_cfg=None, da
     else:
       frozen = restored_frozen
       params, rest = jax.jit(lambda: (lambda p, _, r: (p, r))(*init()), out_shardings=(param_sh, rep))()
-    # Pretrain the image side unless a checkpoint will replace the trainable parameters and the frozen
-    # ones came from WORKDIR/frozen (written after this same pretraining, e.g. by the feature cache).
-    if (t.image_pretraining.steps and not (config.checkpoint.resume and wd.checkpoint_steps())
-        and (restored_frozen is None or set(params) & set(image_pretraining.IMAGE_SIDE))):
-      params, pretrained_frozen = _pretrain_image_side(config, model_cfg, data_dir, params, frozen, report)
-      frozen = pretrained_frozen if restored_frozen is None else frozen
-    if restored_frozen is None:
+  # Pretrain the image side unless a checkpoint will replace the trainable parameters and the frozen
+  # ones came from WORKDIR/frozen (written after this same pretraining, e.g. by the feature cache). It
+  # runs outside the mesh: its result does not depend on the run's devices.
+  if (t.image_pretraining.steps and not (config.checkpoint.resume and wd.checkpoint_steps())
+      and (restored_frozen is None or set(params) & set(image_pretraining.IMAGE_SIDE))):
+    params, pretrained_frozen = _pretrain_image_side(config, model_cfg, data_dir, params, frozen, report)
+    frozen = pretrained_frozen if restored_frozen is None else frozen
+  if restored_frozen is None:
+    with jax.set_mesh(mesh):
       wd.save_frozen(frozen)
   parts.rest = rest
   return InitialParameters(parts, params, frozen, param_sh, frozen_sh, restored_frozen is not None)
