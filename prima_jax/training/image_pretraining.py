@@ -224,7 +224,9 @@ def pretrain(pcfg: Any, model_cfg: Any, data_dir: epath.Path, params: dict, froz
         if trained[path].shape != value.shape:
           raise ValueError(f"image pretraining: {path} has shape {trained[path].shape}, the model "
                            f"{value.shape}")
-        out[key] = jax.device_put(trained[path].astype(value.dtype), value.sharding)
+        # From the host copy, shard by shard: also for a global sharding over several processes.
+        host = np.asarray(trained[path]).astype(value.dtype)
+        out[key] = jax.make_array_from_callback(value.shape, value.sharding, lambda index, h=host: h[index])
         placed.add(path)
       else:
         out[key] = value
