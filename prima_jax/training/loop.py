@@ -175,8 +175,8 @@ def initial_parameters(config, wd: workdir_lib.Workdir, mesh, model_cfg=None, da
   initialised from ``config.seed`` and written once to ``WORKDIR/frozen``, for prediction, export and
   the feature cache (``prima_jax.data.cache`` calls this too, so it sees the same frozen weights).
   ``train.image_pretraining`` then trains the image side on the synthetic benchmark in ``data_dir``
-  (unless a checkpoint is to be restored), before the frozen parameters are written; ``report`` gets
-  its progress lines.
+  (default: the workdir's), unless a checkpoint is to be restored, before the frozen parameters are
+  written; ``report`` gets its progress lines.
 
   Raises:
     ConfigError: a ``train.trainable`` pattern matches no parameter.
@@ -215,7 +215,8 @@ def initial_parameters(config, wd: workdir_lib.Workdir, mesh, model_cfg=None, da
   # runs outside the mesh: its result does not depend on the run's devices.
   if (t.image_pretraining.steps and not (config.checkpoint.resume and wd.checkpoint_steps())
       and (restored_frozen is None or set(params) & set(image_pretraining.IMAGE_SIDE))):
-    params, pretrained_frozen = _pretrain_image_side(config, model_cfg, data_dir, params, frozen, report)
+    params, pretrained_frozen = _pretrain_image_side(config, wd, model_cfg, data_dir, params, frozen,
+                                                     report)
     frozen = pretrained_frozen if restored_frozen is None else frozen
   if restored_frozen is None:
     with jax.set_mesh(mesh):
@@ -224,10 +225,10 @@ def initial_parameters(config, wd: workdir_lib.Workdir, mesh, model_cfg=None, da
   return InitialParameters(parts, params, frozen, param_sh, frozen_sh, restored_frozen is not None)
 
 
-def _pretrain_image_side(config, model_cfg, data_dir, params, frozen, report):
-  """``train.image_pretraining`` on the synthetic benchmark under ``data_dir`` (its ``source``)."""
-  if data_dir is None:
-    raise ConfigError("train.image_pretraining needs the run's data directory")
+def _pretrain_image_side(config, wd, model_cfg, data_dir, params, frozen, report):
+  """``train.image_pretraining`` on the synthetic benchmark under ``data_dir`` (its ``source``; default
+  the workdir's data directory)."""
+  data_dir = wd.data_dir(config) if data_dir is None else data_dir
   pcfg = config.train.image_pretraining
   report(f"image pretraining: {pcfg.steps} steps on which colours and classes each image shows")
   params, frozen, _ = image_pretraining.pretrain(pcfg, model_cfg, paths.resolve(data_dir) / "source",
