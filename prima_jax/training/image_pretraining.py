@@ -35,6 +35,7 @@ from PIL import Image
 from prima_jax.data import synthetic
 from prima_jax.data.preprocess import eva_resize
 from prima_jax.models.prima import Prima
+from prima_jax.training.partition import path_str
 
 COLOURS = tuple(synthetic.COLORS)          # label k < 6: the image shows an object of colour k
 CLASSES = tuple(synthetic.CLASSES)         # label 6 + k: ... an object of class k (parts do not count)
@@ -97,11 +98,13 @@ def load_split(data_dir: epath.Path, split: str, image_size: int, max_images: in
   targets = np.zeros((len(image_lists), n, len(LABELS)), np.float32)
   valid = np.zeros((len(image_lists), n), bool)
   image_dir = data_dir / synthetic.DATASET_NAME / "images"
+  resized = {}  # an image shown with several questions is decoded once
   for r, names in enumerate(image_lists):
     for k, name in enumerate(names):
-      with (image_dir / name).open("rb") as f:
-        pixels = np.asarray(Image.open(f).convert("RGB"))
-      images[r, k] = eva_resize(pixels, image_size, train=False)
+      if name not in resized:
+        with (image_dir / name).open("rb") as f:
+          resized[name] = eva_resize(np.asarray(Image.open(f).convert("RGB")), image_size, train=False)
+      images[r, k] = resized[name]
       targets[r, k], valid[r, k] = labels[name], True
   return images, targets, valid
 
@@ -196,13 +199,14 @@ def run_probe(model_cfg: Any, data_dir: epath.Path, *, steps: int, batch_size: i
   return summary, {k: v for k, v in flat.items() if k.split("/", 1)[0] in IMAGE_SIDE}
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  """A pure-dict parameter tree -> {"/"-joined path: leaf} (the paths ``train.trainable`` matches)."""
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else str(key)
-    out.update(flatten(value, path) if isinstance(value, dict) else {path: value})
-  return out
+def _key_path(path) -> str:
+  """A jax key path of a pure-dict tree -> its "/"-joined form (the paths ``train.trainable`` matches)."""
+  return path_str(k.key for k in path)
+
+
+def flatten(tree: dict) -> dict[str, Any]:
+  """A pure-dict parameter tree -> {"/"-joined path: leaf}."""
+  return {_key_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def pretrain(pcfg: Any, model_cfg: Any, data_dir: epath.Path, params: dict, frozen: dict, *, seed: int,
@@ -214,25 +218,18 @@ def pretrain(pcfg: Any, model_cfg: Any, data_dir: epath.Path, params: dict, froz
                                learning_rate=float(pcfg.learning_rate), evals=3, seed=seed, report=report)
   placed = set()
 
-  def place(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-      path = f"{prefix}/{key}" if prefix else str(key)
-      if isinstance(value, dict):
-        out[key] = place(value, path)
-      elif path in trained:
-        if trained[path].shape != value.shape:
-          raise ValueError(f"image pretraining: {path} has shape {trained[path].shape}, the model "
-                           f"{value.shape}")
-        # From the host copy, shard by shard: also for a global sharding over several processes.
-        host = np.asarray(trained[path]).astype(value.dtype)
-        out[key] = jax.make_array_from_callback(value.shape, value.sharding, lambda index, h=host: h[index])
-        placed.add(path)
-      else:
-        out[key] = value
-    return out
+  def place(path, value):
+    key = _key_path(path)
+    if key not in trained:
+      return value
+    if trained[key].shape != value.shape:
+      raise ValueError(f"image pretraining: {key} has shape {trained[key].shape}, the model {value.shape}")
+    placed.add(key)
+    # From the host copy, shard by shard: also for a global sharding over several processes.
+    host = np.asarray(trained[key]).astype(value.dtype)
+    return jax.make_array_from_callback(value.shape, value.sharding, lambda index: host[index])
 
-  params, frozen = place(params), place(frozen)
+  params, frozen = (jax.tree_util.tree_map_with_path(place, tree) for tree in (params, frozen))
   missing = sorted(set(trained) - placed)
   if missing:
     raise ValueError(f"image pretraining: {len(missing)} parameters not in the model, e.g. {missing[0]}")
