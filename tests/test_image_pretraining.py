@@ -39,40 +39,75 @@ def _coco(bench, split) -> COCO:
   return COCO(str(bench / "synthetic" / "annotations" / f"synthetic_{split}.json"))
 
 
-def test_labels_are_the_colours_in_the_pixels_and_the_classes_pycocotools_lists(bench):
+def _expected_labels(pixels: np.ndarray, anns: list[dict], coco: COCO) -> set[str]:
+  """An image's labels recounted from its pixels and the masks pycocotools rasterises: an object's colour
+  is the palette colour most of its mask's pixels have, its centre that of its mask's bounding box."""
+  height, width = pixels.shape[:2]
+  palette = np.asarray(list(synthetic.COLORS.values()), np.int32)
+  objects = []
+  for a in anns:
+    name = coco.cats[a["category_id"]]["name"]
+    if name not in synthetic.CLASSES:
+      continue
+    mask = coco.annToMask(a).astype(bool)
+    inside = pixels[mask].astype(np.int32)
+    votes = [(inside == rgb).all(-1).sum() for rgb in palette]
+    colour = list(synthetic.COLORS)[int(np.argmax(votes))]
+    ys, xs = np.nonzero(mask)
+    centre = ((xs.min() + xs.max() + 1) / 2 / width, (ys.min() + ys.max() + 1) / 2 / height)
+    objects.append((colour, name, *centre))
+  out = {f"colour:{c}" for c, *_ in objects} | {f"class:{k}" for _, k, *_ in objects}
+  out |= {f"colour_class:{c} {k}" for c, k, *_ in objects}
+  for k in synthetic.CLASSES:
+    n = sum(o[1] == k for o in objects)
+    out |= {f"count:{k}>={m}" for m in (2, 3) if n >= m}
+  out |= {f"side:{k} left" for _, k, x, _ in objects if x < 0.5}
+  out |= {f"side:{k} top" for _, k, _, y in objects if y < 0.5}
+  return out
+
+
+def test_labels_are_what_the_pixels_and_the_masks_pycocotools_draws_show(bench):
   image_lists, labels = image_pretraining.split_labels(epath.Path(bench), "val")
   coco = _coco(bench, "val")
   records = json.loads((bench / "Part_Segm" / "synthetic_val.json").read_text())
   assert [len(x) for x in image_lists] == [len(r["img_ids"]) for r in records]
-  checked = 0
+  checked, seen = 0, np.zeros(len(image_pretraining.LABELS))
   for record, names in zip(records, image_lists):
     for image_id, name in zip(record["img_ids"], names):
       assert coco.imgs[image_id]["file_name"] == name
       pixels = np.asarray(Image.open(bench / "synthetic" / "images" / name).convert("RGB"))
-      shown = [bool((pixels == np.asarray(rgb, np.uint8)).all(-1).any()) for rgb in synthetic.COLORS.values()]
       anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
-      classes = {coco.cats[a["category_id"]]["name"] for a in anns}
-      expected = [c in classes for c in synthetic.CLASSES]
-      np.testing.assert_array_equal(labels[name] > 0.5, np.asarray(shown + expected), err_msg=name)
+      got = {image_pretraining.LABELS[i] for i in np.nonzero(labels[name] > 0.5)[0]}
+      assert got == _expected_labels(pixels, anns, coco), name
+      # Colours also straight from the pixels: the palette colours anywhere in the image.
+      shown = {f"colour:{c}" for c, rgb in synthetic.COLORS.items()
+               if (pixels == np.asarray(rgb, np.uint8)).all(-1).any()}
+      assert {x for x in got if x.startswith("colour:")} == shown, name
+      seen += labels[name]
       checked += 1
   assert checked == sum(len(r["img_ids"]) for r in records) >= 16
+  for group in ("colour", "class", "side"):   # the fixture exercises every kind of label
+    assert seen[image_pretraining.GROUPS[group]].sum() > 0, group
+  assert seen[image_pretraining.GROUPS["count"]].sum() > 0
 
 
 def test_score_against_a_recount():
   rng = np.random.default_rng(0)
-  targets = (rng.random((5, 3, 12)) < 0.3).astype(np.float32)
+  n = len(image_pretraining.LABELS)
+  targets = (rng.random((5, 3, n)) < 0.3).astype(np.float32)
   valid = np.ones((5, 3), bool)
   valid[4, 1:] = False
-  logits = rng.normal(size=(5, 3, 12))
-  majority = rng.random(12) < 0.5
+  logits = rng.normal(size=(5, 3, n))
+  majority = rng.random(n) < 0.5
   got = image_pretraining.score(logits, targets, valid, majority)
   rows = [(i, j) for i in range(5) for j in range(3) if valid[i, j]]
-  right = np.array([[(logits[i, j, k] > 0) == (targets[i, j, k] == 1) for k in range(12)] for i, j in rows])
-  base = np.array([[majority[k] == (targets[i, j, k] == 1) for k in range(12)] for i, j in rows])
-  assert got["colour_acc"] == pytest.approx(right[:, :6].sum() / (6 * len(rows)))
-  assert got["class_acc"] == pytest.approx(right[:, 6:].sum() / (6 * len(rows)))
-  assert got["colour_majority"] == pytest.approx(base[:, :6].sum() / (6 * len(rows)))
-  assert got["class_majority"] == pytest.approx(base[:, 6:].sum() / (6 * len(rows)))
+  right = np.array([[(logits[i, j, k] > 0) == (targets[i, j, k] == 1) for k in range(n)] for i, j in rows])
+  base = np.array([[majority[k] == (targets[i, j, k] == 1) for k in range(n)] for i, j in rows])
+  for group, labels in image_pretraining.LABEL_GROUPS.items():
+    cols = [image_pretraining.LABELS.index(label) for label in labels]
+    assert got[f"{group}_acc"] == pytest.approx(right[:, cols].sum() / (len(cols) * len(rows)))
+    assert got[f"{group}_majority"] == pytest.approx(base[:, cols].sum() / (len(cols) * len(rows)))
+    assert got[f"{group}_exact"] == pytest.approx(np.mean([r[cols].all() for r in right]))
   assert got["all_right"] == pytest.approx(np.mean([r.all() for r in right]))
 
 
@@ -138,7 +173,9 @@ def test_a_fresh_run_starts_from_the_pretrained_image_side_and_a_resumed_one_kee
   # The reference: the same pretraining run by itself (same seed, the run's own data and vocabulary).
   workdir_lib.fit_vocab_sizes(c, workdir_lib.load_tokenizers(c, tmp_path / "data"), announce=False)
   _, trained = image_pretraining.run_probe(c.model, epath.Path(tmp_path / "data" / "source"), steps=3,
-                                           batch_size=4, learning_rate=1e-3, evals=1, seed=c.seed,
+                                           batch_size=4,
+                                           learning_rate=c.train.image_pretraining.learning_rate,
+                                           evals=1, seed=c.seed,
                                            report=lambda line: None)
   assert {p.split("/", 1)[0] for p in trained} == set(image_pretraining.IMAGE_SIDE)
   for path, value in trained.items():

@@ -2,13 +2,14 @@
 
   python -m prima_jax.tools.vision_probe --config=configs/demo.py --data_dir=W/data/source
 
-The image side of ``--config``'s model (from its initialisation), reading no question, with a linear read-out,
-is trained on which colours and classes each image shows (``prima_jax.training.image_pretraining``, the
-stage ``train.image_pretraining`` runs before a demo's first step); the val split is scored against the
+The image side of ``--config``'s model (from its initialisation), reading no question, with a linear
+read-out, is trained on what each image shows: colours, classes, (colour, class) pairs, counts of a
+class, which half an object is in (``prima_jax.training.image_pretraining``, the stage
+``train.image_pretraining`` runs before a demo's first step); the val split is scored against the
 majority baseline at ``--evals`` evenly spaced steps. A setting under which it cannot tell the classes
 apart is one under which the LLM cannot name them (docs/demo.md). ``--through=eva_features`` reads EVA's
-features instead (no SQuARE / Q-Former). ``--json``: one JSON object on stdout at the end instead of the
-report lines.
+features instead, averaged over patches (no SQuARE / Q-Former). ``--json``: one JSON object on stdout
+at the end instead of the report lines.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("data_dir", None, "Synthetic benchmark directory (python -m prima_jax.data.synthetic "
                       "--out DIR; a demo run's WORKDIR/data/source).", flag_values=fv)
   flags.DEFINE_integer("steps", 600, "Training steps.", flag_values=fv)
-  flags.DEFINE_integer("batch_size", 8, "Records (of 2-5 images) per step.", flag_values=fv)
-  flags.DEFINE_float("learning_rate", 1e-3, "Adam's learning rate.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 32, "Records (of 2-5 images) per step.", flag_values=fv)
+  flags.DEFINE_float("learning_rate", 2e-3, "Adam's learning rate.", flag_values=fv)
   flags.DEFINE_enum("through", image_pretraining.THROUGH[0], list(image_pretraining.THROUGH),
                     "Read out the image tokens (after the projection) or EVA's features.", flag_values=fv)
   flags.DEFINE_integer("evals", 3, "Evaluations on the val split, evenly spaced.", flag_values=fv)

@@ -88,10 +88,11 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       log_every=10,
       stop_on_nonfinite=True,
       # Before a fresh run's first step, train the image side (EVA, SQuARE, Q-Former, projection) alone
-      # on which colours and classes each image shows, from the synthetic benchmark's annotations
-      # (prima_jax.training.image_pretraining): the demo's stand-in for pretrained towers. 0 steps = off;
+      # on what each image shows (colours, classes, pairs, counts, halves), from the synthetic
+      # benchmark's annotations (prima_jax.training.image_pretraining): the demo's stand-in for
+      # pretrained towers. Batch: records of 2-5 images; Adam. 0 steps = off;
       # data.kind "synthetic" (standard variant) only. A resumed run keeps its frozen / checkpointed weights.
-      image_pretraining=ml_collections.ConfigDict(dict(steps=0, batch_size=8, learning_rate=1e-3)),
+      image_pretraining=ml_collections.ConfigDict(dict(steps=0, batch_size=32, learning_rate=2e-3)),
   ))
 
   c.eval = ml_collections.ConfigDict(dict(

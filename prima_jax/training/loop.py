@@ -230,7 +230,8 @@ def _pretrain_image_side(config, wd, model_cfg, data_dir, params, frozen, report
   the workdir's data directory)."""
   data_dir = wd.data_dir(config) if data_dir is None else data_dir
   pcfg = config.train.image_pretraining
-  report(f"image pretraining: {pcfg.steps} steps on which colours and classes each image shows")
+  report(f"image pretraining: {pcfg.steps} steps of {pcfg.batch_size} records on what each image shows "
+         "(colours, classes, pairs, counts, halves)")
   params, frozen, _ = image_pretraining.pretrain(pcfg, model_cfg, paths.resolve(data_dir) / "source",
                                                  params, frozen, seed=config.seed, report=report)
   return params, frozen
