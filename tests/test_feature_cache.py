@@ -184,7 +184,9 @@ def test_step_from_the_cache_equals_the_online_step(built):
 
 def test_bfloat16_cache_stays_close(built, tmp_path):
   """bfloat16 storage (the default) rounds the features to 8 significant bits: at tiny size the loss
-  moves by under 0.1 % and no gradient leaf by more than 5 % of its largest entry."""
+  moves by under 0.1 %, the gradient as a whole by under 2 % (L2) and no leaf by more than 15 % of its
+  largest entry (a leaf behind a ReLU moves most: SAM's decoder MLP, 8.8 % of its largest entry with
+  0.7 % for the whole gradient, from the demo's pretrained image side)."""
   config, init = built["config"], _frozen(built)
   out = tmp_path / "bf16"
   cache_lib.build(config, init.frozen, built["data_dir"], out, splits=("val",), towers=("eva", "sam"),
@@ -198,7 +200,11 @@ def test_bfloat16_cache_stays_close(built, tmp_path):
   print(f"loss online {float(la)!r} bfloat16 cache {float(lb)!r}")
   assert abs(float(lb) - float(la)) < 1e-3 * abs(float(la))
   worst = worst_relative_difference(ga, gb)
-  assert 1e-6 < worst < 5e-2  # the rounding is visible, and small
+  assert 1e-6 < worst < 0.15  # the rounding is visible, and small
+  squared = lambda tree: sum(float(np.sum(np.square(np.asarray(x, np.float64))))
+                             for x in jax.tree.leaves(tree))
+  difference = jax.tree.map(lambda x, y: np.asarray(x) - np.asarray(y), ga, gb)
+  assert np.sqrt(squared(difference) / squared(ga)) < 2e-2
 
 
 def test_images_missing_from_the_cache_are_counted_and_dropped(built, tmp_path):

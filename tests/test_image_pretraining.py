@@ -2,6 +2,7 @@
 a recount, the command end to end, one error line for a missing benchmark, and a run that starts from the
 pretrained image side (and, resumed, keeps it)."""
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import transformers
 from etils import epath
 from flax import nnx
 from PIL import Image
@@ -17,6 +19,7 @@ from pycocotools.coco import COCO
 from prima_jax import cli
 from prima_jax import workdir as workdir_lib
 from prima_jax.data import synthetic
+from prima_jax.data.prompt import encode_question
 from prima_jax.models.prima import Prima
 from prima_jax.tools import vision_probe
 from prima_jax.training import image_pretraining
@@ -67,10 +70,11 @@ def _expected_labels(pixels: np.ndarray, anns: list[dict], coco: COCO) -> set[st
 
 
 def test_labels_are_what_the_pixels_and_the_masks_pycocotools_draws_show(bench):
-  image_lists, labels = image_pretraining.split_labels(epath.Path(bench), "val")
+  image_lists, labels, questions = image_pretraining.split_labels(epath.Path(bench), "val")
   coco = _coco(bench, "val")
   records = json.loads((bench / "Part_Segm" / "synthetic_val.json").read_text())
   assert [len(x) for x in image_lists] == [len(r["img_ids"]) for r in records]
+  assert questions == [r["q"] for r in records]
   checked, seen = 0, np.zeros(len(image_pretraining.LABELS))
   for record, names in zip(records, image_lists):
     for image_id, name in zip(record["img_ids"], names):
@@ -111,6 +115,38 @@ def test_score_against_a_recount():
   assert got["all_right"] == pytest.approx(np.mean([r.all() for r in right]))
 
 
+def test_the_q_former_reads_each_record_s_question_as_bert_tokenises_it(bench, tmp_path):
+  """load_split's question ids against transformers' BertTokenizer on the same vocab.txt ([CLS] q [SEP],
+  truncated from the left as InstructBLIP's processor does), padded and masked to the longest."""
+  _, qformer_tok = workdir_lib.load_tokenizers(_demo_test_config(tmp_path), None, fallback_dir=str(tmp_path))
+  reference = transformers.BertTokenizer(str(tmp_path / workdir_lib.TOKENIZERS / "vocab.txt"),
+                                         do_lower_case=True, truncation_side="left")
+  length = 12  # some questions are longer: truncation is exercised
+  encode = functools.partial(encode_question, qformer_tok, max_question_length=length)
+  split = image_pretraining.load_split(epath.Path(bench), "train", 48, 5, encode)
+  records = json.loads((bench / "Part_Segm" / "synthetic_train.json").read_text())
+  expected = [reference(r["q"], truncation=True, max_length=length)["input_ids"] for r in records]
+  assert any(len(reference(r["q"])["input_ids"]) > length for r in records)
+  assert split.question_ids.shape == (len(records), max(map(len, expected)))
+  for r, ids in enumerate(expected):
+    assert split.question_ids[r][split.question_mask[r]].tolist() == ids, records[r]["q"]
+    assert split.question_mask[r].tolist() == [k < len(ids) for k in range(split.question_mask.shape[1])]
+  # Without an encoder: one masked position, the image side reads no text.
+  bare = image_pretraining.load_split(epath.Path(bench), "val", 48, 5)
+  assert bare.question_ids.shape[1] == 1 and not bare.question_mask.any()
+  # A hidden question (all masked, as --noquestions trains) is no text at all; a read one changes the tokens.
+  c = _demo_test_config(tmp_path)
+  c.model.qformer.vocab_size = qformer_tok.vocab_size
+  probe = image_pretraining.Probe(c.model, "image_tokens", seed=0)
+  rows = slice(0, 4)
+  inputs = (split.eva_images[rows], split.image_valid[rows])
+  none = np.asarray(probe(*inputs, bare.question_ids[:4], bare.question_mask[:4]))
+  hidden = np.asarray(probe(*inputs, split.question_ids[rows], np.zeros_like(split.question_mask[rows])))
+  read = np.asarray(probe(*inputs, split.question_ids[rows], split.question_mask[rows]))
+  np.testing.assert_allclose(hidden, none, rtol=0, atol=1e-5)
+  assert np.abs(read - none).max() > 1e-3
+
+
 def test_command_trains_and_reports_against_the_majority_baseline(bench, capsys):
   rc = cli.call(vision_probe, ["--config=configs/demo.py", f"--data_dir={bench}", "--steps=40", "--evals=2",
                                "--batch_size=4", "--learning_rate=3e-3", "--json"])
@@ -121,6 +157,7 @@ def test_command_trains_and_reports_against_the_majority_baseline(bench, capsys)
   shown = {split: [k for r in json.loads((bench / "Part_Segm" / f"synthetic_{split}.json").read_text())
                    for k in r["img_ids"]] for split in ("train", "val")}
   assert result["images"] == {split: len(ids) for split, ids in shown.items()}
+  assert result["questions"] == {"train": True, "val": True}  # the Q-Former reads them, as in training
   assert [e["step"] for e in result["evals"]] == [20, 40]
   # The majority baseline, recounted with pycocotools: each label's more frequent value on train, on val.
   def presence(coco, image_ids):
@@ -171,11 +208,14 @@ def test_a_fresh_run_starts_from_the_pretrained_image_side_and_a_resumed_one_kee
   first = loop_lib.train_and_evaluate(c, str(tmp_path / "w"))
   frozen = image_pretraining.flatten(jax.tree.map(np.asarray, first["frozen"]))
   # The reference: the same pretraining run by itself (same seed, the run's own data and vocabulary).
-  workdir_lib.fit_vocab_sizes(c, workdir_lib.load_tokenizers(c, tmp_path / "data"), announce=False)
+  tokenizers = workdir_lib.load_tokenizers(c, tmp_path / "data")
+  workdir_lib.fit_vocab_sizes(c, tokenizers, announce=False)
+  # The Q-Former reads each record's question through the run's tokenizer, as in training.
+  encode = functools.partial(encode_question, tokenizers[1], max_question_length=c.data.max_question_length)
   _, trained = image_pretraining.run_probe(c.model, epath.Path(tmp_path / "data" / "source"), steps=3,
                                            batch_size=4,
                                            learning_rate=c.train.image_pretraining.learning_rate,
-                                           evals=1, seed=c.seed,
+                                           evals=1, seed=c.seed, encode_question=encode,
                                            report=lambda line: None)
   assert {p.split("/", 1)[0] for p in trained} == set(image_pretraining.IMAGE_SIDE)
   for path, value in trained.items():

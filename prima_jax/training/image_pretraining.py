@@ -3,11 +3,13 @@
 PRIMA starts from pretrained towers (EVA-CLIP's ViT, BLIP-2's Q-Former) that already tell objects apart.
 The demo's towers start from random weights, and trained only through the LLM's answers they never learn
 to: the LLM then learns to answer without reading the images (docs/demo.md). This stage stands in for
-the missing pretraining: the image side (EVA -> SQuARE -> Q-Former -> language projection), reading no
-question, with one linear layer over each image's query tokens side by side, is trained on per-image
-multi-label targets from the benchmark's COCO annotations (:data:`LABEL_GROUPS`): which of the six
-colours and six classes of objects the image shows, which (colour, class) pairs, whether it shows at
-least two or three of a class, and whether an object of a class is centred in the left or the top half.
+the missing pretraining: the image side (EVA -> SQuARE -> Q-Former -> language projection), its
+Q-Former reading each record's question as in training (the instruction-aware queries share
+self-attention with it), with one linear layer over each image's query tokens side by side, is trained
+on per-image multi-label targets from the benchmark's COCO annotations (:data:`LABEL_GROUPS`): which of
+the six colours and six classes of objects the image shows, which (colour, class) pairs, whether it
+shows at least two or three of a class, and whether an object of a class is centred in the left or the
+top half.
 These are what an answer names, numbers, counts and compares. ``train.image_pretraining`` runs it before
 a fresh run's first step (:func:`pretrain`); ``python -m prima_jax.tools.vision_probe`` runs it alone and
 reports.
@@ -25,7 +27,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +74,10 @@ def _read_json(path: epath.Path) -> Any:
     raise ProbeDataError(f"{path}: not a readable JSON file of the synthetic benchmark ({e})") from e
 
 
-def split_labels(data_dir: epath.Path, split: str) -> tuple[list[list[str]], dict[str, np.ndarray]]:
-  """(per record: its image file names in order, {file name: labels float32 [len(LABELS)]}) of a split."""
+def split_labels(data_dir: epath.Path, split: str
+                 ) -> tuple[list[list[str]], dict[str, np.ndarray], list[str]]:
+  """(per record: its image file names in order, {file name: labels float32 [len(LABELS)]}, per record:
+  its question) of a split."""
   records_file = data_dir / "Part_Segm" / f"{synthetic.DATASET_NAME}_{split}.json"
   coco_file = data_dir / synthetic.DATASET_NAME / "annotations" / f"{synthetic.DATASET_NAME}_{split}.json"
   records, coco = _read_json(records_file), _read_json(coco_file)
@@ -109,14 +114,25 @@ def split_labels(data_dir: epath.Path, split: str) -> tuple[list[list[str]], dic
     if missing:
       raise ProbeDataError(f"{records_file}: record {i}: image ids {missing} are not in {coco_file}")
     image_lists.append([files[k] for k in rec["img_ids"]])
-  return image_lists, labels
+  return image_lists, labels, [str(rec.get("q", "")) for rec in records]
 
 
-def load_split(data_dir: epath.Path, split: str, image_size: int, max_images: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(eva_images uint8 [r, n, V, V, 3], labels [r, n, len(LABELS)], image_valid [r, n]) of a split's records,
-  each image resized for EVA as at eval time (V = ``image_size``), padded to ``max_images``."""
-  image_lists, labels = split_labels(data_dir, split)
+class Split(NamedTuple):
+  """A split's records as the probe reads them (r records, n = the most images a record shows)."""
+  eva_images: np.ndarray     # uint8 [r, n, V, V, 3], resized for EVA as at eval time, zero padded
+  labels: np.ndarray         # float32 [r, n, len(LABELS)]
+  image_valid: np.ndarray    # bool [r, n]
+  question_ids: np.ndarray   # int32 [r, t]: the record's question as the Q-Former reads it
+  question_mask: np.ndarray  # bool [r, t]
+
+
+def load_split(data_dir: epath.Path, split: str, image_size: int, max_images: int,
+               encode_question: Callable[[str], Sequence[int]] | None = None) -> Split:
+  """A split's records, each image resized for EVA as at eval time (V = ``image_size``). With
+  ``encode_question`` (question -> Q-Former ids, e.g. ``data.prompt.encode_question`` with the run's
+  tokenizer) each record carries its question, padded to the longest; without, an empty text (t = 1,
+  masked)."""
+  image_lists, labels, questions = split_labels(data_dir, split)
   n = max(len(x) for x in image_lists)
   if n > max_images:
     raise ProbeDataError(f"{data_dir}: a {split} record shows {n} images; the model takes at most "
@@ -133,13 +149,21 @@ def load_split(data_dir: epath.Path, split: str, image_size: int, max_images: in
           resized[name] = eva_resize(np.asarray(Image.open(f).convert("RGB")), image_size, train=False)
       images[r, k] = resized[name]
       targets[r, k], valid[r, k] = labels[name], True
-  return images, targets, valid
+  encoded = [list(encode_question(q)) for q in questions] if encode_question else [[0]] * len(questions)
+  t = max(len(ids) for ids in encoded)
+  question_ids = np.zeros((len(encoded), t), np.int32)
+  question_mask = np.zeros((len(encoded), t), bool)
+  for r, ids in enumerate(encoded):
+    question_ids[r, :len(ids)] = ids
+    question_mask[r, :len(ids)] = encode_question is not None
+  return Split(images, targets, valid, question_ids, question_mask)
 
 
 class Probe(nnx.Module):
   """The image side of a PRIMA model and a linear read-out.
 
-  eva_images uint8 [b, n, V, V, 3], image_valid [b, n] -> logits [b, n, len(LABELS)].
+  eva_images uint8 [b, n, V, V, 3], image_valid [b, n], question_ids int32 [b, t], question_mask bool
+  [b, t] -> logits [b, n, len(LABELS)].
   """
 
   def __init__(self, model_cfg: Any, through: str, *, seed: int):
@@ -151,14 +175,15 @@ class Probe(nnx.Module):
              else model_cfg.llm.hidden_size * model_cfg.qformer.num_query_tokens)
     self.readout = nnx.Linear(width, len(LABELS), rngs=nnx.Rngs(seed + 1))
 
-  def __call__(self, eva_images: jax.Array, image_valid: jax.Array) -> jax.Array:
+  def __call__(self, eva_images: jax.Array, image_valid: jax.Array, question_ids: jax.Array,
+               question_mask: jax.Array) -> jax.Array:
     features = self.prima.batch_eva_features(dict(eva_images=eva_images))  # [b, n, T, E]
     if self.through == "eva_features":
       return self.readout(features.mean(2))
-    # No question: an empty Q-Former text (one masked position), so the tokens carry the image alone.
-    b = image_valid.shape[0]
-    no_text = jnp.zeros((b, 1), jnp.int32)
-    tokens = self.prima.image_tokens_from_features(features, image_valid, no_text, no_text.astype(bool))
+    # The instruction-aware Q-Former's queries share self-attention with the question's tokens: trained
+    # without them, the image tokens it gives with a question say less (600 steps trained on an empty
+    # text, scored with the questions: classes 0.80 -> 0.75, colours 1.00 -> 0.90, docs/demo.md).
+    tokens = self.prima.image_tokens_from_features(features, image_valid, question_ids, question_mask)
     return self.readout(tokens.reshape(*tokens.shape[:2], -1))
 
 
@@ -183,44 +208,53 @@ def score(logits: np.ndarray, targets: np.ndarray, valid: np.ndarray, majority: 
 
 
 def run_probe(model_cfg: Any, data_dir: epath.Path, *, steps: int, batch_size: int, learning_rate: float,
-              through: str = THROUGH[0], evals: int = 3, seed: int = 0, report=print
-              ) -> tuple[dict, dict[str, Any]]:
-  """Trains the probe; returns ``{"steps", "seconds", "through", "images": {split: images in its
-  records}, "evals": [{"step", "loss", "colour_acc", "class_acc", "colour_majority", "class_majority",
-  "all_right"}, ...]}`` and the trained image side's parameters ``{"/"-joined path: array}`` (paths
-  as in ``Prima``, under :data:`IMAGE_SIDE`). An image shown with several questions counts (and is
-  trained on) each time.
+              through: str = THROUGH[0], evals: int = 3, seed: int = 0,
+              encode_question: Callable[[str], Sequence[int]] | None = None, train_questions: bool = True,
+              eval_questions: bool = True, report=print) -> tuple[dict, dict[str, Any]]:
+  """Trains the probe; returns ``{"steps", "seconds", "through", "questions", "images": {split: images in
+  its records}, "evals": [{"step", "loss", "{group}_acc", "{group}_majority", "{group}_exact", ...,
+  "all_right"}, ...]}`` and the trained image side's parameters ``{"/"-joined path: array}`` (paths as in
+  ``Prima``, under :data:`IMAGE_SIDE`). An image shown with several questions counts (and is trained on)
+  each time. ``encode_question``: the Q-Former reads each record's question, as in the model (see
+  :func:`load_split`); None: an empty text. With an encoder, ``train_questions`` / ``eval_questions``
+  False hide the questions from the training steps / the val scores (masked: the queries read none of
+  it): how much a question changes what the image tokens say.
   """
   size, max_images = int(model_cfg.vision.image_size), int(model_cfg.prima.max_images)
-  train = load_split(data_dir, "train", size, max_images)
-  val = load_split(data_dir, "val", size, max_images)
-  majority = train[1][train[2]].mean(0) > 0.5
+  train = load_split(data_dir, "train", size, max_images, encode_question)
+  val = load_split(data_dir, "val", size, max_images, encode_question)
+  train.question_mask[:] &= train_questions
+  val.question_mask[:] &= eval_questions
+  majority = train.labels[train.image_valid].mean(0) > 0.5
   probe = Probe(model_cfg, through, seed=seed)
   optimizer = nnx.Optimizer(probe, optax.adam(learning_rate), wrt=nnx.Param)
 
   @nnx.jit
-  def train_step(probe, optimizer, images, targets, valid):
-    loss, grads = nnx.value_and_grad(lambda p: masked_bce(p(images, valid), targets, valid))(probe)
+  def train_step(probe, optimizer, images, targets, valid, question_ids, question_mask):
+    loss, grads = nnx.value_and_grad(
+        lambda p: masked_bce(p(images, valid, question_ids, question_mask), targets, valid))(probe)
     optimizer.update(probe, grads)
     return loss
 
-  predict = nnx.jit(lambda probe, images, valid: probe(images, valid))
+  predict = nnx.jit(lambda probe, *inputs: probe(*inputs))
 
   def evaluate() -> dict:
     # Fixed-size batches (the last one padded with invalid rows): one compiled shape.
-    logits = []
-    for start in range(0, len(val[0]), batch_size):
-      rows = np.arange(start, start + batch_size) % len(val[0])
-      valid = val[2][rows] & (np.arange(start, start + batch_size) < len(val[0]))[:, None]
-      logits.append(np.asarray(predict(probe, val[0][rows], valid)))
-    return score(np.concatenate(logits)[:len(val[0])], val[1], val[2], majority)
+    logits, n = [], len(val.labels)
+    for start in range(0, n, batch_size):
+      rows = np.arange(start, start + batch_size) % n
+      valid = val.image_valid[rows] & (np.arange(start, start + batch_size) < n)[:, None]
+      logits.append(np.asarray(predict(probe, val.eva_images[rows], valid, val.question_ids[rows],
+                                       val.question_mask[rows])))
+    return score(np.concatenate(logits)[:n], val.labels, val.image_valid, majority)
 
   rng = np.random.default_rng(seed)
   every = max(steps // max(evals, 1), 1)
   results, losses, start = [], [], time.perf_counter()
   for step in range(1, steps + 1):
-    rows = rng.integers(0, len(train[0]), batch_size)
-    losses.append(float(train_step(probe, optimizer, train[0][rows], train[1][rows], train[2][rows])))
+    rows = rng.integers(0, len(train.labels), batch_size)
+    losses.append(float(train_step(probe, optimizer, *(x[rows] for x in (
+        train.eva_images, train.labels, train.image_valid, train.question_ids, train.question_mask)))))
     if step % every == 0 or step == steps:
       result = dict(step=step, loss=float(np.mean(losses[-every:])), **evaluate())
       results.append(result)
@@ -229,7 +263,9 @@ def run_probe(model_cfg: Any, data_dir: epath.Path, *, steps: int, batch_size: i
       report(f"step {step}/{steps} | loss {result['loss']:.4f} | val: {groups} | all right "
              f"{result['all_right']:.3f} | {time.perf_counter() - start:.0f} s")
   summary = dict(steps=steps, seconds=time.perf_counter() - start, through=through,
-                 images={"train": int(train[2].sum()), "val": int(val[2].sum())}, evals=results)
+                 questions={"train": bool(train.question_mask.any()), "val": bool(val.question_mask.any())},
+                 images={"train": int(train.image_valid.sum()), "val": int(val.image_valid.sum())},
+                 evals=results)
   flat = flatten(nnx.state(probe.prima, nnx.Param).to_pure_dict())
   return summary, {k: v for k, v in flat.items() if k.split("/", 1)[0] in IMAGE_SIDE}
 
@@ -245,12 +281,15 @@ def flatten(tree: dict) -> dict[str, Any]:
 
 
 def pretrain(pcfg: Any, model_cfg: Any, data_dir: epath.Path, params: dict, frozen: dict, *, seed: int,
-             report=print) -> tuple[dict, dict, dict]:
+             encode_question: Callable[[str], Sequence[int]] | None = None, report=print
+             ) -> tuple[dict, dict, dict]:
   """``train.image_pretraining`` (``pcfg``: steps, batch_size, learning_rate) on a fresh run's initial
   ``params`` / ``frozen`` (pure-dict trees of sharded arrays): returns them with every image-side leaf
-  replaced by its pretrained value (same sharding), and the probe's summary."""
+  replaced by its pretrained value (same sharding), and the probe's summary. ``encode_question``: as in
+  :func:`run_probe`."""
   summary, trained = run_probe(model_cfg, data_dir, steps=int(pcfg.steps), batch_size=int(pcfg.batch_size),
-                               learning_rate=float(pcfg.learning_rate), evals=3, seed=seed, report=report)
+                               learning_rate=float(pcfg.learning_rate), evals=3, seed=seed,
+                               encode_question=encode_question, report=report)
   placed = set()
 
   def place(path, value):

@@ -4,6 +4,7 @@ state, resume, train with periodic eval and checkpoints, stop cleanly on SIGTERM
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import signal
@@ -19,6 +20,7 @@ from flax import nnx
 from prima_jax import paths
 from prima_jax import workdir as workdir_lib
 from prima_jax.data.pipeline import DISPLAY_KEY, to_global_batch
+from prima_jax.data.prompt import encode_question
 from prima_jax.models.configs import full_config
 from prima_jax.models.prima import Prima
 from prima_jax.training import checkpoint as ckpt_lib
@@ -227,13 +229,18 @@ def initial_parameters(config, wd: workdir_lib.Workdir, mesh, model_cfg=None, da
 
 def _pretrain_image_side(config, wd, model_cfg, data_dir, params, frozen, report):
   """``train.image_pretraining`` on the synthetic benchmark under ``data_dir`` (its ``source``; default
-  the workdir's data directory)."""
+  the workdir's data directory), the Q-Former reading each record's question through the run's
+  tokenizer as training does."""
   data_dir = wd.data_dir(config) if data_dir is None else data_dir
   pcfg = config.train.image_pretraining
   report(f"image pretraining: {pcfg.steps} steps of {pcfg.batch_size} records on what each image shows "
          "(colours, classes, pairs, counts, halves)")
+  _, qformer_tok = workdir_lib.load_tokenizers(config, data_dir)
+  encode = functools.partial(encode_question, qformer_tok,
+                             max_question_length=int(config.data.max_question_length))
   params, frozen, _ = image_pretraining.pretrain(pcfg, model_cfg, paths.resolve(data_dir) / "source",
-                                                 params, frozen, seed=config.seed, report=report)
+                                                 params, frozen, seed=config.seed, encode_question=encode,
+                                                 report=report)
   return params, frozen
 
 
