@@ -427,6 +427,13 @@ def test_trainable_pattern_typo(tmp_path, data_dir):
   c = demo_test_config(data_dir, trainable=("seg_heaad/",))
   with pytest.raises(ConfigError, match="seg_heaad/"):
     train_and_evaluate(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()  # refused before the workdir records a config
+  # A learning-rate factor for frozen (or misspelt) parameters would do nothing: refused the same way.
+  c = demo_test_config(data_dir, trainable=("seg_head/", "sam/mask_decoder/"))
+  c.optimizer.lr_scales = (("sam/mask_decoder/", 0.5), ("vision/", 0.5))
+  with pytest.raises(ConfigError, match=r"^optimizer.lr_scales patterns \['vision/'\] match no trainable "):
+    train_and_evaluate(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
 
 
 def test_prediction_panels_undo_sam_normalisation():

@@ -75,6 +75,9 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       schedule="linear",         # after warmup: "linear" decay to end_factor * lr | "cosine" | "constant"
       end_factor=0.0,
       grad_clip_norm=1.0,        # 0 disables clipping
+      # ((path substring, factor), ...): those trainable parameters learn at factor x the rate (first
+      # match wins), e.g. (("sam/", 0.5),). () = one rate for all.
+      lr_scales=(),
   ))
 
   c.train = ml_collections.ConfigDict(dict(

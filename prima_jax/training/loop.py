@@ -32,6 +32,7 @@ from prima_jax.training.partition import (
   ModelParts,
   cast_state,
   count,
+  path_str,
   pure_shardings,
   replicated,
   unmatched_patterns,
@@ -168,6 +169,27 @@ class InitialParameters:
   restored_frozen: bool  # the frozen parameters came from WORKDIR/frozen
 
 
+def check_parameter_patterns(config, abstract: nnx.Module | None = None) -> ModelParts:
+  """ConfigError unless every ``train.trainable`` pattern matches a parameter and every
+  ``optimizer.lr_scales`` pattern a trainable one (a typo would freeze, or not scale, silently).
+
+  ``abstract``: the model from ``nnx.eval_shape`` (built from ``config.model`` if None; the parameter
+  paths do not depend on the vocabulary sizes fitted later). Returns its trainable / frozen split.
+  """
+  if abstract is None:
+    abstract = nnx.eval_shape(lambda: Prima(config.model, rngs=nnx.Rngs(0)))
+  unmatched = unmatched_patterns(abstract, config.train.trainable)
+  if unmatched:
+    raise ConfigError(f"train.trainable patterns {unmatched} match no parameter")
+  parts = ModelParts.split(abstract, config.train.trainable)
+  trainable_paths = ["/" + path_str(p) for p, _ in nnx.to_flat_state(parts.trainable)]
+  idle = [pat for pat, _ in config.optimizer.get("lr_scales", ())
+          if not any(pat in p for p in trainable_paths)]
+  if idle:
+    raise ConfigError(f"optimizer.lr_scales patterns {idle} match no trainable parameter")
+  return parts
+
+
 def initial_parameters(config, wd: workdir_lib.Workdir, mesh, model_cfg=None, data_dir=None,
                        report: Callable[[str], None] = log.info) -> InitialParameters:
   """The parameters a run starts from (before any checkpoint is restored over the trainable ones).
@@ -181,7 +203,8 @@ def initial_parameters(config, wd: workdir_lib.Workdir, mesh, model_cfg=None, da
   written; ``report`` gets its progress lines.
 
   Raises:
-    ConfigError: a ``train.trainable`` pattern matches no parameter.
+    ConfigError: a ``train.trainable`` pattern matches no parameter, or an ``optimizer.lr_scales`` one
+      no trainable parameter.
   """
   t = config.train
   model_cfg = config.model if model_cfg is None else model_cfg
@@ -190,10 +213,7 @@ def initial_parameters(config, wd: workdir_lib.Workdir, mesh, model_cfg=None, da
     return Prima(model_cfg, rngs=nnx.Rngs(config.seed))
 
   abstract = nnx.eval_shape(create)
-  unmatched = unmatched_patterns(abstract, t.trainable)
-  if unmatched:
-    raise ConfigError(f"train.trainable patterns {unmatched} match no parameter")
-  parts = ModelParts.split(abstract, t.trainable)
+  parts = check_parameter_patterns(config, abstract)
   param_sh = pure_shardings(parts.trainable, mesh)
   frozen_sh = pure_shardings(parts.frozen, mesh)
   rep = replicated(mesh)
@@ -267,6 +287,7 @@ def train_and_evaluate(config, workdir: str | workdir_lib.Workdir, *,
   check_batch(config, mesh)
   if config.data.kind not in ("tfds", "synthetic"):
     raise ConfigError(f"data.kind must be 'tfds' or 'synthetic', got {config.data.kind!r}")
+  check_parameter_patterns(config)
   ddir = wd.data_dir(config)
   wd.create()
   if not is_main:  # process 0 holds the lock for the run

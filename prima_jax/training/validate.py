@@ -151,6 +151,13 @@ def check_numbers(config) -> None:
           and (node >= lo if lo_in else node > lo) and (node <= hi if hi_in else node < hi))
     if not ok:
       problems.append(f"{name}={node!r} must be a finite number in {_interval(lo, hi, lo_in, hi_in)}")
+  for entry in config.optimizer.get("lr_scales", ()):
+    ok = (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) and entry[0]
+          and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)
+          and math.isfinite(entry[1]) and entry[1] > 0)
+    if not ok:
+      problems.append(f"optimizer.lr_scales entry {entry!r} must be a (non-empty path substring, finite "
+                      "factor > 0) pair")
   if problems:
     raise ConfigError("; ".join(problems))
 
