@@ -200,6 +200,12 @@ class Workdir:
     problems = []
     for key in COMPATIBILITY_KEYS:
       problems += _diff(_get(old, key), _get(new, key), key)
+    # Learning-rate factors add a step to the optimizer's chain (its state's structure): adding or
+    # removing them is refused, changing them is not (a record from before the field counts as none).
+    old_scales, new_scales = (_get(r, "optimizer.lr_scales") or [] for r in (old, new))
+    if bool(old_scales) != bool(new_scales):
+      problems.append(f"optimizer.lr_scales: checkpoint {list(old_scales)!r} vs config {list(new_scales)!r} "
+                      "(with and without factors the optimizer state differs)")
     if problems:
       raise IncompatibleCheckpoint(
           f"{self.path} holds a run with a different configuration ({self.config_path}):\n  "

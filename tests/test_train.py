@@ -421,6 +421,20 @@ def test_incompatible_checkpoint(tmp_path):
   with pytest.raises(ckpt_lib.IncompatibleCheckpoint,
                      match=r"model\.llm\.hidden_size: checkpoint 64 vs config 96"):
     wd.check_compatible(other)
+  scaled = load_config("demo")
+  scaled.optimizer.lr_scales = (("sam/", 0.5),)
+  message = (r"optimizer\.lr_scales: checkpoint \[\] vs config \[\['sam/', 0\.5\]\] \(with and without "
+             r"factors the optimizer state differs\)")
+  with pytest.raises(ckpt_lib.IncompatibleCheckpoint, match=message):
+    wd.check_compatible(scaled)
+  record = json.loads(wd.config_path.read_text())
+  del record["optimizer"]["lr_scales"]       # a record from before the field: no factors
+  wd.config_path.write_text(json.dumps(record))
+  wd.check_compatible(load_config("demo"))
+  wd.write_config_record(scaled)
+  rescaled = load_config("demo")
+  rescaled.optimizer.lr_scales = (("sam/", 0.25), ("llm/", 2.0))
+  wd.check_compatible(rescaled)              # other factors: the same optimizer state
 
 
 def test_trainable_pattern_typo(tmp_path, data_dir):
