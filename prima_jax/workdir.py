@@ -344,12 +344,16 @@ def local_cache_root(config) -> epath.Path:
 
 def synthetic_settings(config) -> dict[str, Any]:
   """What generates the synthetic benchmark of ``config``: variant, images (the many variant's
-  [min, max] images per question; None for the standard one), seed, sizes, image_size."""
+  [min, max] images per question; None for the standard one), seed, sizes, image_size, and
+  describe_train (only when not 0: the train split's extra "Describe these images." records)."""
   d = config.data
   variant = d.get("synthetic_variant", "standard")
   images = [int(v) for v in d.get("synthetic_images", ())] if variant != "standard" else None
-  return dict(variant=variant, images=images, seed=d.synthetic_seed,
-              sizes={k: int(v) for k, v in d.synthetic_sizes.items()}, image_size=d.synthetic_image_size)
+  settings = dict(variant=variant, images=images, seed=d.synthetic_seed,
+                  sizes={k: int(v) for k, v in d.synthetic_sizes.items()}, image_size=d.synthetic_image_size)
+  if describe := float(d.get("synthetic_describe_train", 0.0)):
+    settings["describe_train"] = describe
+  return settings
 
 
 def synthetic_cache_dir(config) -> epath.Path:
@@ -360,6 +364,8 @@ def synthetic_cache_dir(config) -> epath.Path:
   key = {k: settings[k] for k in ("seed", "sizes", "image_size")}
   if settings["variant"] != "standard":  # the standard benchmark's directory keeps its name
     key.update(variant=settings["variant"], images=settings["images"])
+  if "describe_train" in settings:
+    key.update(describe_train=settings["describe_train"])
   key = json.dumps(key, sort_keys=True)
   root = d.get("cache_dir", "") or os.path.join(os.path.expanduser("~"), ".cache", "prima_jax")
   root = paths.local_only(root, what="data.cache_dir", why="the synthetic benchmark's ArrayRecord build")
@@ -379,13 +385,15 @@ def _prepared_variant(marker: epath.Path) -> dict[str, Any]:
   except json.JSONDecodeError:
     recorded = None
   if not isinstance(recorded, dict):
-    return {"variant": "standard", "images": None}
-  return {"variant": recorded.get("variant", "standard"), "images": recorded.get("images")}
+    return {"variant": "standard", "images": None, "describe_train": 0.0}
+  return {"variant": recorded.get("variant", "standard"), "images": recorded.get("images"),
+          "describe_train": float(recorded.get("describe_train", 0.0))}
 
 
 def _describe(variant: Mapping[str, Any]) -> str:
-  images = variant["images"]
-  return f"{variant['variant']!r}" + (f" ({images[0]}-{images[1]} images)" if images else "")
+  images, describe = variant["images"], variant.get("describe_train", 0.0)
+  return (f"{variant['variant']!r}" + (f" ({images[0]}-{images[1]} images)" if images else "")
+          + (f" with describe_train={describe:g}" if describe else ""))
 
 
 def prepare_synthetic(config, directory: str | os.PathLike) -> None:
@@ -416,19 +424,22 @@ def prepare_synthetic(config, directory: str | os.PathLike) -> None:
                       f"{settings['images']}: {e}") from None
   if marker.exists():
     prepared = _prepared_variant(marker)
-    wanted = {"variant": settings["variant"], "images": settings["images"]}
+    wanted = {"variant": settings["variant"], "images": settings["images"],
+              "describe_train": settings.get("describe_train", 0.0)}
     if prepared != wanted:
       raise SyntheticDataMismatch(
           f"{directory} holds the {_describe(prepared)} synthetic benchmark, the config asks for the "
-          f"{_describe(wanted)} one (data.synthetic_variant, data.synthetic_images): use a new workdir or "
-          "data.data_dir, or the settings it was prepared with")
+          f"{_describe(wanted)} one (data.synthetic_variant, data.synthetic_images, "
+          "data.synthetic_describe_train): use a new workdir or data.data_dir, or the settings it was "
+          "prepared with")
   if not marker.exists() and jax.process_index() == 0:
     d = config.data
     sizes = {k: int(v) for k, v in settings["sizes"].items() if int(v) > 0}
     src = directory / "source"
     summary = synthetic.generate(str(src), seed=d.synthetic_seed, sizes=sizes,
                                  image_size=d.synthetic_image_size, variant=settings["variant"],
-                                 images=settings["images"], progress=True)
+                                 images=settings["images"],
+                                 describe_train=settings.get("describe_train", 0.0), progress=True)
     # Visible at the default verbosity: the run trains on data it made itself.
     log.warning("generated the %s synthetic benchmark in %s in %.1f s: %s", settings["variant"], directory,
                 summary["seconds"], {s: v["examples"] for s, v in summary["splits"].items()})

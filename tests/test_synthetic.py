@@ -544,6 +544,12 @@ def test_prepare_many_reads_through_the_pipeline_and_refuses_another_variant(tmp
     workdir_lib.prepare_synthetic(c, directory)
   workdir_lib.prepare_synthetic(standard, directory)
   assert records_file.read_bytes() == before  # nothing regenerated
+  described = get_config("test").unlock()
+  described.data.synthetic_describe_train = 0.5
+  with pytest.raises(workdir_lib.SyntheticDataMismatch, match=re.escape(
+      "holds the 'standard' synthetic benchmark, the config asks for the 'standard' with describe_train=0.5 "
+      "one (data.synthetic_variant, data.synthetic_images, data.synthetic_describe_train)")):
+    workdir_lib.prepare_synthetic(described, directory)
 
 
 def test_synthetic_cache_dir_names_the_variant():
@@ -557,6 +563,64 @@ def test_synthetic_cache_dir_names_the_variant():
 
   # The standard benchmark's directory keeps the name it had before variants existed.
   assert name(None) == "synthetic-3468aa33ff50" and name("test") == "synthetic-b48a18a847e0"
+  described = name(None, synthetic_describe_train=0.5)
+  assert described not in (name(None), name(None, synthetic_describe_train=0.25))
   many = name("many")
   assert many not in (name(None), name("many", synthetic_images=(8, 32)))
   assert name("many", synthetic_seed=1) != many
+
+
+def test_describe_records_name_every_object_of_their_images(tmp_path, capsys):
+  """``describe_train``: extra train records that name every object of their images (colour, class,
+  left-to-right number) with its mask, recounted from the COCO file; the other records, the images and
+  the val split keep their bytes."""
+  plain, described = tmp_path / "plain", tmp_path / "described"
+  synthetic.generate(str(plain), seed=3, sizes={"train": 40, "val": 8, "test": 0}, image_size=48)
+  assert cli.call(synthetic, ["--out", str(described), "--seed", "3", "--train", "40", "--val", "8",
+                              "--test", "0", "--image_size", "48", "--describe_train", "0.5"]) == 0
+  printed = capsys.readouterr().out
+  assert _files(str(plain / "synthetic")) == _files(str(described / "synthetic"))  # images, COCO files
+  for name in ("synthetic_val.json",):
+    assert (plain / "Part_Segm" / name).read_bytes() == (described / "Part_Segm" / name).read_bytes()
+  base, _ = _load(str(plain), "train")
+  records, coco = _load(str(described), "train")
+  extra, rest = [], iter(base)
+  pending = next(rest)
+  for rec in records:  # the plain records, in order, with the extras between them
+    if rec == pending:
+      pending = next(rest, None)
+    else:
+      extra.append(rec)
+  assert pending is None and len(records) == len(base) + len(extra)
+  assert 8 <= len(extra) <= 24  # p = 0.5 of the ~27 scenes
+  assert f"train: {len(records)} examples ({len(extra)} of them 'Describe these images.')" in printed
+  colour_of = {tuple(rgb): c for c, rgb in synthetic.COLORS.items()}
+  cats = {c["id"]: c["name"] for c in coco["categories"]}
+  subsets = 0
+  for i, rec in enumerate(extra):
+    check_record(i, rec, coco)
+    n = len(rec["img_ids"])
+    described_images = [int(m.group(1)) for m in re.finditer(r"Image (\d) shows", rec["a"])]
+    if rec["q"] == "Describe these images.":
+      assert described_images == list(range(1, n + 1)), rec
+    else:
+      subsets += 1
+      assert rec["q"] == "Describe " + synthetic._join([f"Image {k}" for k in described_images]) + ".", rec
+    named = []
+    for k in described_images:
+      objects = sorted((a for a in coco["annotations"] if a["image_id"] == rec["img_ids"][k - 1]
+                        and a["obj_ann_id"] == a["id"]),
+                       key=lambda a: (a["bbox"][0] + a["bbox"][2] / 2, a["bbox"][1] + a["bbox"][3] / 2))
+      number: dict[str, int] = {}
+      for a in objects:
+        cls = cats[a["category_id"]]
+        number[cls] = number.get(cls, 0) + 1
+        named.append(f"the {colour_of[tuple(a['color'])]} {cls}_{k}{number[cls]:02d}")
+    assert re.findall(r"the \w+ [a-z_]+_\d{3}", rec["a"]) == named, rec
+    assert len(named) <= synthetic.DESCRIBE_MAX_GROUNDINGS
+  assert subsets >= 1  # scenes of more than 8 objects describe some of their images
+  with pytest.raises(ValueError, match="describe must be a probability"):
+    synthetic.make_split(0, "train", 4, describe=1.5)
+  assert cli.call(synthetic, ["--out", str(tmp_path / "x"), "--describe_train", "2"]) == 2
+  assert capsys.readouterr().err == ("error: --describe_train=2.0: expected a probability in [0, 1], "
+                                     "standard variant only\n")

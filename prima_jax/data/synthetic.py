@@ -169,6 +169,9 @@ TEXT: dict[str, tuple[str, ...]] = {
   "o_diff_a": ("{ref_a} shows {objs}; {ref_b} has no {displays}.",),
   "o_desc_q": ("Describe {ref}.", "What is in {ref}?"),
   "o_desc_a": ("{ref} shows {items}.", "{article} {color} {obj} at the {vert} {horiz}", " with its {part}"),
+  # The train split's optional extra records (``describe_train``): the objects of several images at once.
+  "o_images_q": ("Describe these images.", "Describe {refs}."),
+  "o_images_a": ("{ref} shows {objs}",),
   "o_parts_q": ("Which objects in these images have a {part}?",),
   "o_parts_a": ("the {obj} in {ref} has a {part}",),
   # The many-image variant (its answers also use n_total_a and s_side_a).
@@ -764,6 +767,24 @@ def _t_o_desc(scene: Scene, rng, ans: _Answer) -> Result:
   return q, TEXT["o_desc_a"][0].format(ref=_ref(k), items=_join(items)), frozenset({k})
 
 
+def _t_o_images(scene: Scene, rng, ans: _Answer) -> Result:
+  """Every object (colour and name) of the scene's images, or of a random subset of them in order when
+  they show more than ``DESCRIBE_MAX_GROUNDINGS`` objects together."""
+  chosen, total = [], 0
+  for k in rng.permutation(len(scene)):
+    n = len(scene[int(k)].instances)
+    if total + n <= DESCRIBE_MAX_GROUNDINGS:
+      chosen.append(int(k))
+      total += n
+  chosen.sort()
+  if len(chosen) == len(scene):
+    q = TEXT["o_images_q"][0]
+  else:
+    q = TEXT["o_images_q"][1].format(refs=_join([_ref(k) for k in chosen]))
+  groups = [TEXT["o_images_a"][0].format(ref=_ref(k), objs=_objs(ans, k, scene[k].instances)) for k in chosen]
+  return q, _cap("; ".join(groups)) + ".", frozenset(chosen)
+
+
 def _t_o_parts(scene: Scene, rng, ans: _Answer) -> Result:
   present = sorted({p.name for img in scene for i in img.instances for p in i.parts})
   if not present:
@@ -795,6 +816,12 @@ TEMPLATES: dict[str, tuple[str, Callable[..., Result], bool]] = {
   "open-ended/parts": ("open-ended", _t_o_parts, True),
 }
 P_MULTI = 0.7  # probability of trying a multi-image template first
+# Not asked by :func:`_ask`: the train split's extra "Describe these images." records (``describe_train``),
+# which teach a model to read every image's objects (colour, class, left-to-right number) by image.
+DESCRIBE_TEMPLATE = "open-ended/describe_images"
+DESCRIBE_TEMPLATES = {DESCRIBE_TEMPLATE: ("open-ended", _t_o_images, True)}
+DESCRIBE_MAX_GROUNDINGS = 8   # objects named per extra record (the demo's model.prima.max_masks)
+DESCRIBE_STREAM = 1           # its random stream's key: the other records keep their bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1140,24 +1167,32 @@ def _records_of(scene: Scene, asked: list[tuple[str, Result, _Answer]], rng: np.
 
 
 def iter_split(seed: int, split: str, n_examples: int, image_size: int = 96, *, variant: str = "standard",
-               images: Sequence[int] | None = None):
-  """Yields ``(scene images, annotations, records, metas)`` scene by scene; ``n_examples`` records in all.
+               images: Sequence[int] | None = None, describe: float = 0.0):
+  """Yields ``(scene images, annotations, records, metas)`` scene by scene; ``n_examples`` records in all
+  (plus the ``describe`` extras).
 
-  Deterministic for ``(seed, split, n_examples, image_size, variant, images)``; a scene carries 1-2
-  questions. Image and annotation ids of a split start at ``SPLITS.index(split) * ID_STRIDE + 1``.
+  Deterministic for ``(seed, split, n_examples, image_size, variant, images, describe)``; a scene carries
+  1-2 questions. Image and annotation ids of a split start at ``SPLITS.index(split) * ID_STRIDE + 1``.
   ``variant="many"`` draws scenes of ``images`` = (min, max) sparse images (default ``MANY_IMAGES``) with
   the questions of ``MANY_TEMPLATES``; the standard variant's output does not depend on this option.
+  ``describe``: the probability that a (standard) scene also gets a "Describe these images." record
+  (:data:`DESCRIBE_TEMPLATE`), drawn from its own stream: the other records, images and annotations are
+  the same with or without.
   """
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   if n_examples < 0:
     raise ValueError(f"n_examples must be >= 0, got {n_examples}")
+  if not 0.0 <= describe <= 1.0 or (describe and variant != "standard"):
+    raise ValueError(f"describe must be a probability in [0, 1] (standard variant only), got {describe} "
+                     f"({variant})")
   lo, hi = check_variant(variant, images)
   s = SPLITS.index(split)
   entropy = [int(seed), s, int(image_size)]
   if variant == "many":  # its own stream; the standard one's seeding is what its bytes depend on
     entropy += [VARIANTS.index(variant), lo, hi]
   rng = np.random.default_rng(np.random.SeedSequence(entropy))
+  describe_rng = np.random.default_rng(np.random.SeedSequence(entropy + [DESCRIBE_STREAM]))
   cat_ids = {c["name"]: c["id"] for c in _categories()}
   next_image = s * ID_STRIDE + 1
   next_ann = s * ID_STRIDE + 1
@@ -1199,6 +1234,12 @@ def iter_split(seed: int, split: str, n_examples: int, image_size: int = 96, *, 
       records += recs
       metas += ms
       done += 1
+    if describe and describe_rng.random() < describe:
+      ans = _Answer()
+      result = _t_o_images(scene, describe_rng, ans)
+      recs, ms = _records_of(scene, [(DESCRIBE_TEMPLATE, result, ans)], describe_rng, DESCRIBE_TEMPLATES)
+      records += recs
+      metas += ms
     yield scene, annotations, records, metas
 
 
@@ -1216,12 +1257,12 @@ def _image_entry(img: SceneImage) -> dict:
 
 
 def make_split(seed: int, split: str, n_examples: int, image_size: int = 96, *, variant: str = "standard",
-               images: Sequence[int] | None = None) -> SplitData:
+               images: Sequence[int] | None = None, describe: float = 0.0) -> SplitData:
   """Generates one split in memory (holds every image: keep it small); same content as :func:`generate`."""
   image_range = check_variant(variant, images)
   records, metas, scene_images, annotations = [], [], [], []
   for scene, anns, recs, ms in iter_split(seed, split, n_examples, image_size, variant=variant,
-                                          images=images):
+                                          images=images, describe=describe):
     scene_images += scene
     annotations += anns
     records += recs
@@ -1249,6 +1290,7 @@ def split_summary(records: list[dict], metas: list[QuestionMeta]) -> dict:
     "repeated_mentions": sum(m.repeated_mentions > 0 for m in metas),
     "part_groundings": sum("obj_ann_id" in g for r in records for gs in r["groundings"].values() for g in gs),
     "categories": {c: sum(m.category == c for m in metas) for c in CATEGORIES},
+    "describe_records": sum(m.template == DESCRIBE_TEMPLATE for m in metas),
     "encodings": dict(sorted(encodings.items())),
   }
 
@@ -1266,7 +1308,7 @@ def _png(pixels: np.ndarray) -> bytes:
 
 def generate(out_dir: str | os.PathLike, seed: int = 0, sizes: Mapping[str, int] | None = None,
              image_size: int = 96, *, variant: str = "standard", images: Sequence[int] | None = None,
-             progress: bool = False) -> dict:
+             describe_train: float = 0.0, progress: bool = False) -> dict:
   """Writes the benchmark under ``out_dir`` (layout in the module docstring); returns a summary dict.
 
   Args:
@@ -1278,13 +1320,15 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, sizes: Mapping[str, int]
     image_size: nominal image side in pixels; each image's height and width vary in [0.8, 1.2] of it.
     variant: ``"standard"`` (2-5 images per question) or ``"many"`` (module docstring).
     images: the many variant's (min, max) images per question, within 2..99; default ``MANY_IMAGES``.
+    describe_train: the probability that a train scene also gets a "Describe these images." record
+      (:func:`iter_split`'s ``describe``; standard variant); the other splits never do.
     progress: show a bar (or a periodic line off a terminal) over the examples.
 
   Returns:
     ``{"out_dir", "seed", "image_size", "variant", "images" (min, max), "seconds", "examples_per_second",
     "splits": {split: {"examples",
-    "images", "annotations", "multi_image", "repeated_mentions", "part_groundings", "categories", "encodings",
-    "records_file", "annotation_file"}}}``.
+    "images", "annotations", "multi_image", "repeated_mentions", "part_groundings", "categories",
+    "describe_records", "encodings", "records_file", "annotation_file"}}}``.
   """
   image_range = check_variant(variant, images)
   default = MANY_DEFAULT_SIZES if variant == "many" else DEFAULT_SIZES
@@ -1311,7 +1355,8 @@ def generate(out_dir: str | os.PathLike, seed: int = 0, sizes: Mapping[str, int]
       continue
     entries, annotations, records, metas = [], [], [], []
     for scene, anns, recs, ms in iter_split(seed, split, int(sizes[split]), image_size, variant=variant,
-                                            images=images):
+                                            images=images,
+                                            describe=describe_train if split == "train" else 0.0):
       for img in scene:
         (image_dir / f"{img.image_id}.png").write_bytes(_png(img.pixels))
         entries.append(_image_entry(img))
@@ -1385,6 +1430,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     flag_values=fv)
   flags.DEFINE_string("images", f"{MANY_IMAGES[0]},{MANY_IMAGES[1]}",
                       "MIN,MAX images per question of the many variant (2..99).", flag_values=fv)
+  flags.DEFINE_float("describe_train", 0.0, "Probability that a train scene also gets a 'Describe these "
+                     "images.' record (standard variant).", flag_values=fv)
 
 
 def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
@@ -1414,14 +1461,18 @@ def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int:
       return error(f"--images={args.images}: expected MIN,MAX with 2 <= MIN <= MAX <= 99")
   elif fv["images"].present:
     return error("--images applies to --variant=many only")
+  if not 0.0 <= args.describe_train <= 1.0 or (args.describe_train and many):
+    return error(f"--describe_train={args.describe_train}: expected a probability in [0, 1], standard "
+                 "variant only")
   try:
     out = paths.resolve(args.out, what="--out")
   except paths.PathError as e:
     return error(str(e))
   summary = generate(out, args.seed, sizes, args.image_size, variant=args.variant, images=images,
-                     progress=True)
+                     describe_train=args.describe_train, progress=True)
   for split, s in summary["splits"].items():
-    print(f"{split}: {s['examples']} examples ({s['multi_image']} multi-image), {s['images']} images, "
+    extra = f" ({s['describe_records']} of them 'Describe these images.')" if s["describe_records"] else ""
+    print(f"{split}: {s['examples']} examples{extra} ({s['multi_image']} multi-image), {s['images']} images, "
           f"{s['annotations']} annotations, categories {s['categories']}, encodings {s['encodings']}")
   print(f"wrote {args.out} in {summary['seconds']:.2f} s ({summary['examples_per_second']} examples/s)")
   return 0

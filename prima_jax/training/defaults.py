@@ -64,6 +64,9 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       # another variant or range is refused.
       synthetic_variant="standard",
       synthetic_images=(8, 64),
+      # The probability that a train scene also gets a "Describe these images." record (every object of
+      # its images by colour and name, grounded; the val and test splits never do). Standard variant only.
+      synthetic_describe_train=0.0,
   ))
 
   # (data, fsdp, tensor); one size may be -1 = the remaining devices.
