@@ -173,7 +173,7 @@ def run(*, config=None, checkpoint: str | None = None, split: str | None = None,
     raise FileNotFoundError("no dataset to evaluate on: pass --data_dir, set data.data_dir, or pass a "
                             "--checkpoint workdir")
   if opened.config.data.kind == "synthetic":  # generated where missing, as training does (deterministic)
-    workdir_lib.prepare_synthetic(opened.config, directory)
+    workdir_lib.prepare_synthetic(opened.config, directory, training=False)
   split = split or opened.config.data.eval_split
   source = workdir_lib.open_split(directory, split)
   sim = make_similarity(similarity)

@@ -396,14 +396,15 @@ def _describe(variant: Mapping[str, Any]) -> str:
           + (f" with describe_train={describe:g}" if describe else ""))
 
 
-def prepare_synthetic(config, directory: str | os.PathLike) -> None:
+def prepare_synthetic(config, directory: str | os.PathLike, *, training: bool = True) -> None:
   """Generates the synthetic benchmark, its TFDS ArrayRecord build and tokenisers into ``directory``
   unless ``directory/PREPARED`` exists (process 0 writes; the others wait). PREPARED records the
   generator's settings (:func:`synthetic_settings`).
 
   Raises:
     SyntheticDataMismatch: ``directory`` holds the benchmark of another ``data.synthetic_variant`` or
-      ``data.synthetic_images`` (changed seeds and sizes are not checked: the prepared data is used).
+      ``data.synthetic_images``, or (``training``) ``data.synthetic_describe_train``, which changes the
+      train split only (changed seeds and sizes are not checked: the prepared data is used).
     ConfigError: an unknown variant or a bad image range.
   """
   from jax.experimental import multihost_utils  # noqa: PLC0415
@@ -426,6 +427,8 @@ def prepare_synthetic(config, directory: str | os.PathLike) -> None:
     prepared = _prepared_variant(marker)
     wanted = {"variant": settings["variant"], "images": settings["images"],
               "describe_train": settings.get("describe_train", 0.0)}
+    if not training:  # evaluation reads the val / test splits, the same with or without
+      prepared["describe_train"] = wanted["describe_train"]
     if prepared != wanted:
       raise SyntheticDataMismatch(
           f"{directory} holds the {_describe(prepared)} synthetic benchmark, the config asks for the "

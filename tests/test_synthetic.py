@@ -550,6 +550,7 @@ def test_prepare_many_reads_through_the_pipeline_and_refuses_another_variant(tmp
       "holds the 'standard' synthetic benchmark, the config asks for the 'standard' with describe_train=0.5 "
       "one (data.synthetic_variant, data.synthetic_images, data.synthetic_describe_train)")):
     workdir_lib.prepare_synthetic(described, directory)
+  workdir_lib.prepare_synthetic(described, directory, training=False)  # its val split is the same
 
 
 def test_synthetic_cache_dir_names_the_variant():
