@@ -202,6 +202,57 @@ def _demo_test_config(data_dir):
   return c
 
 
+def test_the_probe_s_steps_are_adam_on_the_masked_bce(bench):
+  """run_probe's loop (nnx.jit over the probe and its nnx.Optimizer, the image side handed back) against a
+  plain one: optax.adam on the pure parameters of the same freshly built probe, the loss taken through
+  nnx.merge, the same rows drawn from the same seed."""
+  import optax  # noqa: PLC0415
+  c = _demo_test_config(bench)
+  steps, batch_size, lr, seed = 4, 3, 3e-3, 5
+  summary, trained = image_pretraining.run_probe(c.model, epath.Path(bench), steps=steps,
+                                                 batch_size=batch_size, learning_rate=lr, evals=2, seed=seed,
+                                                 report=lambda line: None)
+  train = image_pretraining.load_split(epath.Path(bench), "train", c.model.vision.image_size,
+                                       c.model.prima.max_images)
+  fresh = image_pretraining.Probe(c.model, image_pretraining.THROUGH[0], seed=seed)
+  graphdef, params, rest = nnx.split(fresh, nnx.Param, ...)
+  tx = optax.adam(lr)
+  opt_state = tx.init(params)
+
+  def loss_fn(params, images, targets, valid, question_ids, question_mask):
+    return image_pretraining.masked_bce(nnx.merge(graphdef, params, rest)(
+        images, valid, question_ids, question_mask), targets, valid)
+
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+  rng, losses = np.random.default_rng(seed), []
+  for _ in range(steps):
+    rows = rng.integers(0, len(train.labels), batch_size)
+    loss, grads = grad_fn(params, *(x[rows] for x in (train.eva_images, train.labels, train.image_valid,
+                                                      train.question_ids, train.question_mask)))
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    losses.append(float(loss))
+  # Each report's loss is the mean over the steps since the previous one.
+  np.testing.assert_allclose([e["loss"] for e in summary["evals"]],
+                             [np.mean(losses[:2]), np.mean(losses[2:])], rtol=1e-5)
+  expected = image_pretraining.flatten(params.to_pure_dict())
+  init = image_pretraining.flatten(nnx.state(image_pretraining.Probe(
+      c.model, image_pretraining.THROUGH[0], seed=seed), nnx.Param).to_pure_dict())
+  assert set(trained) == {p.removeprefix("prima/") for p in expected
+                          if p.startswith("prima/") and p.split("/")[1] in image_pretraining.IMAGE_SIDE}
+  # An attention key bias shifts every logit of a query alike, so softmax makes its gradient zero: what is
+  # left is rounding noise, which Adam scales to full-size steps. Every other parameter is compared; 1e-5
+  # is ~1/300 of one step (lr 3e-3), a write-back or step skipped moves parameters by whole steps.
+  compared = [p for p in trained if not p.endswith(("key/bias", "k_proj/bias"))]
+  assert len(compared) > 0.9 * len(trained)
+  for path in compared:
+    np.testing.assert_allclose(np.asarray(trained[path]), np.asarray(expected["prima/" + path]), rtol=0,
+                               atol=1e-5, err_msg=path)
+  moved = {p.split("/")[0] for p in trained if not np.array_equal(np.asarray(init["prima/" + p]),
+                                                                  np.asarray(trained[p]))}
+  assert moved == set(image_pretraining.IMAGE_SIDE)
+
+
 def test_a_fresh_run_starts_from_the_pretrained_image_side_and_a_resumed_one_keeps_it(tmp_path, monkeypatch):
   c = _demo_test_config(tmp_path / "data")
   assert c.train.trainable == ("llm/", "seg_head/", "sam/")  # the demo freezes the pretrained image side
