@@ -41,3 +41,21 @@ def test_m4seg_config_file():
   assert module.get_config("tiny").model.llm.hidden_size == tiny_config().llm.hidden_size
   with pytest.raises(ValueError, match="unknown variant"):
     module.get_config("huge")
+
+
+def _flat(cfg, prefix=""):
+  out = {}
+  for k, v in cfg.items():
+    out.update(_flat(v, prefix + k + ".") if hasattr(v, "items") else {prefix + k: v})
+  return out
+
+
+def test_the_demo_s_long_variant_only_trains_longer():
+  module = _load("demo")
+  base, long = _flat(module.get_config()), _flat(module.get_config("long"))
+  changed = {k for k in base if base[k] != long[k]}
+  assert changed == {"train.num_steps", "eval.every", "checkpoint.every"}
+  assert (long["train.num_steps"], long["eval.every"], long["checkpoint.every"]) == (3600, 1200, 1200)
+  assert _flat(module.get_config("long,square=False"))["model.square.enabled"] is False
+  with pytest.raises(ValueError, match="many variant has its own steps"):
+    module.get_config("long,many")

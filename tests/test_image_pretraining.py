@@ -216,6 +216,7 @@ def test_the_probe_s_steps_are_adam_on_the_masked_bce(bench):
                                        c.model.prima.max_images)
   fresh = image_pretraining.Probe(c.model, image_pretraining.THROUGH[0], seed=seed)
   graphdef, params, rest = nnx.split(fresh, nnx.Param, ...)
+  init = image_pretraining.flatten(params.to_pure_dict())  # jax arrays: the loop below makes new ones
   tx = optax.adam(lr)
   opt_state = tx.init(params)
 
@@ -236,8 +237,6 @@ def test_the_probe_s_steps_are_adam_on_the_masked_bce(bench):
   np.testing.assert_allclose([e["loss"] for e in summary["evals"]],
                              [np.mean(losses[:2]), np.mean(losses[2:])], rtol=1e-5)
   expected = image_pretraining.flatten(params.to_pure_dict())
-  init = image_pretraining.flatten(nnx.state(image_pretraining.Probe(
-      c.model, image_pretraining.THROUGH[0], seed=seed), nnx.Param).to_pure_dict())
   assert set(trained) == {p.removeprefix("prima/") for p in expected
                           if p.startswith("prima/") and p.split("/")[1] in image_pretraining.IMAGE_SIDE}
   # An attention key bias shifts every logit of a query alike, so softmax makes its gradient zero: what is
