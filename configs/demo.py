@@ -9,8 +9,7 @@ generation, image pretraining and compilation, at a teacher-forced val mIoU of a
 ``long`` (twice the steps, 14-19 minutes: the generated answers name and mask the right objects far
 more often, docs/demo.md), ``test`` (a few steps on a handful of examples, for CI), ``many`` (the
 many-image benchmark: 8-64 images per question, docs/demo.md; its image side trains with the rest,
-unpretrained). Any field can be
-overridden: ``--config.train.num_steps=100``.
+unpretrained). Any field can be overridden: ``--config.train.num_steps=100``.
 """
 
 import ml_collections
