@@ -34,9 +34,10 @@ setup(
         "demo": ["gradio>=6.31.0"],
         # tensorboard: its EventAccumulator reads the training event files back in the tests;
         # segment-anything: the original SAM modelling code, the reference for the SAM key layout;
-        # gradio + playwright: the web demo driven in a headless Chromium (Debian's, not downloaded).
-        "test": ["pytest>=9.0", "ruff>=0.14", "tensorboard>=2.21.0", "segment-anything>=1.0",
-                 "gradio>=6.31.0", "playwright>=1.65.3"],
+        # gradio + playwright: the web demo driven in a headless Chromium (Debian's, not downloaded);
+        # pytest-xdist: the suite runs on two worker processes (pyproject.toml).
+        "test": ["pytest>=9.0", "pytest-xdist>=3.8", "ruff>=0.14", "tensorboard>=2.21.0",
+                 "segment-anything>=1.0", "gradio>=6.31.0", "playwright>=1.65.3"],
         # Object-store workdirs and data: gs:// (epath's fsspec client, and Orbax's bucket queries).
         "gcs": ["gcsfs", "google-cloud-storage"],
         "s3": ["s3fs"],

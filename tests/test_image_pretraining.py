@@ -26,6 +26,8 @@ from prima_jax.training import image_pretraining
 from prima_jax.training import loop as loop_lib
 from prima_jax.training.validate import ConfigError, check_image_pretraining
 
+from parity_utils import test_seed
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -205,15 +207,23 @@ def _demo_test_config(data_dir):
 def test_the_probe_s_steps_are_adam_on_the_masked_bce(bench):
   """run_probe's loop (nnx.jit over the probe and its nnx.Optimizer, the image side handed back) against a
   plain one: optax.adam on the pure parameters of the same freshly built probe, the loss taken through
-  nnx.merge, the same rows drawn from the same seed."""
+  nnx.merge, the same rows drawn from the same seed (draw_rows: checked on its own below)."""
   import optax  # noqa: PLC0415
   c = _demo_test_config(bench)
-  steps, batch_size, lr, seed = 4, 3, 3e-3, 5
+  steps, batch_size, lr = 4, 3, 3e-3
+  train = image_pretraining.load_split(epath.Path(bench), "train", c.model.vision.image_size,
+                                       c.model.prima.max_images)
+  counts = train.image_valid.sum(1)
+
+  def image_counts_drawn(seed):
+    rng = np.random.default_rng(seed)
+    return {image_pretraining.draw_rows(rng, counts, batch_size)[1] for _ in range(steps)}
+
+  # A seed whose steps all draw one image count: each loop compiles its step once.
+  seed = next(s for s in range(1000) if len(image_counts_drawn(s)) == 1)
   summary, trained = image_pretraining.run_probe(c.model, epath.Path(bench), steps=steps,
                                                  batch_size=batch_size, learning_rate=lr, evals=2, seed=seed,
                                                  report=lambda line: None)
-  train = image_pretraining.load_split(epath.Path(bench), "train", c.model.vision.image_size,
-                                       c.model.prima.max_images)
   fresh = image_pretraining.Probe(c.model, image_pretraining.THROUGH[0], seed=seed)
   graphdef, params, rest = nnx.split(fresh, nnx.Param, ...)
   init = image_pretraining.flatten(params.to_pure_dict())  # jax arrays: the loop below makes new ones
@@ -227,9 +237,9 @@ def test_the_probe_s_steps_are_adam_on_the_masked_bce(bench):
   grad_fn = jax.jit(jax.value_and_grad(loss_fn))
   rng, losses = np.random.default_rng(seed), []
   for _ in range(steps):
-    rows = rng.integers(0, len(train.labels), batch_size)
-    loss, grads = grad_fn(params, *(x[rows] for x in (train.eva_images, train.labels, train.image_valid,
-                                                      train.question_ids, train.question_mask)))
+    rows, k = image_pretraining.draw_rows(rng, train.image_valid.sum(1), batch_size)
+    loss, grads = grad_fn(params, train.eva_images[rows, :k], train.labels[rows, :k],
+                          train.image_valid[rows, :k], train.question_ids[rows], train.question_mask[rows])
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     losses.append(float(loss))
@@ -250,6 +260,25 @@ def test_the_probe_s_steps_are_adam_on_the_masked_bce(bench):
   moved = {p.split("/")[0] for p in trained if not np.array_equal(np.asarray(init["prima/" + p]),
                                                                   np.asarray(trained[p]))}
   assert moved == set(image_pretraining.IMAGE_SIDE)
+
+
+def test_draw_rows_gives_each_record_its_uniform_share_in_batches_of_one_image_count():
+  """Every batch holds records of one image count k, cut to k slots; over many draws each record is
+  drawn as often as uniform draws from all records would (the counts' spread is the binomial's)."""
+  counts = np.array([2] * 50 + [3] * 30 + [4] * 15 + [5] * 5)
+  rng = np.random.default_rng(test_seed())
+  draws, batch_size, seen = 20000, 8, np.zeros(len(counts))
+  ks = []
+  for _ in range(draws):
+    rows, k = image_pretraining.draw_rows(rng, counts, batch_size)
+    assert rows.shape == (batch_size,) and (counts[rows] == k).all()
+    np.add.at(seen, rows, 1)
+    ks.append(k)
+  expected = draws * batch_size / len(counts)          # 1600 per record
+  assert np.abs(seen - expected).max() < 5 * np.sqrt(expected)
+  # k is drawn in proportion to the records showing it (not 1 in 4 each).
+  shares = np.bincount(ks, minlength=6)[2:] / draws
+  np.testing.assert_allclose(shares, [0.5, 0.3, 0.15, 0.05], atol=0.02)
 
 
 def test_a_fresh_run_starts_from_the_pretrained_image_side_and_a_resumed_one_keeps_it(tmp_path, monkeypatch):

@@ -72,6 +72,29 @@ def test_conversation_text():
                     "(IMAGE1) provides an overview of the picture.\nQ? ASSISTANT: ")
   assert answer == "A [SEG] (IMAGE1).</s>"
   assert pr.conversation("Q?", None, 2) == (prompt.replace(pr.image_intro(1), pr.image_intro(2))[:-1], "")
+  # Without a system message (model.prima.system_prompt=""): the same turn from "USER:" on.
+  assert pr.conversation("Q?", "A [SEG] (IMAGE1).", 1, system="") == (prompt[prompt.index("USER:"):], answer)
+
+
+def test_the_system_message_is_the_model_config_s_in_training_and_inference(toks):
+  """The pipeline and the inference engine build the prompt from model.prima.system_prompt; a config
+  recorded before the field has the Vicuna v1 message."""
+  cfg = configs.tiny_config()
+  assert pr.system_prompt(cfg) == pr.SYSTEM
+  del cfg.prima["system_prompt"]
+  assert pr.system_prompt(cfg) == pr.SYSTEM
+  cfg = configs.tiny_config()
+  cfg.prima.system_prompt = ""
+  llm, _ = toks
+  full = _encode(toks, "Which object?", "A [SEG] (IMAGE1).", 1)
+  short = pr.encode_example(*toks, "Which object?", "A [SEG] (IMAGE1).", 1, num_query_tokens=NQ,
+                            image_token_id=SLOT, max_length=512, max_question_length=128,
+                            system=pr.system_prompt(cfg))
+  cut = len(full["input_ids"]) - len(short["input_ids"])
+  assert cut == len(llm.encode(pr.SYSTEM))     # the message's pieces, nothing else
+  assert short["input_ids"].tolist() == [llm.bos_id] + full["input_ids"][1 + cut:].tolist()
+  assert llm.decode(short["input_ids"][1:3]) == "USER:"
+  assert (short["seg_positions"] == full["seg_positions"] - cut).all()
 
 
 def _golden_entry(toks, name):

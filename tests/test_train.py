@@ -43,7 +43,7 @@ from prima_jax.training.validate import (
   check_schedule,
 )
 
-from parity_utils import KEY_BIAS
+from parity_utils import KEY_BIAS, test_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -669,4 +669,37 @@ def test_length_buckets_cut_only_padding():
   c = load_config("demo")
   c.data.length_buckets = (64, 1000)
   with pytest.raises(ConfigError, match=r"data.length_buckets=\(64, 1000\).*got \[1000\]"):
+    check_schedule(c)
+
+
+def test_mask_buckets_cut_only_padding_slots_and_keep_the_loss():
+  """A batch cut to its mask bucket has the same real [SEG] slots and, through the model, the same loss
+  as at prima.max_masks slots; a bucket that would drop a real mask is refused."""
+  from prima_jax.models.batch import collate, random_example  # noqa: PLC0415
+  from prima_jax.models.configs import tiny_config  # noqa: PLC0415
+  from prima_jax.models.losses import prima_loss  # noqa: PLC0415
+
+  cfg = tiny_config()
+  rng = np.random.default_rng(test_seed())
+  examples = [random_example(cfg, rng, num_images=k, num_masks=m) for k, m in ((2, 1), (3, 3), (1, 2))]
+  batch = collate(examples, cfg, num_images=cfg.prima.max_images, max_masks=8)
+  assert data_lib.bucket_masks(batch, (2, 4, 6), 8) == 4
+  assert data_lib.bucket_masks(batch, (2,), 8) == 8                  # max_masks is always a bucket
+  cut = data_lib.fit_to_masks(batch, 4)
+  for key in data_lib.MASK_KEYS:
+    assert cut[key].shape[:2] == (3, 4) and cut[key].shape[2:] == batch[key].shape[2:], key
+  assert cut["seg_valid"].sum() == batch["seg_valid"].sum() == 6
+  assert cut["gt_masks"].sum() == batch["gt_masks"].sum()
+  assert cut["input_ids"] is batch["input_ids"] and cut["sam_images"] is batch["sam_images"]
+  with pytest.raises(ValueError, match="would drop real masks"):
+    data_lib.fit_to_masks(batch, 2)
+  model = Prima(cfg, rngs=nnx.Rngs(0))
+  loss = nnx.jit(lambda m, b: prima_loss(m(b), b, cfg.loss)[1])
+  full, short = loss(model, batch), loss(model, cut)
+  assert float(full["num_masks"]) == float(short["num_masks"]) == 6
+  for part in ("loss", "ce", "bce", "dice"):
+    np.testing.assert_allclose(float(short[part]), float(full[part]), rtol=1e-6, err_msg=part)
+  c = load_config("demo")
+  c.data.mask_buckets = (4, 9)
+  with pytest.raises(ConfigError, match=r"data.mask_buckets=\(4, 9\).*max_masks=8\], got \[9\]"):
     check_schedule(c)

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prima_jax.data import preprocess
 from prima_jax.data.example import GroundedExample
-from prima_jax.data.prompt import PromptTooLong, encode_example
+from prima_jax.data.prompt import PromptTooLong, encode_example, system_prompt
 from prima_jax.models.batch import IGNORE_LABEL, collate
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def prepare_example(ex: GroundedExample, *, cfg, tokenizers: tuple[Any, Any], tr
     enc = encode_example(llm_tok, qformer_tok, ex.question, ex.answer, n,
                          num_query_tokens=cfg.qformer.num_query_tokens,
                          image_token_id=cfg.prima.image_token_id, max_length=max_length,
-                         max_question_length=max_question_length)
+                         max_question_length=max_question_length, system=system_prompt(cfg))
   except PromptTooLong as e:
     raise DropExample("prompt_too_long", f"{where}: {e}") from e
   except ValueError as e:

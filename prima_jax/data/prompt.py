@@ -16,9 +16,9 @@ import numpy as np
 
 from prima_jax.data.tokenizer import Tokenizer
 from prima_jax.models.batch import IGNORE_LABEL
+from prima_jax.models.configs import VICUNA_V1_SYSTEM
 
-SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+SYSTEM = VICUNA_V1_SYSTEM   # the default of model.prima.system_prompt
 ROLES = ("USER", "ASSISTANT")
 SEP, SEP2 = " ", "</s>"
 IMAGE_TOKEN = "<image>"
@@ -55,14 +55,23 @@ def image_intro(num_images: int) -> str:
   return f"The {listed} provide an overview of the pictures.\n"
 
 
-def conversation(question: str, answer: str | None, num_images: int) -> tuple[str, str]:
+def system_prompt(model_cfg) -> str:
+  """The model config's ``prima.system_prompt``; the Vicuna v1 message for a config recorded before
+  the field existed (the prompt such a run was trained with)."""
+  return str(model_cfg.prima.get("system_prompt", SYSTEM))
+
+
+def conversation(question: str, answer: str | None, num_images: int, system: str = SYSTEM
+                 ) -> tuple[str, str]:
   """(prompt_text, answer_text) of a one-turn Vicuna v1 conversation; their concatenation is the text.
 
-  ``prompt_text`` = system + ``" USER: "`` + intro + question + ``" ASSISTANT: "``; ``answer_text``
-  = answer + ``"</s>"``. With ``answer=None`` (generation), the prompt ends ``" ASSISTANT:"`` and the
-  answer text is empty, as LLaVA's ``get_prompt`` writes an empty last message.
+  ``prompt_text`` = system + ``" USER: "`` + intro + question + ``" ASSISTANT: "`` (an empty
+  ``system``: from ``"USER: "`` on); ``answer_text`` = answer + ``"</s>"``. With ``answer=None``
+  (generation), the prompt ends ``" ASSISTANT:"`` and the answer text is empty, as LLaVA's
+  ``get_prompt`` writes an empty last message.
   """
-  user = f"{SYSTEM}{SEP}{ROLES[0]}: {image_intro(num_images)}{question}{SEP}{ROLES[1]}:"
+  head = f"{system}{SEP}" if system else ""
+  user = f"{head}{ROLES[0]}: {image_intro(num_images)}{question}{SEP}{ROLES[1]}:"
   if answer is None:
     return user, ""
   return user + " ", answer + SEP2
@@ -120,7 +129,7 @@ def encode_question(qformer_tok: Tokenizer, question: str, max_question_length: 
 
 def encode_example(llm_tok: Tokenizer, qformer_tok: Tokenizer, question: str, answer: str | None,
                    num_images: int, *, num_query_tokens: int, image_token_id: int, max_length: int,
-                   max_question_length: int) -> dict[str, np.ndarray]:
+                   max_question_length: int, system: str = SYSTEM) -> dict[str, np.ndarray]:
   """One example's text in the unbatched format of ``prima_jax.models.batch.collate``.
 
   Args:
@@ -132,6 +141,7 @@ def encode_example(llm_tok: Tokenizer, qformer_tok: Tokenizer, question: str, an
     image_token_id: id held by image slots (cfg.prima.image_token_id).
     max_length: token budget of ``input_ids`` (image slots included).
     max_question_length: Q-Former text budget (cfg.qformer.max_text_length).
+    system: the system message (:func:`system_prompt` of the model config).
 
   Returns:
     int32 arrays: ``input_ids`` [l] (BOS + prompt + answer + EOS), ``labels`` [l] (answer + EOS,
@@ -148,7 +158,7 @@ def encode_example(llm_tok: Tokenizer, qformer_tok: Tokenizer, question: str, an
   if SEG_TOKEN in question:
     raise PromptError(f"question contains {SEG_TOKEN!r}; only the answer may hold [SEG] tokens")
   route = seg_routing(answer, num_images) if answer is not None else []
-  prompt_text, answer_text = conversation(question, answer, num_images)
+  prompt_text, answer_text = conversation(question, answer, num_images, system)
   prompt = [llm_tok.bos_id] + encode_prompt(llm_tok, prompt_text.rstrip(), num_query_tokens=num_query_tokens,
                                             image_token_id=image_token_id)
   if answer is None:

@@ -41,7 +41,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prima_jax.data import preprocess
-from prima_jax.data.prompt import PromptError, PromptTooLong, encode_example
+from prima_jax.data.prompt import PromptError, PromptTooLong, encode_example, system_prompt
 from prima_jax.inference.generate import SamplingConfig, generate
 from prima_jax.inference.grounding import (
   ParsedAnswer,
@@ -227,7 +227,7 @@ class Predictor:
       except ValueError as e:
         raise InputError(f"image {k + 1}: {e}") from e
     common = dict(num_query_tokens=cfg.qformer.num_query_tokens, image_token_id=cfg.prima.image_token_id,
-                  max_question_length=self.max_question_length)
+                  max_question_length=self.max_question_length, system=system_prompt(cfg))
     try:
       prompt = encode_example(self.llm_tok, self.qformer_tok, question.strip(), None, n,
                               max_length=max(self.prompt_buckets), **common)

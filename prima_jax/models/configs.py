@@ -13,6 +13,10 @@ import ml_collections
 # ``prima.first_added_id`` (32000 for Vicuna's 32000 base pieces; the ids are [I]).
 ADDED_TOKENS: tuple[str, ...] = ("<im_start>", "<im_end>", "<bbox>", "<point>", "[SEG]", "<p>", "</p>")
 VICUNA_FIRST_ADDED_ID = 32000
+# The system message of the Vicuna v1 conversation template PRIMA's prompt starts with
+# (prima_jax.data.prompt).
+VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
 
 def added_token_ids(prima_cfg) -> dict[str, int]:
@@ -90,6 +94,9 @@ def full_config() -> ml_collections.ConfigDict:
       # GLaMM/LISA read the hidden state of the token *before* [SEG] (the one predicting it).
       seg_hidden_from="previous",   # "previous" | "self"
       seg_head_hidden=4096,   # text_hidden_fcs: Linear(D, D) -> ReLU -> Linear(D, 256)
+      # The prompt's system message, read by the training data and by inference alike ("": the prompt
+      # starts at "USER:"). A config recorded before this field had the Vicuna v1 one.
+      system_prompt=VICUNA_V1_SYSTEM,
   ))
   c.loss = ml_collections.ConfigDict(dict(
       ce_weight=1.0, bce_weight=2.0, dice_weight=0.5,

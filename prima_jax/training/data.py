@@ -105,6 +105,7 @@ def restore_drops(iterator, counts: dict[str, int]) -> None:
 
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "labels")
+MASK_KEYS = ("seg_positions", "seg_image_index", "seg_valid", "gt_masks")   # [B, M, ...]
 _PER_IMAGE_KEYS = (*IMAGE_KEYS, "image_valid", "sam_sizes", DISPLAY_KEY)
 
 
@@ -138,3 +139,20 @@ def fit_to_images(batch, num_images: int):
   n = valid.shape[1]
   return {k: (v[:, :num_images] if k in _PER_IMAGE_KEYS and np.ndim(v) >= 2 and np.shape(v)[1] == n else v)
           for k, v in batch.items()}
+
+
+def bucket_masks(batch, buckets, max_masks: int) -> int:
+  """The smallest of ``buckets`` (and ``max_masks``) that holds every example's [SEG] slots up to its
+  last real one, over the *global* batch (a collective when multi-process)."""
+  valid = np.asarray(batch["seg_valid"]).astype(bool)
+  last = valid.shape[1] - np.argmax(valid[:, ::-1], axis=1)         # one past each row's last real slot
+  needed = process_max(int(np.max(np.where(valid.any(1), last, 0), initial=0)))
+  return min(b for b in (*sorted(int(b) for b in buckets), max_masks) if b >= needed)
+
+
+def fit_to_masks(batch, num_masks: int):
+  """``batch`` with its [SEG] arrays (``MASK_KEYS``: positions, image index, validity, ground-truth
+  masks) cut to ``num_masks`` slots (only padding slots are cut)."""
+  if np.asarray(batch["seg_valid"])[:, num_masks:].any():
+    raise ValueError(f"cutting the batch to {num_masks} [SEG] slots would drop real masks")
+  return {k: (v[:, :num_masks] if k in MASK_KEYS else v) for k, v in batch.items()}

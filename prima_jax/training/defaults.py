@@ -46,6 +46,10 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       # at the smallest bucket that holds its example with the most images, so a 64-image model pays
       # for padding images only up to that bucket. () = always prima.max_images.
       image_buckets=(),
+      # Fewer [SEG] slots a training batch may be cut to (one compiled step each): a global batch runs
+      # at the smallest bucket that holds its example with the most masks, so SAM's mask decoder and
+      # the mask losses run on padding slots only up to that bucket. () = always prima.max_masks.
+      mask_buckets=(),
       max_question_length=32,    # Q-Former tokens
       # Random-resized crops for EVA's training input (LAVIS's train transform). Off: the eval-mode
       # resize, which lets EVA's features be cached.

@@ -386,16 +386,20 @@ def _train(config, wd: workdir_lib.Workdir, mesh, ddir, t_start: float,
   # --- compile ---------------------------------------------------------------------------------
   buckets = tuple(config.data.get("length_buckets", ()))
   image_buckets = tuple(config.data.get("image_buckets", ()))
+  mask_buckets = tuple(config.data.get("mask_buckets", ()))
 
   def next_batch():
-    """The next global batch, its LLM arrays cut to the smallest length bucket that holds it and its
-    per-image arrays to the smallest image bucket."""
+    """The next global batch, its LLM arrays cut to the smallest length bucket that holds it, its
+    per-image arrays to the smallest image bucket and its [SEG] arrays to the smallest mask bucket."""
     local = next(train_iter)
     if buckets:
       local = data_lib.fit_to_length(local, data_lib.bucket_length(local, buckets, config.data.max_length))
     if image_buckets:
       local = data_lib.fit_to_images(
           local, data_lib.bucket_images(local, image_buckets, model_cfg.prima.max_images))
+    if mask_buckets:
+      local = data_lib.fit_to_masks(
+          local, data_lib.bucket_masks(local, mask_buckets, model_cfg.prima.max_masks))
     return to_global_batch(local, mesh)
 
   first = next_batch() if start_step < t.num_steps else None
@@ -417,12 +421,13 @@ def _train(config, wd: workdir_lib.Workdir, mesh, ddir, t_start: float,
           steps.make_train_step(parts, tx, schedule, model_cfg.loss, grad_accum_steps=t.grad_accum_steps,
                                 mesh=mesh), state_sh, frozen_sh, batch_sh, mesh)
       peak = peak_flops(jax.devices()[0].device_kind)
-      # (LLM length, image slots) -> (compiled step, FLOPs)
-      programs: dict[tuple[int, int], tuple[Any, float | None]] = {}
+      # (LLM length, image slots, [SEG] slots) -> (compiled step, FLOPs)
+      programs: dict[tuple[int, int, int], tuple[Any, float | None]] = {}
 
       def program(batch):
-        length, images = batch["input_ids"].shape[1], batch["image_valid"].shape[1]
-        if (length, images) not in programs:
+        shape = (batch["input_ids"].shape[1], batch["image_valid"].shape[1], batch["seg_valid"].shape[1])
+        length, images, masks = shape
+        if shape not in programs:
           tc = time.time()
           compiled = train_fn.lower(state, frozen, batch).compile()
           memory = _memory_report(compiled)
@@ -432,15 +437,16 @@ def _train(config, wd: workdir_lib.Workdir, mesh, ddir, t_start: float,
           flops = _flops(compiled)
           if flops is not None:
             flops *= t.grad_accum_steps  # cost analysis counts a scan body once
-          programs[length, images] = (compiled, flops)
-          shape = length if images == model_cfg.prima.max_images else f"{length} tokens, {images} images"
-          summary.setdefault("step_flops", {})[shape] = flops
-          wait_for_all_processes(f"train step compiled for {length} tokens, {images} images")
-          writer.print(f"compiled the train step ({length} LLM tokens, {images} image slots) in "
-                       f"{time.time() - tc:.1f} s; "
+          programs[shape] = (compiled, flops)
+          full = (images, masks) == (model_cfg.prima.max_images, model_cfg.prima.max_masks)
+          name = length if full else f"{length} tokens, {images} images, {masks} masks"
+          summary.setdefault("step_flops", {})[name] = flops
+          wait_for_all_processes(f"train step compiled for {length} tokens, {images} images, {masks} masks")
+          writer.print(f"compiled the train step ({length} LLM tokens, {images} image slots, {masks} [SEG] "
+                       f"slots) in {time.time() - tc:.1f} s; "
                        "per device: " + ", ".join(f"{k} {v:.3f} GiB" for k, v in memory.items())
                        + (f"; {flops / 1e9:.1f} GFLOP/step" if flops else ""))
-        return programs[length, images]
+        return programs[shape]
 
       program(first)
 
@@ -525,8 +531,10 @@ def _train(config, wd: workdir_lib.Workdir, mesh, ddir, t_start: float,
         summary["stopped"] = True
         break
     checkpointer.wait()
-    summary["compiled_lengths"] = sorted({length for length, _ in programs}) if first is not None else []
-    summary["compiled_image_slots"] = sorted({images for _, images in programs}) if first is not None else []
+    compiled = list(programs) if first is not None else []
+    summary["compiled_lengths"] = sorted({length for length, _, _ in compiled})
+    summary["compiled_image_slots"] = sorted({images for _, images, _ in compiled})
+    summary["compiled_mask_slots"] = sorted({masks for _, _, masks in compiled})
     summary["final_step"] = step
     elapsed = time.time() - t_loop
     summary["steps_per_s"] = (step - start_step) / elapsed if elapsed > 0 and step > start_step else None

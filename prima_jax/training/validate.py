@@ -104,6 +104,11 @@ def check_schedule(config) -> None:
   if bad:
     raise ConfigError(f"data.image_buckets={image_buckets}: every bucket must be an int in "
                       f"(0, model.prima.max_images={most}], got {bad}")
+  mask_buckets = tuple(config.data.get("mask_buckets", ()))
+  bad = [b for b in mask_buckets if not (isinstance(b, int) and 0 < b <= config.model.prima.max_masks)]
+  if bad:
+    raise ConfigError(f"data.mask_buckets={mask_buckets}: every bucket must be an int in "
+                      f"(0, model.prima.max_masks={config.model.prima.max_masks}], got {bad}")
   slots = most * (config.model.qformer.num_query_tokens + 2)
   if slots >= config.data.max_length:
     raise ConfigError(f"data.max_length={config.data.max_length} cannot hold model.prima.max_images={most} "
