@@ -3,12 +3,12 @@
   python -m prima_jax.train --config=configs/demo.py --workdir=/tmp/prima_demo
 
 The image side is pretrained on what each image shows, then frozen; the LLM, the [SEG] head and SAM
-train (:func:`_pretrained_image_side`). Finishes on a 2-core CPU in 9-13 minutes including data
-generation, image pretraining and compilation, at a teacher-forced val mIoU of about 0.63-0.66
-(docs/demo.md). Variants (``:arg``, comma separated): ``square=False`` (the ablation without SQuARE),
-``long`` (twice the steps, 14-19 minutes: the generated answers name and mask the right objects far
-more often, docs/demo.md), ``test`` (a few steps on a handful of examples, for CI), ``many`` (the
-many-image benchmark: 8-64 images per question, docs/demo.md; its image side trains with the rest,
+train (:func:`_pretrained_image_side`). Finishes on a 2-core CPU in 9-13 minutes (21 on the slowest
+measured) including data generation, image pretraining and compilation, at a teacher-forced val mIoU of
+about 0.63-0.66 (docs/demo.md). Variants (``:arg``, comma separated): ``square=False`` (the ablation
+without SQuARE), ``long`` (twice the steps, 14-19 minutes: the generated answers name and mask the right
+objects far more often, docs/demo.md), ``test`` (a few steps on a handful of examples, for CI), ``many``
+(the many-image benchmark: 8-64 images per question, docs/demo.md; its image side trains with the rest,
 unpretrained). Any field can be overridden: ``--config.train.num_steps=100``.
 """
 
@@ -55,13 +55,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A third LLM layer: with an image side that tells the classes apart, the answers name more of the
     # right objects (generated mIoU +3.5, Named +1.7 on the same data; 0.16 instead of 0.14 s/step).
     model.llm.num_layers = 3
+    # No system message: the Vicuna one is 29 of the synthetic tokenizer's pieces, the same in every
+    # example, and the tiny model learns nothing from it; without it the longest training example is
+    # 195 tokens instead of 224 (data.max_length below; docs/demo.md).
+    model.prima.system_prompt = ""
   # SAM's mask features at 64 channels (the tiny 16 leaves out_channels / 8 = 2 for the upscaled
   # features the [SEG] hypernetwork weighs): the masks of single-object images go from IoU ~0.57 to ~0.77.
   model.sam.update(out_channels=64, prompt_embed_dim=64, decoder_mlp_dim=128)
-  # No system message: the Vicuna one is 29 of the synthetic tokenizer's pieces, the same in every
-  # example, and the tiny model learns nothing from it; without it the longest training example is
-  # 195 tokens instead of 224, and every step ~11% cheaper (docs/demo.md).
-  model.prima.system_prompt = ""
   # qformer.vocab_size is set at start-up to the synthetic BERT tokenizer's size.
   square = opts.get("square", "True").lower()
   if square not in ("true", "false"):

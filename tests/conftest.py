@@ -2,11 +2,7 @@
 
 import os
 
-# LLVM's optimisations off: the suite's programs are small and run a few steps, and most of its time is
-# XLA compiling them, a third less without (the same HLO programs; only their machine code is built
-# with less effort, so its loops run slower).
-os.environ.setdefault("XLA_FLAGS",
-                      "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -482,7 +482,8 @@ def test_many_config_budgets_hold_the_longest_example(arg, tmp_path):
     enc = prompt.encode_example(llm, bert, question, answer, hi,
                                 num_query_tokens=model.qformer.num_query_tokens,
                                 image_token_id=model.prima.image_token_id, max_length=d.max_length,
-                                max_question_length=d.max_question_length)  # PromptTooLong if over
+                                max_question_length=d.max_question_length,
+                                system=prompt.system_prompt(model))  # PromptTooLong if over
     longest = max(longest, len(enc["input_ids"]))
     assert len(bert.encode(question)) + 2 <= d.max_question_length, question  # no question is cut
   slots = hi * (model.qformer.num_query_tokens + 2)
