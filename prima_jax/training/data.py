@@ -109,13 +109,24 @@ MASK_KEYS = ("seg_positions", "seg_image_index", "seg_valid", "gt_masks")   # [B
 _PER_IMAGE_KEYS = (*IMAGE_KEYS, "image_valid", "sam_sizes", DISPLAY_KEY)
 
 
+def _smallest_bucket(buckets, full: int, needed: int) -> int:
+  """The smallest of ``buckets`` and ``full`` that is at least ``needed`` over all processes (a
+  collective when multi-process)."""
+  needed = process_max(int(needed))
+  return min(b for b in (*sorted(int(b) for b in buckets), full) if b >= needed)
+
+
+def _rows_end(valid) -> int:
+  """One past the last True of any row of ``valid`` [B, N] (0 when none is True)."""
+  valid = np.asarray(valid).astype(bool)
+  last = valid.shape[1] - np.argmax(valid[:, ::-1], axis=1)
+  return int(np.max(np.where(valid.any(1), last, 0), initial=0))
+
+
 def bucket_length(batch, buckets, max_length: int) -> int:
   """The smallest of ``buckets`` (and ``max_length``) that holds every row's tokens of the *global*
   batch (the longest row over all processes: a collective when multi-process)."""
-  mask = np.asarray(batch["attention_mask"])
-  last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)          # one past each row's last token
-  needed = process_max(int(np.max(np.where(mask.any(1), last, 0))))
-  return min(b for b in (*sorted(int(b) for b in buckets), max_length) if b >= needed)
+  return _smallest_bucket(buckets, max_length, _rows_end(batch["attention_mask"]))
 
 
 def fit_to_length(batch, length: int):
@@ -126,8 +137,7 @@ def fit_to_length(batch, length: int):
 def bucket_images(batch, buckets, max_images: int) -> int:
   """The smallest of ``buckets`` (and ``max_images``) that holds the example with the most images of the
   *global* batch (a collective when multi-process)."""
-  needed = process_max(int(np.asarray(batch["image_valid"]).sum(axis=1).max(initial=0)))
-  return min(b for b in (*sorted(int(b) for b in buckets), max_images) if b >= needed)
+  return _smallest_bucket(buckets, max_images, np.asarray(batch["image_valid"]).sum(axis=1).max(initial=0))
 
 
 def fit_to_images(batch, num_images: int):
@@ -144,10 +154,7 @@ def fit_to_images(batch, num_images: int):
 def bucket_masks(batch, buckets, max_masks: int) -> int:
   """The smallest of ``buckets`` (and ``max_masks``) that holds every example's [SEG] slots up to its
   last real one, over the *global* batch (a collective when multi-process)."""
-  valid = np.asarray(batch["seg_valid"]).astype(bool)
-  last = valid.shape[1] - np.argmax(valid[:, ::-1], axis=1)         # one past each row's last real slot
-  needed = process_max(int(np.max(np.where(valid.any(1), last, 0), initial=0)))
-  return min(b for b in (*sorted(int(b) for b in buckets), max_masks) if b >= needed)
+  return _smallest_bucket(buckets, max_masks, _rows_end(batch["seg_valid"]))
 
 
 def fit_to_masks(batch, num_masks: int):

@@ -188,8 +188,8 @@ class Probe(nnx.Module):
 
 
 def draw_rows(rng: np.random.Generator, image_counts: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
-  """One training step's records and their image count k: a record drawn uniformly at random, then
-  ``batch_size`` records drawn uniformly (with replacement) from those showing k images, as many as it.
+  """One training step's records and their image count k: a record drawn uniformly at random gives k,
+  then ``batch_size`` records are drawn uniformly (with replacement) from those showing k images.
 
   Each record is as likely in every row as under uniform draws from all records (k is drawn in
   proportion to how many records show k images), but a step computes k image slots instead of the
