@@ -223,12 +223,16 @@ def initial_parameters(config, wd: workdir_lib.Workdir, mesh, model_cfg=None, da
     cast_state(p.frozen, t.frozen_dtype)
     return p.trainable.to_pure_dict(), p.frozen.to_pure_dict(), p.rest
 
+  # Traced once: its output shapes say what WORKDIR/frozen must hold, and the same trace compiles (the
+  # model's construction is seconds of Python at any size).
+  with jax.set_mesh(mesh):
+    initialise = jax.jit(init, out_shardings=(param_sh, frozen_sh, rep)).trace()
   abstract_frozen = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                 jax.eval_shape(init)[1], frozen_sh)
+                                 initialise.out_info[1], frozen_sh)
   restored_frozen = wd.restore_frozen(abstract_frozen)
   with jax.set_mesh(mesh):
     if restored_frozen is None:
-      params, frozen, rest = jax.jit(init, out_shardings=(param_sh, frozen_sh, rep))()
+      params, frozen, rest = initialise.lower().compile()()
     else:
       frozen = restored_frozen
       params, rest = jax.jit(lambda: (lambda p, _, r: (p, r))(*init()), out_shardings=(param_sh, rep))()
