@@ -10,15 +10,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole run: set here, before any worker or test starts, so
 # pytest-xdist's workers and every process a test launches (the CLIs, the multi-process launcher)
-# inherit it. Most of the suite's time is XLA compiling the same tiny-model steps in different modules
-# and processes; a program compiled once loads from the cache everywhere else (a cache hit is the same
-# executable, so no result changes). A size limit turns on JAX's file lock around reads and writes,
-# which the processes sharing the directory need.
+# inherit it. The training tests start many runs of the same tiny-model steps (the multi-process
+# test's second launch compiles nothing); a cache hit is the same executable, so no result changes.
+# A size limit turns on JAX's file lock around reads and writes, which the processes sharing the
+# directory need.
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="prima_jax_tests_xla_cache_")
-  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
-  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 
 import pytest  # noqa: E402
