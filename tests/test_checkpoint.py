@@ -47,6 +47,32 @@ def test_frozen_missing_parameter_is_an_error(tmp_path):
     workdir_lib.Workdir(str(tmp_path)).restore_frozen(wrong_shape)
 
 
+def test_replicated_arrays_below_a_megabyte_are_written_from_one_replica(tmp_path, monkeypatch):
+  """Orbax's replica-parallel saving slices a replicated array into one piece per device, an eager op
+  each: only pieces of at least workdir.REPLICA_PARALLEL_MIN_BYTES are worth it. Both kinds restore."""
+  slices = []
+  real = jax.lax.slice_in_dim
+  monkeypatch.setattr(jax.lax, "slice_in_dim", lambda *a, **k: slices.append(a[0].shape) or real(*a, **k))
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  rng = np.random.default_rng(test_seed())
+  large_rows = workdir_lib.REPLICA_PARALLEL_MIN_BYTES // 4   # 8 rows of 1 MiB: one row per device
+  states = {"small": {"w": jax.device_put(jnp.asarray(rng.normal(size=(8, 300)), jnp.float32), replicated)},
+            "large": {"w": jax.device_put(jnp.asarray(rng.normal(size=(8, large_rows)), jnp.float32),
+                                          replicated)}}
+  pieces = {}
+  for name, state in states.items():
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path / name), keep=1, async_save=False)
+    slices.clear()
+    checkpointer.save(1, state, {"step": 1})
+    pieces[name] = len(slices)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored, _ = checkpointer.restore(1, target)
+    checkpointer.close()
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(state["w"]))
+  assert pieces == {"small": 0, "large": 8}, pieces
+
+
 def test_restore_of_a_step_without_data_position(tmp_path):
   """A step without a data position (as `convert from-torch` writes) restores the state and its meta."""
   state = {"params": {"w": jnp.arange(6.0).reshape(2, 3)}, "step": jnp.zeros((), jnp.int32)}

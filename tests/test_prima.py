@@ -1,6 +1,7 @@
 """The composed PRIMA model: image slots, [SEG] routing, padding, SQuARE across images."""
 
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ from flax import nnx
 
 from prima_jax.models.batch import collate, random_example
 from prima_jax.models.configs import tiny_config
+from prima_jax.models.layers import init_rngs
+from prima_jax.models.llama import Llama
 from prima_jax.models.losses import prima_loss
 from prima_jax.models.prima import Prima
 
@@ -211,3 +214,33 @@ def test_kernel_init_scheme_scales_tiny_kernels_by_fan_in_and_leaves_the_rest():
     bad = tiny_config()
     bad.kernel_init = "xavier"
     Prima(bad, rngs=nnx.Rngs(0))
+
+
+def test_init_rngs_draw_what_nnx_rngs_draw_under_jit_and_eagerly():
+  """layers.init_rngs keeps flax's keys (its counters on the host): the same draws, one after another
+  and through a fork, eagerly and under jit, and the same LoRA LLM (dropout stream included) bitwise.
+  The reference is flax's own nnx.Rngs."""
+  seed = test_seed() % 2**31
+
+  def draws(make):
+    rngs = make(seed)
+    keys = [rngs.params() for _ in range(5)] + [rngs.params.fork()(), rngs.params(), rngs.default()]
+    return jnp.stack([jax.random.key_data(k) for k in keys])
+
+  for run in (lambda f: f(), lambda f: jax.jit(f)()):
+    np.testing.assert_array_equal(run(lambda: draws(init_rngs)), run(lambda: draws(nnx.Rngs)))
+  cfg = tiny_config()
+  cfg.lora.dropout = 0.1
+
+  def build(make, scan):   # scanned layers draw through flax's split_rngs
+    model = Llama(cfg.llm, cfg.lora, scan_layers=scan, rngs=make(seed))
+    return nnx.state(model, (nnx.Param, nnx.RngState)).to_pure_dict()
+
+  for scan in (False, True):
+    ours, ref = jax.jit(lambda s=scan: build(init_rngs, s))(), jax.jit(lambda s=scan: build(nnx.Rngs, s))()
+    leaves = jax.tree_util.tree_leaves_with_path(ref)
+    assert jax.tree.structure(ours) == jax.tree.structure(ref) and len(leaves) > 12
+    for (path, r), o in zip(leaves, jax.tree.leaves(ours)):
+      r, o = (jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x for x in (r, o))
+      np.testing.assert_array_equal(np.asarray(o), np.asarray(r),
+                                    err_msg=f"scan={scan} {jax.tree_util.keystr(path)}")

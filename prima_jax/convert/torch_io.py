@@ -561,11 +561,12 @@ def abstract_params(cfg) -> dict[str, Any]:
   from flax import nnx  # noqa: PLC0415
 
   from prima_jax.convert.state_dict import param_paths  # noqa: PLC0415
+  from prima_jax.models.layers import init_rngs  # noqa: PLC0415
   from prima_jax.models.prima import Prima  # noqa: PLC0415
 
   key = cfg.to_json_best_effort(sort_keys=True)
   if key not in _ABSTRACT:
-    model = nnx.eval_shape(lambda: Prima(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Prima(cfg, rngs=init_rngs(0)))
     _ABSTRACT[key] = {path_str(p): v for p, v in param_paths(model).items()}
     _STACKS[key] = stacking.find_stacks(model)
   return _ABSTRACT[key]
@@ -825,15 +826,15 @@ def init_params(cfg, names: Sequence[str], seed: int) -> dict[str, np.ndarray]:
   if not names:
     return {}
   import jax  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
 
   from prima_jax.convert.state_dict import param_paths  # noqa: PLC0415
+  from prima_jax.models.layers import init_rngs  # noqa: PLC0415
   from prima_jax.models.prima import Prima  # noqa: PLC0415
 
   wanted = set(names)
 
   def create():
-    params = param_paths(Prima(cfg, rngs=nnx.Rngs(seed)))
+    params = param_paths(Prima(cfg, rngs=init_rngs(seed)))
     return {path_str(p): v.get_value() for p, v in params.items() if path_str(p) in wanted}
 
   return {k: np.asarray(v) for k, v in jax.jit(create)().items()}

@@ -99,9 +99,10 @@ def plan_images(sources: dict[str, Any], splits: Sequence[str]) -> list[ImageRef
 def _tower_fn(model_cfg, towers: Sequence[str], dtype: np.dtype, frozen: dict) -> tuple[Callable, dict]:
   """(fn(tower params, eva uint8 [b, V, V, 3], sam uint8 [b, S, S, 3], sizes [b, 2]) -> {key: [b, ...]},
   the tower parameters), running the towers exactly as the training step does."""
+  from prima_jax.models.layers import init_rngs  # noqa: PLC0415
   from prima_jax.models.prima import Prima, eva_features, sam_image_embeddings  # noqa: PLC0415
 
-  abstract = nnx.eval_shape(lambda: Prima(model_cfg, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: Prima(model_cfg, rngs=init_rngs(0)))
   abstract.eval()
   modules = {"eva": abstract.vision, "sam": abstract.sam.image_encoder}
   graphdefs, params, templates = {}, {}, {}

@@ -13,10 +13,10 @@ import os
 import tempfile
 
 from etils import epath
-from flax import nnx
 
 from prima_jax import paths
 from prima_jax import workdir as workdir_lib
+from prima_jax.models.layers import init_rngs
 from prima_jax.models.prima import Prima
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def load(run: Run, *, data_dir: str | os.PathLike | None = None,
     tokenizers = workdir_lib.load_tokenizers(config, directory,
                                              fallback_dir=scratch if build_missing_tokenizers else None)
   workdir_lib.fit_vocab_sizes(config, tokenizers)
-  model = Prima(config.model, rngs=nnx.Rngs(config.seed))
+  model = Prima(config.model, rngs=init_rngs(config.seed))
   if run.workdir is not None:
     run.workdir.restore_params(model, run.step_dir)
   model.eval()

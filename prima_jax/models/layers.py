@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Axes = tuple[str | None, ...]
@@ -50,6 +51,35 @@ def kernel_init_scheme(name: str):
 def kernel_initializer(kernel_init=None):
   """``kernel_init`` when given, else the scheme in force (:func:`kernel_init_scheme`)."""
   return KERNEL_INITS[_kernel_init.get()] if kernel_init is None else kernel_init
+
+
+class _HostRngCount(nnx.RngCount):
+  """An RNG stream's draw counter held as a NumPy integer; every read of it is a copy (a traced
+  computation that took the counter as a constant keeps the value it read). While flax's
+  ``split_rngs`` (scanned layers) has set a split counter, that one is a JAX array, read as is."""
+
+  def get_value(self, **kwargs):
+    value = super().get_value(**kwargs)
+    return value.copy() if isinstance(value, np.ndarray) else value
+
+
+def init_rngs(seed: int) -> nnx.Rngs:
+  """``nnx.Rngs(seed)`` for building a model: the same keys, its draw counters on the host.
+
+  flax keeps each stream's counter as a JAX array and, inside ``jax.jit`` / ``nnx.eval_shape``, every
+  draw's counter update reads the new value's ``sharding``: on a tracer that raises an AttributeError
+  whose message JAX builds by scanning the whole trace so far, so building a model under a trace is
+  quadratic in its number of draws (the demo model's ~1000: 4.1-4.9 s to trace, 1.2 s with host
+  counters). Host counters fold the same integers into the same keys (``tests/test_prima.py`` compares
+  the draws and whole models bitwise with ``nnx.Rngs``'s). Only for construction: a module that keeps
+  a stream (dropout) forks its own, with flax's counter.
+  """
+  rngs = nnx.Rngs(seed)
+  for stream in vars(rngs).values():
+    if isinstance(stream, nnx.RngStream):
+      stream.count = _HostRngCount(np.zeros(stream.count.shape, np.uint32), tag=stream.tag)
+  return rngs
+
 
 # model.remat_policy -> what a rematerialised block keeps from its forward pass for the backward
 # (everything else is recomputed). JAX's own policies (jax.checkpoint_policies).

@@ -742,7 +742,7 @@ def training_costs(config: ml_collections.ConfigDict, *, images: int = Protocol.
     raise ValueError(f"unknown variant(s) {unknown}; choose from {list(TRAINING_VARIANTS)}")
   towers = sorted({t for v in variants for t in TRAINING_VARIANTS[v]})
   if towers:  # a trained tower's features change every step: caching it is no variant of this recipe
-    abstract = nnx.eval_shape(lambda: Prima(config.model, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Prima(config.model, rngs=layers.init_rngs(0)))
     frozen = nnx.to_pure_dict(ModelParts.split(abstract, config.train.trainable).frozen)
     for tower in towers:
       tower_params(frozen, tower)

@@ -851,10 +851,11 @@ def jax_trainable_count(config) -> int:
   """Trainable parameters of the JAX model under ``config.train.trainable`` (abstract: nothing allocated)."""
   from flax import nnx  # noqa: PLC0415
 
+  from prima_jax.models.layers import init_rngs  # noqa: PLC0415
   from prima_jax.models.prima import Prima  # noqa: PLC0415
   from prima_jax.training.partition import ModelParts, count  # noqa: PLC0415
 
-  abstract = nnx.eval_shape(lambda: Prima(config.model, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: Prima(config.model, rngs=init_rngs(0)))
   return count(ModelParts.split(abstract, config.train.trainable).trainable.to_pure_dict())
 
 

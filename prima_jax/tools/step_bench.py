@@ -20,6 +20,7 @@ from flax import nnx
 from prima_jax import cli
 from prima_jax.models.batch import collate, random_example
 from prima_jax.models.configs import full_config, tiny_config
+from prima_jax.models.layers import init_rngs
 from prima_jax.models.losses import prima_loss
 from prima_jax.models.prima import Prima
 
@@ -56,7 +57,7 @@ def main(argv: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> int | None:
   cfg.dtype = args.dtype
   cfg.square.zero_init_output = False
   images = min(args.images, cfg.prima.max_images)
-  model = Prima(cfg, rngs=nnx.Rngs(0))
+  model = Prima(cfg, rngs=init_rngs(0))
   model.eval()
   rng = np.random.default_rng(0)
   examples = [random_example(cfg, rng, num_images=images, num_masks=args.masks)

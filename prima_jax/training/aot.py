@@ -37,6 +37,7 @@ from flax import nnx  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from prima_jax import cli  # noqa: E402
+from prima_jax.models.layers import init_rngs  # noqa: E402
 from prima_jax.models.prima import Prima  # noqa: E402
 from prima_jax.training import steps  # noqa: E402
 from prima_jax.training.optimizer import make_optimizer  # noqa: E402
@@ -95,7 +96,7 @@ def compile_train_step(config, mesh, cached: tuple[str, ...] = (), step: str = "
   on abstract state and batch (``cached``: towers whose features the batch carries, see
   :func:`abstract_batch`); returns (compiled, seconds)."""
   t = config.train
-  abstract = nnx.eval_shape(lambda: Prima(config.model, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: Prima(config.model, rngs=init_rngs(0)))
   parts = ModelParts.split(abstract, t.trainable)
   param_sh, frozen_sh = pure_shardings(parts.trainable, mesh), pure_shardings(parts.frozen, mesh)
   frozen_dtype = jnp.dtype(t.frozen_dtype) if t.frozen_dtype else None

@@ -16,7 +16,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
-from prima_jax.workdir import IncompatibleCheckpoint
+from prima_jax.workdir import IncompatibleCheckpoint, use_orbax_array_options
 
 __all__ = ["Checkpointer", "IncompatibleCheckpoint"]
 
@@ -26,6 +26,7 @@ class Checkpointer:
 
   def __init__(self, directory: epath.Path | str, *, keep: int, async_save: bool = True):
     self.directory = epath.Path(directory)
+    use_orbax_array_options()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)

@@ -40,6 +40,7 @@ from PIL import Image
 
 from prima_jax.data import synthetic
 from prima_jax.data.preprocess import eva_resize
+from prima_jax.models.layers import init_rngs
 from prima_jax.models.prima import Prima
 from prima_jax.training.partition import path_str
 
@@ -167,7 +168,7 @@ class Probe(nnx.Module):
   """
 
   def __init__(self, model_cfg: Any, through: str, *, seed: int):
-    self.prima = Prima(model_cfg, rngs=nnx.Rngs(seed))
+    self.prima = Prima(model_cfg, rngs=init_rngs(seed))
     self.through = through
     # EVA's features are averaged over patches; the image tokens are read side by side (the LLM reads
     # them one by one, so each may say something else).

@@ -22,6 +22,7 @@ from prima_jax import workdir as workdir_lib
 from prima_jax.data.pipeline import DISPLAY_KEY, to_global_batch
 from prima_jax.data.prompt import encode_question
 from prima_jax.models.configs import full_config
+from prima_jax.models.layers import init_rngs
 from prima_jax.models.prima import Prima
 from prima_jax.training import checkpoint as ckpt_lib
 from prima_jax.training import data as data_lib
@@ -177,7 +178,7 @@ def check_parameter_patterns(config, abstract: nnx.Module | None = None) -> Mode
   paths do not depend on the vocabulary sizes fitted later). Returns its trainable / frozen split.
   """
   if abstract is None:
-    abstract = nnx.eval_shape(lambda: Prima(config.model, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Prima(config.model, rngs=init_rngs(0)))
   unmatched = unmatched_patterns(abstract, config.train.trainable)
   if unmatched:
     raise ConfigError(f"train.trainable patterns {unmatched} match no parameter")
@@ -210,7 +211,7 @@ def initial_parameters(config, wd: workdir_lib.Workdir, mesh, model_cfg=None, da
   model_cfg = config.model if model_cfg is None else model_cfg
 
   def create() -> Prima:
-    return Prima(model_cfg, rngs=nnx.Rngs(config.seed))
+    return Prima(model_cfg, rngs=init_rngs(config.seed))
 
   abstract = nnx.eval_shape(create)
   parts = check_parameter_patterns(config, abstract)
