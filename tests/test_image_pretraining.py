@@ -205,9 +205,9 @@ def _demo_test_config(data_dir):
 
 
 def test_the_probe_s_steps_are_adam_on_the_masked_bce(bench):
-  """run_probe's loop (nnx.jit over the probe and its nnx.Optimizer, the image side handed back) against a
-  plain one: optax.adam on the pure parameters of the same freshly built probe, the loss taken through
-  nnx.merge, the same rows drawn from the same seed (draw_rows: checked on its own below)."""
+  """run_probe's loop (jax.jit over the split probe and its nnx.Optimizer, the image side handed back)
+  against a plain one: optax.adam on the pure parameters of the same freshly built probe, the loss taken
+  through nnx.merge, the same rows drawn from the same seed (draw_rows: checked on its own below)."""
   import optax  # noqa: PLC0415
   c = _demo_test_config(bench)
   steps, batch_size, lr = 4, 3, 3e-3

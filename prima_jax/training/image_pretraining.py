@@ -25,6 +25,7 @@ sigmoid cross-entropy): it needs no tokenizer, prompt or LLM and runs a hundred 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -246,15 +247,23 @@ def run_probe(model_cfg: Any, data_dir: epath.Path, *, steps: int, batch_size: i
   majority = train.labels[train.image_valid].mean(0) > 0.5
   probe = Probe(model_cfg, through, seed=seed)
   optimizer = nnx.Optimizer(probe, optax.adam(learning_rate), wrt=nnx.Param)
+  # jax.jit of a pure step over the split state, not nnx.jit over the modules: nnx.jit walks the probe's
+  # and the optimizer's graphs (~1000 arrays: the whole model and Adam's moments) on every call, which
+  # cost more than the step itself on a 2-core CPU (docs/demo.md). The state is donated; the modules get
+  # it back at the end.
+  graphdef, state = nnx.split((probe, optimizer))
 
-  @nnx.jit
-  def train_step(probe, optimizer, images, targets, valid, question_ids, question_mask):
+  @functools.partial(jax.jit, donate_argnums=0)
+  def train_step(state, images, targets, valid, question_ids, question_mask):
+    probe, optimizer = nnx.merge(graphdef, state)
     loss, grads = nnx.value_and_grad(
         lambda p: masked_bce(p(images, valid, question_ids, question_mask), targets, valid))(probe)
     optimizer.update(probe, grads)
-    return loss
+    return nnx.state((probe, optimizer)), loss
 
-  predict = nnx.jit(lambda probe, *inputs: probe(*inputs))
+  @jax.jit
+  def predict(state, *inputs):
+    return nnx.merge(graphdef, state)[0](*inputs)
 
   def evaluate() -> dict:
     # Fixed-size batches (the last one padded with invalid rows): one compiled shape.
@@ -262,7 +271,7 @@ def run_probe(model_cfg: Any, data_dir: epath.Path, *, steps: int, batch_size: i
     for start in range(0, n, batch_size):
       rows = np.arange(start, start + batch_size) % n
       valid = val.image_valid[rows] & (np.arange(start, start + batch_size) < n)[:, None]
-      logits.append(np.asarray(predict(probe, val.eva_images[rows], valid, val.question_ids[rows],
+      logits.append(np.asarray(predict(state, val.eva_images[rows], valid, val.question_ids[rows],
                                        val.question_mask[rows])))
     return score(np.concatenate(logits)[:n], val.labels, val.image_valid, majority)
 
@@ -272,16 +281,21 @@ def run_probe(model_cfg: Any, data_dir: epath.Path, *, steps: int, batch_size: i
   results, losses, start = [], [], time.perf_counter()
   for step in range(1, steps + 1):
     rows, k = draw_rows(rng, image_counts, batch_size)
-    losses.append(float(train_step(probe, optimizer, train.eva_images[rows, :k], train.labels[rows, :k],
-                                   train.image_valid[rows, :k], train.question_ids[rows],
-                                   train.question_mask[rows])))
+    state, loss = train_step(state, train.eva_images[rows, :k], train.labels[rows, :k],
+                             train.image_valid[rows, :k], train.question_ids[rows], train.question_mask[rows])
+    # One step in flight: the next batch is drawn while this one runs, and no more than one waits.
+    losses.append(loss)
+    if len(losses) > 1:
+      losses[-2] = float(losses[-2])
     if step % every == 0 or step == steps:
+      losses[-1] = float(losses[-1])
       result = dict(step=step, loss=float(np.mean(losses[-every:])), **evaluate())
       results.append(result)
       groups = " | ".join(f"{g} {result[f'{g}_acc']:.3f} ({result[f'{g}_majority']:.3f}) exact "
                           f"{result[f'{g}_exact']:.3f}" for g in GROUPS)
       report(f"step {step}/{steps} | loss {result['loss']:.4f} | val: {groups} | all right "
              f"{result['all_right']:.3f} | {time.perf_counter() - start:.0f} s")
+  nnx.update((probe, optimizer), state)
   summary = dict(steps=steps, seconds=time.perf_counter() - start, through=through,
                  questions={"train": bool(train.question_mask.any()), "val": bool(val.question_mask.any())},
                  images={"train": int(train.image_valid.sum()), "val": int(val.image_valid.sum())},
