@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from prima_jax.models import baselines, clip_vit, configs
+from prima_jax.models import baselines, clip_vit, configs, layers
 from prima_jax.models.prima import Prima
 from prima_jax.tools import flops
 
@@ -226,10 +226,10 @@ def training_cli(tmp_path_factory):
   """The CLI run, started before the in-process compiles so that the two overlap (XLA compiles the
   step on about one core); output to files, not pipes, so that the child never blocks on them."""
   d = tmp_path_factory.mktemp("training_cli")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # --fake_devices sets the count
+  # --fake_devices appends its device count to XLA_FLAGS (the last count wins); conftest's XLA options stay.
   with open(d / "stdout", "w") as out, open(d / "stderr", "w") as err:
     proc = subprocess.Popen(TRAINING_CLI, cwd=REPO, stdout=out, stderr=err, text=True,
-                            env=dict(env, JAX_PLATFORMS="cpu"))
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
   yield proc, d
   if proc.poll() is None:
     proc.kill()
@@ -308,14 +308,14 @@ def test_training_refuses_to_cache_a_trained_tower():
 
 def test_compiled_cost_refuses_loops_and_threefry_is_unrolled():
   """JAX's CPU threefry is a 5-step fori_loop (the train step's dropout and key folding); under
-  unrolled_threefry_on_cpu it lowers as on TPU, and any other loop is refused."""
+  layers.threefry_lowering(unrolled=True) it lowers as on TPU, and any other loop is refused."""
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   draw = jax.jit(lambda k: jax.random.bernoulli(jax.random.wrap_key_data(k), 0.5, (64,)))
   if jax.devices()[0].platform == "cpu":
-    with pytest.raises(flops.LoopInProgram):
+    with layers.threefry_lowering(unrolled=False), pytest.raises(flops.LoopInProgram):
       flops.compiled_cost(draw.lower(key).compile(), devices=1, batch_size=1)
   fresh = jax.jit(lambda k: jax.random.bernoulli(jax.random.wrap_key_data(k), 0.5, (64,)))   # not lowered yet
-  with flops.unrolled_threefry_on_cpu():
+  with layers.threefry_lowering(unrolled=True):
     compiled = fresh.lower(key).compile()
   assert flops.compiled_cost(compiled, devices=1, batch_size=1)["flops_per_example"] > 0
   x = jax.ShapeDtypeStruct((8, 8), jnp.float32)

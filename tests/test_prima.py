@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from prima_jax.models import layers
 from prima_jax.models.batch import collate, random_example
 from prima_jax.models.configs import tiny_config
 from prima_jax.models.layers import init_rngs
@@ -214,6 +215,33 @@ def test_kernel_init_scheme_scales_tiny_kernels_by_fan_in_and_leaves_the_rest():
     bad = tiny_config()
     bad.kernel_init = "xavier"
     Prima(bad, rngs=nnx.Rngs(0))
+
+
+def test_threefry_unrolled_draws_the_bits_of_jaxs_cpu_loop():
+  """Building a model (init_rngs) lowers threefry unrolled on the CPU from then on: no while loop in
+  the program, and the same bits as JAX's own 5-step loop (truncated normals, dropout masks, folded
+  and split keys), the reference being that loop."""
+  seed = test_seed() % 2**31
+
+  def draw(key):
+    k1, k2 = jax.random.split(jax.random.fold_in(key, 7))
+    return (jax.random.truncated_normal(k1, -2.0, 2.0, (37, 5)), jax.random.bernoulli(k2, 0.9, (3, 64)),
+            jax.random.key_data(jax.random.split(key, 4)))
+
+  key = jax.random.key(seed)
+  outputs, loops = {}, {}
+  for unrolled in (False, True):
+    with layers.threefry_lowering(unrolled=unrolled):
+      compiled = jax.jit(lambda k: draw(k)).lower(key).compile()   # a fresh function: lowered here
+    loops[unrolled] = "while" in compiled.as_text()
+    outputs[unrolled] = compiled(key)
+  if jax.devices()[0].platform == "cpu":
+    assert loops == {False: True, True: False}
+  for a, b in zip(outputs[False], outputs[True]):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with layers.threefry_lowering(unrolled=False):
+    init_rngs(seed)
+    assert "while" not in jax.jit(lambda k: draw(k)).lower(key).compile().as_text()
 
 
 def test_init_rngs_draw_what_nnx_rngs_draw_under_jit_and_eagerly():

@@ -43,7 +43,6 @@ masks are split across the passes).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -674,30 +673,6 @@ def training_config(config: ml_collections.ConfigDict, *, images: int, micro_bat
   return config, mesh, int(micro_batch)
 
 
-@contextlib.contextmanager
-def unrolled_threefry_on_cpu():
-  """Within: JAX lowers the threefry PRNG hash on CPU unrolled, as it does on TPU and GPU.
-
-  On CPU JAX emits threefry as a 5-step ``fori_loop`` (a while loop, whose body XLA's cost analysis
-  counts once); the train step draws dropout masks and folds keys with it. Dropping the CPU-specific
-  rule (a private JAX table) selects the default unrolled lowering: the same numbers, no loop. With a
-  JAX that lacks the table nothing changes and :func:`compiled_cost` refuses the loop instead.
-  """
-  try:
-    from jax._src.interpreters import mlir  # noqa: PLC0415
-    from jax._src.random.threefry2x32 import threefry2x32_p  # noqa: PLC0415
-    table = mlir._platform_specific_lowerings["cpu"]
-  except (ImportError, AttributeError):
-    yield
-    return
-  rule = table.pop(threefry2x32_p, None)
-  try:
-    yield
-  finally:
-    if rule is not None:
-      table[threefry2x32_p] = rule
-
-
 def compiled_cost(compiled, *, devices: int, batch_size: int) -> dict[str, float]:
   """FLOPs per example and per-device memory of a compiled, sharded train step.
 
@@ -751,7 +726,7 @@ def training_costs(config: ml_collections.ConfigDict, *, images: int = Protocol.
   for name in variants:
     if log:
       log(f"compiling the {name} train step ({micro} example(s) per device, {devices} device(s))")
-    with unrolled_threefry_on_cpu():
+    with layers.threefry_lowering(unrolled=True):
       compiled, seconds = aot.compile_train_step(config, mesh, TRAINING_VARIANTS[name])
     out[name] = dict(compiled_cost(compiled, devices=devices, batch_size=batch), compile_s=seconds,
                      examples_per_device=micro, global_batch=batch, devices=devices, images=int(images),

@@ -214,6 +214,7 @@ def step_flops(config, mesh, cached: tuple[str, ...], compiled, *, devices: int,
                count_unrolled: bool = True, log: Callable[[str], Any] = _log) -> dict[str, Any]:
   """FLOPs of the compiled step: :func:`prima_jax.tools.flops.compiled_cost` of ``compiled``, or, when
   it loops (scanned layers), of the same step compiled unrolled (``count_unrolled``)."""
+  from prima_jax.models import layers  # noqa: PLC0415
   from prima_jax.tools import flops  # noqa: PLC0415
   from prima_jax.training import aot  # noqa: PLC0415
 
@@ -226,7 +227,7 @@ def step_flops(config, mesh, cached: tuple[str, ...], compiled, *, devices: int,
       return dict(flops_per_example=None, flops_source="n/a: the compiled step loops (XLA counts a loop "
                   "body once)", flops_compile_s=0.0)
   log("the compiled step loops (scanned layers): counting its FLOPs on the unrolled twin")
-  with flops.unrolled_threefry_on_cpu():
+  with layers.threefry_lowering(unrolled=True):
     counted, seconds = aot.compile_train_step(twin, mesh, cached)
   try:
     cost = flops.compiled_cost(counted, devices=devices, batch_size=batch_size)
@@ -303,6 +304,7 @@ def jax_train_steps(config, *, micro_batch: int | None = 1, variants: Sequence[s
   tflops_per_device, mfu (None where the device's peak is unknown), memory and the loss. With
   ``keep_compiled`` each row also holds ``compiled`` (the executable), which JSON output drops.
   """
+  from prima_jax.models import layers  # noqa: PLC0415
   from prima_jax.tools import flops  # noqa: PLC0415
   from prima_jax.training import aot  # noqa: PLC0415
   from prima_jax.training import steps as steps_lib  # noqa: PLC0415
@@ -338,7 +340,7 @@ def jax_train_steps(config, *, micro_batch: int | None = 1, variants: Sequence[s
   for name in order:
     cached = flops.TRAINING_VARIANTS[name]
     log(f"jax: compiling the {name} train step")
-    with flops.unrolled_threefry_on_cpu():
+    with layers.threefry_lowering(unrolled=True):
       compiled, compile_s = aot.compile_train_step(cfg, mesh, cached)
     if state is None:
       log(f"jax: the train state ({init}; {micro} example(s) per device, {devices} device(s))")
