@@ -281,6 +281,7 @@ def test_cli_fails_in_one_line_on_a_trained_tower(tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and "sam tower (sam/image_encoder) is not frozen" in last
+  assert not (tmp_path / "run").exists()   # refused before anything was generated or written
 
 
 def test_display_pixels_stay_on_the_host(built):

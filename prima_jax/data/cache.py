@@ -146,6 +146,22 @@ def _to_numpy(x: jax.Array) -> np.ndarray:
   return np.concatenate(out)
 
 
+def check_towers(config, towers: Sequence[str], frozen: dict) -> tuple[str, ...]:
+  """``towers`` sorted; ValueError unless they can be cached for ``config``: known, at least one,
+  frozen (present in ``frozen``, the model's frozen parameters as a pure dict of arrays or shapes), and
+  EVA only without the random-resized crop."""
+  towers = tuple(sorted(towers))
+  unknown = set(towers) - set(feat.TOWERS)
+  if unknown or not towers:
+    raise ValueError(f"towers must be a non-empty subset of {sorted(feat.TOWERS)}, got {list(towers)}")
+  if "eva" in towers and config.data.eva_augment:
+    raise ValueError("EVA features cannot be cached while data.eva_augment is on (random-resized crops "
+                     "make them change every epoch): set --config.data.eva_augment=False or cache sam only")
+  for tower in towers:
+    feat.tower_params(frozen, tower)
+  return towers
+
+
 def build(config, frozen: dict, data_dir: str | os.PathLike, out: str | os.PathLike, *,
           splits: Sequence[str], towers: Sequence[str], dtype: str = "bfloat16", shard_images: int = 128,
           batch_per_device: int = 8, mesh=None, read_threads: int = 4, progress_every_s: float = 10.0,
@@ -165,13 +181,7 @@ def build(config, frozen: dict, data_dir: str | os.PathLike, out: str | os.PathL
   from prima_jax.workdir import open_split  # noqa: PLC0415
 
   model_cfg = config.model
-  towers = tuple(sorted(towers))
-  unknown = set(towers) - set(feat.TOWERS)
-  if unknown or not towers:
-    raise ValueError(f"towers must be a non-empty subset of {sorted(feat.TOWERS)}, got {list(towers)}")
-  if "eva" in towers and config.data.eva_augment:
-    raise ValueError("EVA features cannot be cached while data.eva_augment is on (random-resized crops "
-                     "make them change every epoch): set --config.data.eva_augment=False or cache sam only")
+  towers = check_towers(config, towers, frozen)
   np_dtype = feat.storage_dtype(dtype)
   root = paths.resolve(out, what="--out")
   mesh = mesh or jax.make_mesh((jax.device_count(),), ("data",),
@@ -302,11 +312,15 @@ def _json(obj: Any) -> str:
 
 def run(config, workdir: str, *, out: str | None, splits: Sequence[str] | None, dtype: str,
         shard_images: int, batch_per_device: int, towers: Sequence[str] | None = None) -> dict[str, Any]:
-  """The command behind ``main``: the run's frozen weights and data directory, then :func:`build`."""
+  """The command behind ``main``: the run's frozen weights and data directory, then :func:`build`.
+  The towers are checked first, on the model's shapes: a tower that trains is refused before anything
+  is generated, initialised or written."""
   from prima_jax import workdir as workdir_lib  # noqa: PLC0415
-  from prima_jax.training.loop import initial_parameters  # noqa: PLC0415
+  from prima_jax.training.loop import check_parameter_patterns, initial_parameters  # noqa: PLC0415
   from prima_jax.training.validate import build_mesh  # noqa: PLC0415
 
+  towers = check_towers(config, towers or cached_towers(config),
+                        nnx.to_pure_dict(check_parameter_patterns(config).frozen))
   wd = workdir_lib.Workdir(workdir)
   data_dir = wd.data_dir(config)
   wd.create()
@@ -317,7 +331,6 @@ def run(config, workdir: str, *, out: str | None, splits: Sequence[str] | None, 
   workdir_lib.fit_vocab_sizes(config, tokenizers, announce=False)
   mesh = build_mesh(config)
   frozen = initial_parameters(config, wd, mesh, model_cfg, data_dir=data_dir).frozen
-  towers = tuple(towers or cached_towers(config))
   splits = tuple(splits or (config.data.train_split, config.data.eval_split))
   out = out or str(epath.Path(data_dir) / "feature_cache")
   return build(config, frozen, data_dir, out, splits=splits, towers=towers, dtype=dtype,
