@@ -227,8 +227,8 @@ def step_flops(config, mesh, cached: tuple[str, ...], compiled, *, devices: int,
       return dict(flops_per_example=None, flops_source="n/a: the compiled step loops (XLA counts a loop "
                   "body once)", flops_compile_s=0.0)
   log("the compiled step loops (scanned layers): counting its FLOPs on the unrolled twin")
-  with layers.threefry_lowering(unrolled=True):
-    counted, seconds = aot.compile_train_step(twin, mesh, cached)
+  layers.unroll_threefry_on_cpu()   # XLA's cost analysis counts a while loop's body once
+  counted, seconds = aot.compile_train_step(twin, mesh, cached)
   try:
     cost = flops.compiled_cost(counted, devices=devices, batch_size=batch_size)
   except flops.LoopInProgram:
@@ -340,8 +340,8 @@ def jax_train_steps(config, *, micro_batch: int | None = 1, variants: Sequence[s
   for name in order:
     cached = flops.TRAINING_VARIANTS[name]
     log(f"jax: compiling the {name} train step")
-    with layers.threefry_lowering(unrolled=True):
-      compiled, compile_s = aot.compile_train_step(cfg, mesh, cached)
+    layers.unroll_threefry_on_cpu()   # XLA's cost analysis counts a while loop's body once
+    compiled, compile_s = aot.compile_train_step(cfg, mesh, cached)
     if state is None:
       log(f"jax: the train state ({init}; {micro} example(s) per device, {devices} device(s))")
       start = time.perf_counter()
