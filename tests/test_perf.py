@@ -9,6 +9,8 @@ LLM length is cut to 128 tokens and scanned layers are unrolled (the compiled st
 unrolled twin for its FLOPs).
 """
 
+import collections
+import gzip
 import importlib.util
 import json
 import math
@@ -59,18 +61,21 @@ def _quiet(_):
 
 # Runs in a one-device subprocess (cheaper to compile than on this process's 8 fake devices): the
 # library function, with the checks that need the executable itself, made there.
-_LIBRARY_RUN = """
-import json, sys
+_LIBRARY_RUN = r"""
+import json, re, sys
 sys.path.insert(0, "tests")
 import test_perf
 from prima_jax.tools import flops, perf
 config = test_perf._tiny()
 out = perf.jax_train_steps(config, variants=("sam_eva_cached",), steps=2, warmup=1, keep_compiled=True,
-                           log=lambda m: None)
+                           log=lambda m: None, profile_dir=sys.argv[1], profile_steps=2)
 row = out["rows"]["sam_eva_cached"]
 cost = flops.compiled_cost(row["compiled"], devices=out["devices"], batch_size=out["global_batch"])
+hlo = row["compiled"].as_text()
 out = perf._json_ready(out)
-out.update(compiled_cost=cost, trainable_count=test_perf._trainable_count(config))
+out.update(compiled_cost=cost, trainable_count=test_perf._trainable_count(config),
+           hlo_module=hlo.split()[1].rstrip(","),
+           hlo_names=sorted(set(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = ", hlo, flags=re.M))))
 print(json.dumps(out))
 """
 
@@ -95,8 +100,8 @@ def _last_json(cmd, env) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_jax_train_step_rows_and_flops_of_the_compiled_step(cache_dir):
-  out = _last_json([sys.executable, "-c", _LIBRARY_RUN], _env(cache_dir))
+def test_jax_train_step_rows_and_flops_of_the_compiled_step(cache_dir, tmp_path):
+  out = _last_json([sys.executable, "-c", _LIBRARY_RUN, str(tmp_path / "profile")], _env(cache_dir))
   row = out["rows"]["sam_eva_cached"]
   assert out["devices"] == 1 and out["examples_per_device"] == out["global_batch"] == 1
   assert len(row["step_times_s"]) == 2 and min(row["step_times_s"]) > 0
@@ -117,6 +122,17 @@ def test_jax_train_step_rows_and_flops_of_the_compiled_step(cache_dir):
   # The filled state is the compiled step's arguments: the trainable count is the model's.
   assert out["params_trainable"] == out["trainable_count"]
   assert "compiled" not in row                              # the executable stays out of JSON
+  # The profiled steps: a trace of the compiled step's own XLA ops (names from its HLO), each op
+  # run once per profiled step.
+  assert row["profile_dir"] == str(tmp_path / "profile" / "sam_eva_cached")
+  traces = list((tmp_path / "profile" / "sam_eva_cached").glob("plugins/profile/*/*.trace.json.gz"))
+  assert len(traces) == 1, traces
+  events = json.loads(gzip.decompress(traces[0].read_bytes()))["traceEvents"]
+  ops = collections.Counter(e["args"]["hlo_op"] for e in events
+                            if e.get("ph") == "X" and e.get("args", {}).get("hlo_module") == out["hlo_module"]
+                            and "hlo_op" in e["args"])
+  assert len(ops) > 100 and set(ops) <= set(out["hlo_names"]), sorted(set(ops) - set(out["hlo_names"]))[:5]
+  assert collections.Counter(ops.values()).most_common(1)[0][0] == 2   # 2 profiled steps
 
 
 def test_torch_section_says_why_it_cannot_run(monkeypatch):

@@ -1,7 +1,8 @@
 r"""One device benchmark: the full JAX train step, the attention entry point, the same model in PyTorch.
 
   python -m prima_jax.tools.perf --config=configs/m4seg.py [--steps=10 --warmup=2 --micro_batch=1
-      --sections=jax,attention,torch --variants=online,sam_eva_cached --torch_compile --json]
+      --sections=jax,attention,torch --variants=online,sam_eva_cached --torch_compile --json
+      --profile_dir=DIR]
 
 Sections (docs/perf.md):
 
@@ -296,13 +297,17 @@ def model_state(config, mesh):
 def jax_train_steps(config, *, micro_batch: int | None = 1, variants: Sequence[str] = DEFAULT_VARIANTS,
                     steps: int = 10, warmup: int = 2, images: int | None = None,
                     mesh_shape: Sequence[int] | None = None, count_unrolled: bool = True, init: str = "fill",
-                    log: Callable[[str], Any] = _log, keep_compiled: bool = False) -> dict[str, Any]:
+                    log: Callable[[str], Any] = _log, keep_compiled: bool = False,
+                    profile_dir: str | None = None, profile_steps: int = 3) -> dict[str, Any]:
   """Times the config's train step (one micro-batch per device) for each of ``variants``.
 
   Returns ``dict(rows={variant: row}, ...)``; a row holds compile_s, first_step_s, step_s (median),
   step_times_s, examples_per_s, tokens_per_s, flops_per_example, flops_per_step_per_device,
   tflops_per_device, mfu (None where the device's peak is unknown), memory and the loss. With
-  ``keep_compiled`` each row also holds ``compiled`` (the executable), which JSON output drops.
+  ``keep_compiled`` each row also holds ``compiled`` (the executable), which JSON output drops. With
+  ``profile_dir``, ``profile_steps`` more steps of each variant run after the timed ones under
+  :func:`jax.profiler.trace` into ``profile_dir/VARIANT`` (the row's ``profile_dir``; XProf,
+  TensorBoard's profile plugin or Perfetto read it: every XLA op with its HLO name and module).
   """
   from prima_jax.models import layers  # noqa: PLC0415
   from prima_jax.tools import flops  # noqa: PLC0415
@@ -385,6 +390,14 @@ def jax_train_steps(config, *, micro_batch: int | None = 1, variants: Sequence[s
         f"{_f(row['tflops_per_device'], '.4g')} TFLOP/s/device, MFU "
         f"{'n/a' if row['mfu'] is None else format(100 * row['mfu'], '.1f') + ' %'}, "
         f"peak {row['peak_memory_gib']:.2f} GiB")
+    if profile_dir:
+      row["profile_dir"] = os.path.join(profile_dir, name)
+      log(f"jax: {name}: {profile_steps} profiled steps into {row['profile_dir']}")
+      # Only the steps: a trace that also spans tracing and compiling the step holds ~10^5 Python
+      # events of JAX's own and, for the demo model, lost every XLA op (jax 0.10.2 on the CPU).
+      with jax.profiler.trace(row["profile_dir"]):
+        for _ in range(max(1, profile_steps)):
+          jax.block_until_ready(run_step())
     if keep_compiled:
       row["compiled"] = compiled
     out["rows"][name] = row
@@ -968,8 +981,8 @@ def torch_train_steps(config, *, micro_batch: int | None = 1, variants: Sequence
 def run(config, *, sections: Sequence[str] = DEFAULT_SECTIONS, variants: Sequence[str] = DEFAULT_VARIANTS,
         steps: int = 10, warmup: int = 2, micro_batch: int | None = 1, images: int | None = None,
         mesh_shape: Sequence[int] | None = None, torch_compile: bool | None = None,
-        count_unrolled: bool = True, init: str = "fill", log: Callable[[str], Any] = _log
-        ) -> dict[str, Any]:
+        count_unrolled: bool = True, init: str = "fill", log: Callable[[str], Any] = _log,
+        profile_dir: str | None = None) -> dict[str, Any]:
   """Runs the ``sections`` and returns one JSON-serialisable dict (``{section: result}``; a section that
   cannot run holds ``{"unavailable": why}``; ``ratio`` holds JAX / PyTorch step times per variant)."""
   unknown = [s for s in sections if s not in DEFAULT_SECTIONS]
@@ -985,7 +998,8 @@ def run(config, *, sections: Sequence[str] = DEFAULT_SECTIONS, variants: Sequenc
   if "jax" in sections:
     result["jax"] = jax_train_steps(config, micro_batch=micro_batch, variants=variants, steps=steps,
                                     warmup=warmup, images=images, mesh_shape=mesh_shape,
-                                    count_unrolled=count_unrolled, init=init, log=log)
+                                    count_unrolled=count_unrolled, init=init, log=log,
+                                    profile_dir=profile_dir)
   if "attention" in sections:
     result["attention"] = attention_benchmark(config, batch=micro_batch or 1, steps=steps, warmup=warmup,
                                               log=log)
@@ -1108,7 +1122,8 @@ def main(argv) -> None:
   shape = tuple(int(x) for x in _MESH.value.split(",")) if _MESH.value else None
   result = run(config, sections=sections, variants=_VARIANTS.value, steps=_STEPS.value, warmup=_WARMUP.value,
                micro_batch=_MICRO_BATCH.value or None, images=_IMAGES.value, mesh_shape=shape,
-               torch_compile=_TORCH_COMPILE.value, count_unrolled=_UNROLLED_FLOPS.value, init=_INIT.value)
+               torch_compile=_TORCH_COMPILE.value, count_unrolled=_UNROLLED_FLOPS.value, init=_INIT.value,
+               profile_dir=_PROFILE_DIR.value)
   if _JSON.value:
     print(json.dumps(_json_ready(result)), flush=True)
   else:
@@ -1151,6 +1166,8 @@ if __name__ == "__main__":
                                       "layers), compile its unrolled twin to count FLOPs (else MFU n/a).")
   _INIT = flags.DEFINE_enum("init", "fill", INITS, "JAX train state: fill (hashed values of the compiled "
                             "step's shapes) or model (the model's initialisers; one more compile).")
+  _PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Also run 3 steps of each JAX variant under "
+                                     "jax.profiler into PROFILE_DIR/VARIANT (XProf, TensorBoard, Perfetto).")
   _JSON = flags.DEFINE_bool("json", False, "Print one JSON object (progress goes to stderr).")
   flags.mark_flags_as_required(["config"])
   cli.run(main)
