@@ -726,7 +726,6 @@ def training_costs(config: ml_collections.ConfigDict, *, images: int = Protocol.
   for name in variants:
     if log:
       log(f"compiling the {name} train step ({micro} example(s) per device, {devices} device(s))")
-    layers.unroll_threefry_on_cpu()   # XLA's cost analysis counts a while loop's body once
     compiled, seconds = aot.compile_train_step(config, mesh, TRAINING_VARIANTS[name])
     out[name] = dict(compiled_cost(compiled, devices=devices, batch_size=batch), compile_s=seconds,
                      examples_per_device=micro, global_batch=batch, devices=devices, images=int(images),

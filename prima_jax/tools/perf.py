@@ -215,7 +215,6 @@ def step_flops(config, mesh, cached: tuple[str, ...], compiled, *, devices: int,
                count_unrolled: bool = True, log: Callable[[str], Any] = _log) -> dict[str, Any]:
   """FLOPs of the compiled step: :func:`prima_jax.tools.flops.compiled_cost` of ``compiled``, or, when
   it loops (scanned layers), of the same step compiled unrolled (``count_unrolled``)."""
-  from prima_jax.models import layers  # noqa: PLC0415
   from prima_jax.tools import flops  # noqa: PLC0415
   from prima_jax.training import aot  # noqa: PLC0415
 
@@ -228,7 +227,6 @@ def step_flops(config, mesh, cached: tuple[str, ...], compiled, *, devices: int,
       return dict(flops_per_example=None, flops_source="n/a: the compiled step loops (XLA counts a loop "
                   "body once)", flops_compile_s=0.0)
   log("the compiled step loops (scanned layers): counting its FLOPs on the unrolled twin")
-  layers.unroll_threefry_on_cpu()   # XLA's cost analysis counts a while loop's body once
   counted, seconds = aot.compile_train_step(twin, mesh, cached)
   try:
     cost = flops.compiled_cost(counted, devices=devices, batch_size=batch_size)
@@ -309,7 +307,6 @@ def jax_train_steps(config, *, micro_batch: int | None = 1, variants: Sequence[s
   :func:`jax.profiler.trace` into ``profile_dir/VARIANT`` (the row's ``profile_dir``; XProf,
   TensorBoard's profile plugin or Perfetto read it: every XLA op with its HLO name and module).
   """
-  from prima_jax.models import layers  # noqa: PLC0415
   from prima_jax.tools import flops  # noqa: PLC0415
   from prima_jax.training import aot  # noqa: PLC0415
   from prima_jax.training import steps as steps_lib  # noqa: PLC0415
@@ -345,7 +342,6 @@ def jax_train_steps(config, *, micro_batch: int | None = 1, variants: Sequence[s
   for name in order:
     cached = flops.TRAINING_VARIANTS[name]
     log(f"jax: compiling the {name} train step")
-    layers.unroll_threefry_on_cpu()   # XLA's cost analysis counts a while loop's body once
     compiled, compile_s = aot.compile_train_step(cfg, mesh, cached)
     if state is None:
       log(f"jax: the train state ({init}; {micro} example(s) per device, {devices} device(s))")

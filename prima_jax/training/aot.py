@@ -96,6 +96,8 @@ def compile_train_step(config, mesh, cached: tuple[str, ...] = (), step: str = "
   on abstract state and batch (``cached``: towers whose features the batch carries, see
   :func:`abstract_batch`); returns (compiled, seconds)."""
   t = config.train
+  # init_rngs also switches threefry to its unrolled CPU lowering: the step has no PRNG loop (the
+  # flops and perf tools' cost analysis counts a loop body once).
   abstract = nnx.eval_shape(lambda: Prima(config.model, rngs=init_rngs(0)))
   parts = ModelParts.split(abstract, t.trainable)
   param_sh, frozen_sh = pure_shardings(parts.trainable, mesh), pure_shardings(parts.frozen, mesh)
